@@ -1,0 +1,73 @@
+"""The task registry: the paper's three problems (plus pneumothorax) and how raw labels become binary.
+
+Every task is binary: class 0 is healthy, class 1 is the disease. ``sources`` lists where the images
+come from, in order of preference: the first one present under the data root is used; when none is,
+the last one (an official MedMNIST file) is downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from medadv.errors import MedadvError
+
+EXCLUDED = -1  # a raw label outside the binary task (e.g. seborrheic keratosis for melanoma vs nevus)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    title: str
+    modality: str  # chest-xray | fundus | dermoscopy: picks the training augmentation
+    class_names: tuple[str, str]
+    sources: tuple[str, ...]  # "medmnist:<flag>" or "folder:<dir under the data root>"
+    binarize: Callable[[np.ndarray], np.ndarray]  # raw MedMNIST labels (N×K) -> {0, 1, EXCLUDED}
+    note: str = ""
+
+
+def _identity(raw: np.ndarray) -> np.ndarray:
+    return raw[:, 0].astype(np.int64)
+
+
+def _dr_referable(raw: np.ndarray) -> np.ndarray:
+    return (raw[:, 0] >= 2).astype(np.int64)  # referable DR: moderate NPDR (grade 2) or worse
+
+
+def _pneumothorax(raw: np.ndarray) -> np.ndarray:
+    if raw.shape[1] != 14:
+        raise MedadvError(f"ChestMNIST labels have 14 columns; got {raw.shape[1]}.", "use the official chestmnist file.")
+    pneumothorax = raw[:, 7] == 1
+    no_finding = raw.sum(axis=1) == 0
+    return np.where(pneumothorax, 1, np.where(no_finding, 0, EXCLUDED)).astype(np.int64)
+
+
+def _melanoma_vs_nevus(raw: np.ndarray) -> np.ndarray:
+    return np.select([raw[:, 0] == 4, raw[:, 0] == 5], [1, 0], EXCLUDED).astype(np.int64)
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("fundus-dr", "Referable diabetic retinopathy (fundus)", "fundus", ("no referable DR", "referable DR"),
+             ("medmnist:retinamnist",), _dr_referable, "RetinaMNIST grades 0-4; referable = grade >= 2."),
+        Task("chest-xray", "Pneumonia (chest X-ray)", "chest-xray", ("normal", "pneumonia"),
+             ("medmnist:pneumoniamnist",), _identity,
+             "PneumoniaMNIST stands in for the paper's pneumothorax task (pediatric pneumonia)."),
+        Task("chest-pneumothorax", "Pneumothorax (chest X-ray)", "chest-xray", ("no finding", "pneumothorax"),
+             ("medmnist:chestmnist",), _pneumothorax,
+             "ChestMNIST (NIH ChestX-ray14): pneumothorax vs no finding, other findings excluded, as in the paper."),
+        Task("derm-melanoma", "Melanoma vs nevus (dermoscopy)", "dermoscopy", ("nevus", "melanoma"),
+             ("folder:isic2017", "medmnist:dermamnist"), _melanoma_vs_nevus,
+             "ISIC 2017 folder when present, else DermaMNIST classes melanoma (4) vs melanocytic nevi (5)."),
+    )
+}
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise MedadvError(f"unknown task '{name}'.", f"choose one of {', '.join(TASKS)}.") from None
