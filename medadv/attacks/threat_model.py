@@ -1,0 +1,154 @@
+"""The one threat model every attack takes: what the attacker may change, how much, and toward what.
+
+Units: images are float tensors in [0, 1] (N×C×H×W, the pixels a file stores, scaled), and ``eps`` and
+``step_size`` are in those [0, 1] pixel units for every norm. For L2, eps bounds the Euclidean norm of
+the whole image's perturbation (all channels and pixels) in the same units.
+
+The paper (Finlayson et al. 2018) states its budget in [-1, 1] pixel space, where a distance is twice
+as large as in [0, 1]. :func:`from_signed_unit` is the one place that converts; ``PAPER`` is the paper's
+setting: eps 0.02 and step 0.01 in [-1, 1], i.e. 0.01 and 0.005 in [0, 1], 20 iterations, targeted at
+the opposite class.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+
+from medadv.errors import MedadvError
+
+Norm = Literal["linf", "l2"]
+Target = Literal["opposite", "disease", "healthy", "none"]
+HEALTHY, DISEASE = 0, 1
+
+
+def from_signed_unit(value: float) -> float:
+    """A distance in [-1, 1] pixel space (the paper's unit) expressed in [0, 1] pixel units."""
+    return value / 2.0
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """What an attack may do to a batch of images.
+
+    norm: ``linf`` or ``l2``. eps: the budget in [0, 1] pixel units. step_size: per-iteration step
+    (default eps/4 for linf, eps/5 for l2). steps: iterations. random_start: start from a random point
+    of the ball (seeded). target: ``opposite`` (each image toward the class it is not, as in the paper),
+    ``disease`` (force "disease": a provider's fraud), ``healthy`` (force "healthy": an insurer's), or
+    ``none`` (untargeted: any error). mask: 1 where pixels may change (H×W, 1×H×W, C×H×W or N×C×H×W;
+    e.g. a fundus field of view), None for everywhere. levels: the storage grid, 255 (8-bit) or 65535
+    (16-bit); the returned images lie on it, still within eps. None keeps them continuous.
+    """
+
+    norm: Norm = "linf"
+    eps: float = 8 / 255
+    step_size: float | None = None
+    steps: int = 20
+    random_start: bool = True
+    target: Target = "opposite"
+    mask: torch.Tensor | None = None
+    levels: int | None = 255
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("linf", "l2"):
+            raise MedadvError(f"unknown norm '{self.norm}'.", "use linf or l2.")
+        if not isinstance(self.eps, (int, float)) or math.isnan(self.eps) or self.eps < 0 or math.isinf(self.eps):
+            raise MedadvError(f"eps must be a finite number >= 0 in [0, 1] pixel units; got {self.eps}.",
+                              "pass e.g. --eps 0.01 (or --eps 4/255).")
+        if self.norm == "linf" and self.eps > 1:
+            raise MedadvError(f"an L-inf eps of {self.eps} exceeds the pixel range [0, 1].", "pass eps <= 1.")
+        if self.step_size is not None and (math.isnan(self.step_size) or self.step_size <= 0):
+            raise MedadvError(f"step size must be > 0; got {self.step_size}.", "pass a positive --step-size.")
+        if self.steps < 1:
+            raise MedadvError(f"steps must be >= 1; got {self.steps}.", "pass --steps 1 or more.")
+        if self.target not in ("opposite", "disease", "healthy", "none"):
+            raise MedadvError(f"unknown target '{self.target}'.", "use opposite, disease, healthy or none.")
+        if self.levels not in (None, 255, 65535):
+            raise MedadvError(f"storage grid of {self.levels} levels is not supported.", "use 255 or 65535.")
+
+    @property
+    def alpha(self) -> float:
+        """The step size actually used."""
+        return self.step_size if self.step_size is not None else self.eps / (4 if self.norm == "linf" else 5)
+
+    @property
+    def targeted(self) -> bool:
+        return self.target != "none"
+
+    def with_(self, **changes) -> ThreatModel:
+        return replace(self, **changes)
+
+    def goal(self, labels: torch.Tensor) -> torch.Tensor:
+        """The class each image is pushed toward (targeted) or away from (untargeted: its label)."""
+        if self.target == "opposite":
+            return 1 - labels
+        if self.target == "disease":
+            return torch.full_like(labels, DISEASE)
+        if self.target == "healthy":
+            return torch.full_like(labels, HEALTHY)
+        return labels
+
+    def succeeded(self, predicted: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per image: did the prediction reach the goal (targeted) or leave the label (untargeted)?"""
+        goal = self.goal(labels)
+        return predicted == goal if self.targeted else predicted != goal
+
+    def mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The mask broadcast to x's shape (checked), or None."""
+        if self.mask is None:
+            return None
+        m = self.mask.to(device=x.device, dtype=x.dtype)
+        if m.ndim == 2:
+            m = m[None, None]
+        elif m.ndim == 3:
+            m = m[None]
+        ok = m.ndim == 4 and all(a in (1, b) for a, b in zip(m.shape, x.shape)) and m.shape[-2:] == x.shape[-2:]
+        if not ok:
+            raise MedadvError(f"mask of shape {tuple(self.mask.shape)} does not fit images of shape {tuple(x.shape)}.",
+                              "give an H×W (or C×H×W) mask at the stored image size.")
+        if not torch.all((m == 0) | (m == 1)):
+            raise MedadvError("the mask must hold only 0 (keep) and 1 (may change).", "binarize the mask.")
+        return m.expand_as(x)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise MedadvError(f"images must be N×C×H×W; got shape {tuple(x.shape)}.", "add a batch dimension.")
+        if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+            raise MedadvError("images must be finite and in [0, 1].", "scale stored pixels by 1/255 or 1/65535.")
+
+    # -- the geometry shared by every attack -------------------------------------------------------
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Closest point to ``x_adv`` inside the eps-ball around ``x``, the mask and [0, 1]."""
+        delta = x_adv - x
+        if mask is not None:
+            delta = delta * mask
+        if self.norm == "linf":
+            delta = delta.clamp(-self.eps, self.eps)
+        else:
+            norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            delta = delta * torch.clamp(self.eps / norms, max=1.0)
+        return (x + delta).clamp(0.0, 1.0)
+
+    def to_grid(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Round ``x_adv`` to the storage grid without leaving the eps-ball (``x`` must lie on the grid).
+
+        L-inf: each pixel's change is rounded to whole levels and capped at floor(eps·levels) levels.
+        L2: changes are rounded to the nearest level; an image whose norm then exceeds eps has its
+        changes rounded toward zero instead (never larger than before rounding).
+        """
+        if self.levels is None:
+            return x_adv
+        L = self.levels
+        steps = torch.round((x_adv - x) * L)
+        if self.norm == "linf":
+            cap = math.floor(self.eps * L + 1e-6)
+            steps = steps.clamp(-cap, cap)
+        else:
+            too_long = (steps.flatten(1).norm(dim=1) / L > self.eps).view(-1, 1, 1, 1)
+            steps = torch.where(too_long, torch.trunc((x_adv - x) * L), steps)
+        base = torch.round(x * L)
+        return ((base + steps).clamp(0, L) / L).to(x.dtype)

