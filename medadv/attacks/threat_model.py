@@ -75,6 +75,14 @@ class ThreatModel:
         return self.step_size if self.step_size is not None else self.eps / (4 if self.norm == "linf" else 5)
 
     @property
+    def radius(self) -> float:
+        """The ball the attack searches: eps, or for L-inf on a storage grid the largest whole number of
+        levels within eps (floor(eps·levels)/levels), so that rounding never has to cut the change."""
+        if self.norm == "linf" and self.levels is not None:
+            return math.floor(self.eps * self.levels + 1e-6) / self.levels
+        return self.eps
+
+    @property
     def targeted(self) -> bool:
         return self.target != "none"
 
@@ -126,11 +134,12 @@ class ThreatModel:
         delta = x_adv - x
         if mask is not None:
             delta = delta * mask
+        eps = self.radius
         if self.norm == "linf":
-            delta = delta.clamp(-self.eps, self.eps)
+            delta = delta.clamp(-eps, eps)
         else:
             norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-            delta = delta * torch.clamp(self.eps / norms, max=1.0)
+            delta = delta * torch.clamp(eps / norms, max=1.0)
         return (x + delta).clamp(0.0, 1.0)
 
     def to_grid(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -152,3 +161,11 @@ class ThreatModel:
             steps = torch.where(too_long, torch.trunc((x_adv - x) * L), steps)
         base = torch.round(x * L)
         return ((base + steps).clamp(0, L) / L).to(x.dtype)
+
+
+# The paper's setting (Finlayson et al. 2018): eps 0.02 and step 0.01 in [-1, 1] pixel space,
+# 20 iterations, targeted at the opposite class.
+PAPER = ThreatModel(
+    norm="linf", eps=from_signed_unit(0.02), step_size=from_signed_unit(0.01), steps=20, random_start=True,
+    target="opposite",
+)

@@ -1,0 +1,125 @@
+"""The loop every gradient attack shares (FGSM, PGD L-inf and L2, NES), split Foolbox-style into the parts
+that vary: a gradient function (autograd through the model, or a black-box estimate), the step's
+normalization (sign for L-inf, unit L2 norm for L2) and the projection (the threat model's).
+
+The loop runs on batched tensors on the images' device: no NumPy round trips, no host syncs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medadv.attacks.base import check_logits
+from medadv.attacks.threat_model import ThreatModel
+
+# (x_adv, goal) -> per-image gradient of the objective to ASCEND, same shape as x_adv.
+GradientFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def objective(logits: torch.Tensor, goal: torch.Tensor, targeted: bool, loss: str = "ce") -> torch.Tensor:
+    """Summed per-image objective to ascend: toward ``goal`` if targeted, away from it otherwise.
+
+    ``ce``: cross-entropy (negated when targeted). ``margin``: the logit margin of the goal class
+    over the other one (Carlini-Wagner style; it does not saturate on confident models).
+    """
+    if loss == "margin":
+        z_goal = logits.gather(1, goal[:, None])[:, 0]
+        margin = z_goal - logits.gather(1, (1 - goal)[:, None])[:, 0]
+        return margin.sum() if targeted else -margin.sum()
+    ce = F.cross_entropy(logits, goal, reduction="sum")
+    return -ce if targeted else ce
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no parameter gradients for the duration of an attack; restored afterwards."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def autograd_gradient(model: nn.Module, targeted: bool, loss: str = "ce") -> GradientFn:
+    """Exact gradient of :func:`objective` through ``model`` (white box). Use inside :func:`frozen`."""
+
+    def gradient(x_adv: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        x_adv = x_adv.detach().requires_grad_(True)
+        logits = check_logits(model(x_adv), len(x_adv))
+        (grad,) = torch.autograd.grad(objective(logits, goal, targeted, loss), x_adv)
+        return grad
+
+    return gradient
+
+
+def normalize(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """Steepest-ascent direction of unit size in ``norm``: sign(g) for L-inf, g/||g||_2 for L2."""
+    if norm == "linf":
+        return grad.sign()
+    return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+
+
+def random_start(x: torch.Tensor, threat: ThreatModel, generator: torch.Generator) -> torch.Tensor:
+    """A uniform point of the L-inf ball, or a uniformly random direction and radius in the L2 ball."""
+    eps = threat.radius
+    if threat.norm == "linf":
+        delta = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+    else:
+        delta = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        delta = normalize(delta, "l2")
+        delta = delta * eps * torch.rand((len(x), 1, 1, 1), generator=generator, device=x.device, dtype=x.dtype)
+    return delta
+
+
+StopFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def ascend(x: torch.Tensor, goal: torch.Tensor, gradient: GradientFn, threat: ThreatModel,
+           generator: torch.Generator, *, steps: int | None = None, step_size: float | None = None,
+           start: bool | None = None, stop: StopFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected steepest ascent of the objective inside the threat model, from x (or a random start).
+
+    ``stop(x_adv_active, active_index)`` (optional) returns which of the still-active images are done
+    after a step; done images are frozen and get no more gradient calls (query attacks stop at success).
+    Returns the continuous images (inside the ball, the mask and [0, 1]; rounding to the storage grid
+    is the caller's) and the number of gradient calls each image received.
+    """
+    mask = threat.mask_for(x)
+    steps = threat.steps if steps is None else steps
+    alpha = threat.alpha if step_size is None else step_size
+    x_adv = x.clone()
+    if threat.random_start if start is None else start:
+        delta = random_start(x, threat, generator)
+        x_adv = threat.project(x + (delta if mask is None else delta * mask), x, mask)
+    calls = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    if stop is None:  # the white-box fast path: whole batch, no indexing
+        for _ in range(steps):
+            grad = gradient(x_adv, goal)
+            if mask is not None:
+                grad = grad * mask
+            x_adv = threat.project(x_adv + alpha * normalize(grad, threat.norm), x, mask)
+        return x_adv, calls + steps
+    active = torch.arange(len(x), device=x.device)
+    for _ in range(steps):
+        xa, x0 = x_adv[active], x[active]
+        m = None if mask is None else mask[active]
+        grad = gradient(xa, goal[active])
+        if m is not None:
+            grad = grad * m
+        x_adv[active] = xa = threat.project(xa + alpha * normalize(grad, threat.norm), x0, m)
+        calls[active] += 1
+        active = active[~stop(xa, active)]
+        if len(active) == 0:
+            break
+    return x_adv, calls
