@@ -132,6 +132,121 @@ def evaluate(
     out_table(f"{meta['task']} / {split} ({metrics['n']} images, {metrics['n_disease']} disease)", metrics)
 
 
+# --------------------------------------------------------------------------------------------- attack
+def parse_fraction(value: str | None, flag: str) -> float | None:
+    """'0.01', '8/255' -> float; a clear error otherwise."""
+    if value is None:
+        return None
+    try:
+        num, _, den = value.partition("/")
+        result = float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise MedadvError(f"{flag} {value!r} is not a number.", f"pass e.g. {flag} 0.01 or {flag} 4/255.") from None
+    return result
+
+
+def read_mask(path: Path | None):
+    """A PNG/JPEG mask (nonzero = may change) as an H×W tensor of 0/1."""
+    if path is None:
+        return None
+    import numpy as np
+    import torch
+
+    from medadv.data.folder import read_image
+
+    x, _ = read_image(path)
+    return torch.from_numpy((x.max(axis=0) > 0).astype(np.float32))
+
+
+@app.command()
+def attack(
+    model: Annotated[Path, typer.Option(help="Victim checkpoint folder.")],
+    attack: Annotated[str, typer.Option("--attack", help="fgsm, pgd, pgd-l2, nes, square, hsja, patch, uap.")],
+    out: Annotated[Path, typer.Option(help="Output folder: results.json and the adversarial images.")],
+    task: Annotated[str | None, typer.Option(help="Task (default: the model's; must match it).")] = None,
+    surrogate: Annotated[Path | None, typer.Option(help="Craft on this checkpoint and evaluate on --model (transfer black box).")] = None,
+    preset: Annotated[str | None, typer.Option(help="'paper': eps 0.01, step 0.005 ([0, 1] units; the paper's 0.02/0.01 in [-1, 1]), 20 steps, opposite class.")] = None,
+    eps: Annotated[str | None, typer.Option(help="Budget in [0, 1] pixel units, e.g. 0.01 or 4/255 (L2: whole-image norm).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Iterations.")] = None,
+    step_size: Annotated[str | None, typer.Option(help="Step size in [0, 1] units (default eps/4 L-inf, eps/5 L2).")] = None,
+    norm: Annotated[str | None, typer.Option(help="linf or l2.")] = None,
+    target: Annotated[str | None, typer.Option(help="opposite (the paper), disease, healthy, or none (untargeted).")] = None,
+    no_random_start: Annotated[bool, typer.Option("--no-random-start", help="Start from the clean image.")] = False,
+    mask: Annotated[Path | None, typer.Option(help="PNG mask at the stored image size; nonzero pixels may change.")] = None,
+    grid: Annotated[str, typer.Option(help="Storage grid of the output: 'data' (the images' own 8/16-bit), or 'none' (continuous; nothing is saved).")] = "data",
+    max_queries: Annotated[int | None, typer.Option(help="Query budget per image (nes, square, hsja).")] = None,
+    split: Annotated[str, typer.Option(help="Split to attack.")] = "test",
+    limit: Annotated[int | None, typer.Option(help="Attack a seeded, class-stratified subset of this many images.")] = None,
+    save_images: Annotated[bool, typer.Option("--save-images/--no-save-images", help="Write the adversarial images (PNG, or DICOM for DICOM sources).")] = True,
+    source: Annotated[str | None, typer.Option(help="Data source (default: the model's).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Resize images on load (default: as stored).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per attack batch.")] = 128,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    data_root: DataRoot = None,
+    seed: Seed = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Attack a model and write the adversarial images and results.json (schema medadv-results/1)."""
+    from medadv.attacks import PAPER, ThreatModel
+    from medadv.evaluate.clean import model_split
+    from medadv.evaluate.runner import run_attack
+    from medadv.models import load_checkpoint
+    from medadv.report.save import save_attack
+
+    monitor = RichMonitor(quiet)
+    victim, meta = load_checkpoint(model, device)
+    if task is not None and task != meta["task"]:
+        raise MedadvError(f"--task {task} does not match the model, which was trained for {meta['task']}.",
+                          f"pass --task {meta['task']} or another model.")
+    crafter = load_checkpoint(surrogate, device)[0] if surrogate else None
+    data = model_split(meta, split, data_root=data_root, source=source, image_size=image_size)
+    if limit is not None:
+        from medadv.evaluate.battery import stratified_subset
+
+        data = stratified_subset(data, limit, seed)
+    if preset not in (None, "paper"):
+        raise MedadvError(f"unknown preset '{preset}'.", "use --preset paper or set --eps/--steps yourself.")
+    base = PAPER if preset == "paper" else ThreatModel(eps=8 / 255, steps=20, target="opposite")
+    changes = {k: v for k, v in dict(eps=parse_fraction(eps, "--eps"), steps=steps, norm=norm, target=target,
+                                     step_size=parse_fraction(step_size, "--step-size")).items() if v is not None}
+    if grid not in ("data", "none"):
+        raise MedadvError(f"--grid {grid!r} is not 'data' or 'none'.", "pass --grid data or --grid none.")
+    threat = base.with_(**changes, random_start=base.random_start and not no_random_start,
+                        levels=data.levels if grid == "data" else None, mask=read_mask(mask))
+    params = {"max_queries": max_queries} if max_queries is not None else {}
+    fit = model_split(meta, "train", data_root=data_root, source=source, image_size=image_size) \
+        if attack in ("patch", "uap") else None
+    run = run_attack(attack, victim, data, threat, seed=seed, surrogate=crafter, fit_data=fit, params=params,
+                     batch_size=batch_size, monitor=monitor)
+    run.results["model"] = {"path": str(model), "arch": victim.spec.arch, "task": meta["task"],
+                            "threshold": victim.threshold, "input_size": victim.spec.input_size}
+    if surrogate:
+        run.results["surrogate"] = {"path": str(surrogate), "arch": crafter.spec.arch}
+    save_attack(out, data, run, victim, save_images=save_images and grid == "data", monitor=monitor)
+    attack_summary(run.results)
+    err.print(f"results written to {out / 'results.json'}", highlight=False)
+
+
+def attack_summary(results: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{results['attack']['name']} ({results['attack']['access']}) on {results['n_images']} images")
+    table.add_column("")
+    for col in ("accuracy", "auc", "sensitivity", "specificity", "mean confidence"):
+        table.add_column(col, justify="right")
+    for row in ("clean", "adversarial"):
+        m = results[row]
+        table.add_row(row, *("n/a" if m[k] is None else f"{m[k]:.3f}" for k in
+                             ("accuracy", "auc", "sensitivity", "specificity", "mean_confidence")))
+    out.print(table)
+    f, p = results["flips"], results["perturbation"]
+    line = (f"flips: {f['healthy_to_disease']} healthy->disease, {f['disease_to_healthy']} disease->healthy; "
+            f"L-inf max {p['linf_max']:.4f}, SSIM {p['ssim_mean']:.4f}")
+    if results.get("queries"):
+        line += f"; queries median {results['queries']['median']:.0f}"
+    out.print(line, highlight=False)
+
+
 def out_table(title: str, metrics: dict) -> None:
     """The clinical metrics as a two-column table on stdout."""
     from rich.table import Table
