@@ -30,7 +30,7 @@ def write_png(path: Path, pixels: np.ndarray) -> Path:
         if chw.shape[0] != 1:  # Pillow cannot write 16-bit colour PNG
             raise MedadvError("16-bit colour images can only be saved into their source DICOM.",
                               "attack them at their stored size so they are written back as DICOM.")
-        im = Image.fromarray(chw[0], mode="I;16")
+        im = Image.fromarray(chw[0])  # uint16 -> mode I;16
     else:
         im = Image.fromarray(chw[0] if chw.shape[0] == 1 else np.moveaxis(chw, 0, -1))
     with atomic_path(path, suffix=".png") as tmp:

@@ -156,10 +156,10 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
             progress.update(best_auc=auc, best_epoch=epoch)
             best_state = copy.deepcopy(model.state_dict())
         progress["epoch"] = epoch
-        monitor.log(f"epoch {epoch}/{cfg.epochs}: loss {loss:.4f}, val AUC {auc:.4f} "
-                    f"({progress['history'][-1]['seconds']:.1f} s)")
         if epoch < cfg.epochs:
             _save_partial(partial, model, best_state, optimizer, progress)
+        monitor.log(f"epoch {epoch}/{cfg.epochs}: loss {loss:.4f}, val AUC {auc:.4f} "
+                    f"({progress['history'][-1]['seconds']:.1f} s)")
 
     model.load_state_dict(best_state)
     model.eval()
