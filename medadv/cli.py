@@ -124,7 +124,7 @@ def provenance_keygen(
             raise
         out.print(f"device {device}: key id {kid}\n  private key {key.path} (mode 0600: keep it on the device)\n"
                   f"  public key  {key.path.with_suffix('.pub') if key.path else ''}\n  registered in {book.display}",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
 
 
 @provenance_app.command("add-device")
@@ -143,7 +143,7 @@ def provenance_add_device(
     key = load_public_pem(public_key.read_bytes(), str(public_key))
     with open_ledger(ledger, create=True) as book:
         kid = book.add_device(name, key)
-        out.print(f"device {name}: key id {kid} registered in {book.display}", highlight=False)
+        out.print(f"device {name}: key id {kid} registered in {book.display}", highlight=False, soft_wrap=True)
 
 
 @provenance_app.command("register")
@@ -216,7 +216,7 @@ def provenance_verify(
         for v in verdicts:
             table.add_row(v.id, f"[{_STATUS_STYLE[v.status.value]}]{v.status.value}[/]", v.detail)
         out.print(table)
-        out.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no images", highlight=False)
+        out.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no images", highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 
@@ -241,7 +241,7 @@ def provenance_check_ledger(
         _echo_json(report.to_dict())
     elif report.ok:
         out.print(f"ledger {report.ledger}: {report.records} records from {report.devices} device keys, chain intact; "
-                  f"head #{report.head_seq} {report.head_hash}", highlight=False)
+                  f"head #{report.head_seq} {report.head_hash}", highlight=False, soft_wrap=True)
     else:
         from rich.table import Table
 
@@ -252,7 +252,7 @@ def provenance_check_ledger(
             table.add_row("-" if p.seq is None else f"#{p.seq}", p.reason)
         out.print(table)
         if report.more_problems:
-            out.print(f"... and {report.more_problems} more problems", highlight=False)
+            out.print(f"... and {report.more_problems} more problems", highlight=False, soft_wrap=True)
     if not report.ok:
         first = report.problems[0]
         where = "" if first.seq is None else f" at record #{first.seq}"

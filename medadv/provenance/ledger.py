@@ -5,7 +5,8 @@ PostgreSQL database named by a URL (a hospital-wide ledger). Tables:
 
 * ``records``: one row per registration. ``seq`` (1, 2, ...), ``prev_hash`` (the ``record_hash`` of
   record ``seq - 1``; 64 zeros for the first), ``digest`` (the canonical content digest), ``name``
-  (file base name or npz member id), ``uid``/``series_uid`` (DICOM SOP instance and series UIDs),
+  (file base name or npz member id), ``stem`` (the name without its extension), ``uid``/``series_uid``
+  (DICOM SOP instance and series UIDs),
   ``device`` and ``key_id`` (who signed), ``created_at`` (UTC, ISO 8601, microseconds), ``meta``
   (canonical JSON: format, shape, dtype, photometric, study UID), ``signature`` and ``record_hash``.
 * ``devices``: the public key of every registered device key (PEM), by key id.
@@ -99,6 +100,7 @@ records = Table(
     Column("record_hash", String(64), nullable=False, unique=True),
     Column("digest", String(64), nullable=False, index=True),
     Column("name", Text, nullable=False, index=True),
+    Column("stem", Text, nullable=False, index=True),
     Column("uid", String(128), nullable=True, index=True),
     Column("series_uid", String(128), nullable=True, index=True),
     Column("device", String(64), nullable=False),
@@ -141,6 +143,7 @@ class Record:
     prev_hash: str
     digest: str
     name: str
+    stem: str
     uid: str | None
     series_uid: str | None
     device: str
@@ -154,7 +157,7 @@ class Record:
         """What the device signs: every field but the signature and the hash, as canonical JSON."""
         return SIGN_DOMAIN + canonical_json({
             "seq": self.seq, "prev_hash": self.prev_hash, "digest": self.digest, "name": self.name,
-            "uid": self.uid, "series_uid": self.series_uid, "device": self.device, "key_id": self.key_id,
+            "stem": self.stem, "uid": self.uid, "series_uid": self.series_uid, "device": self.device, "key_id": self.key_id,
             "created_at": self.created_at, "meta": self.meta,
         })
 
@@ -173,7 +176,7 @@ class Record:
 
     @classmethod
     def signed(cls, seq: int, prev_hash: str, item: ImageDigest, signer: DeviceKey, created_at: str) -> Record:
-        unsigned = cls(seq, prev_hash, item.digest, item.name, item.uid, item.series_uid, signer.device,
+        unsigned = cls(seq, prev_hash, item.digest, item.name, name_stem(item.name), item.uid, item.series_uid, signer.device,
                        signer.key_id, created_at, dict(item.meta))
         rec = _replace(unsigned, signature=signer.sign(unsigned.signed_bytes()).hex())
         return _replace(rec, record_hash=rec.compute_hash())
@@ -184,14 +187,23 @@ class Record:
             meta = json.loads(row.meta)
         except (TypeError, ValueError):
             meta = {"unreadable_meta": str(row.meta)[:200]}  # check() then reports a hash mismatch
-        return cls(int(row.seq), row.prev_hash, row.digest, row.name, row.uid, row.series_uid, row.device,
+        return cls(int(row.seq), row.prev_hash, row.digest, row.name, row.stem, row.uid, row.series_uid, row.device,
                    row.key_id, row.created_at, meta, row.signature, row.record_hash)
 
     def row(self) -> dict[str, Any]:
         return {"seq": self.seq, "prev_hash": self.prev_hash, "record_hash": self.record_hash,
-                "digest": self.digest, "name": self.name, "uid": self.uid, "series_uid": self.series_uid,
+                "digest": self.digest, "name": self.name, "stem": self.stem, "uid": self.uid, "series_uid": self.series_uid,
                 "device": self.device, "key_id": self.key_id, "created_at": self.created_at,
                 "meta": canonical_json(self.meta).decode(), "signature": self.signature}
+
+
+def name_stem(name: str) -> str:
+    """A file name without its extension (``ISIC_0000001.jpg`` -> ``ISIC_0000001``); npz member ids as they are.
+
+    Looking images up by stem too finds an edited copy saved in another format (a JPEG's adversarial
+    copy saved as PNG) as "modified" rather than "unregistered".
+    """
+    return name if "#" in name else Path(name).stem
 
 
 def _replace(rec: Record, **changes: Any) -> Record:
@@ -435,8 +447,9 @@ class Ledger:
         return out
 
     def by_identity(self, names: Iterable[str], uids: Iterable[str], series: Iterable[str]) -> dict[str, dict[str, Record]]:
-        """The newest record per name, per DICOM SOP instance UID and per series UID asked for."""
-        want = {"name": sorted(set(names)), "uid": sorted(set(uids)), "series_uid": sorted(set(series))}
+        """The newest record per name, per name stem, per DICOM SOP instance UID and per series UID asked for."""
+        names = set(names)
+        want = {"name": sorted(names), "stem": sorted({name_stem(n) for n in names}), "uid": sorted(set(uids)), "series_uid": sorted(set(series))}
         out: dict[str, dict[str, Record]] = {k: {} for k in want}
         with self._read("looking up names") as conn:
             for column, values in want.items():

@@ -7,7 +7,8 @@ with its device's public key makes it ``verified``. Otherwise the verdict says w
 * ``unknown-device``: a record has the digest but its key is neither in the ledger's ``devices`` table
   nor (with ``trusted``) among the trusted keys;
 * ``modified``: no record has the digest, but one has the same name (file base name or npz member id),
-  the same DICOM SOPInstanceUID or the same DICOM series: the pixels, their display attributes or
+  the same name stem (``x.png`` for a registered ``x.jpg``), the same DICOM SOPInstanceUID or the same
+  DICOM series: the pixels, their display attributes or
   their study/series changed since registration, or an image was slipped into a registered series;
 * ``unregistered``: nothing in the ledger matches;
 * ``unreadable``: the file is missing, corrupt or not a supported image (the detail says which).
@@ -28,7 +29,7 @@ from medadv.errors import MedadvError
 from medadv.progress import SILENT, Monitor
 from medadv.provenance.digest import ImageDigest, digest_npz, digest_path, expand_inputs
 from medadv.provenance.keys import PublicKey
-from medadv.provenance.ledger import Ledger, Record
+from medadv.provenance.ledger import Ledger, Record, name_stem
 
 
 class Status(str, Enum):
@@ -89,8 +90,8 @@ def _judge(image_id: str, item: ImageDigest, matches: list[Record], keys: dict[s
         return Verdict(image_id, Status.UNKNOWN_DEVICE,
                        f"record #{unknown.seq} is signed by device {unknown.device} (key {unknown.key_id}), "
                        "whose public key is not trusted", item.digest, unknown.seq, unknown.device)
-    for column, value, what in (("name", item.name, f"name {item.name}"), ("uid", item.uid, "SOPInstanceUID"),
-                                ("series_uid", item.series_uid, "DICOM series")):
+    for column, value, what in (("name", item.name, "name"), ("stem", name_stem(item.name), "name stem"),
+                                ("uid", item.uid, "SOPInstanceUID"), ("series_uid", item.series_uid, "DICOM series")):
         rec = identity[column].get(value) if value else None
         if rec is not None:
             return Verdict(image_id, Status.MODIFIED,
