@@ -216,7 +216,8 @@ def provenance_verify(
         for v in verdicts:
             table.add_row(v.id, f"[{_STATUS_STYLE[v.status.value]}]{v.status.value}[/]", v.detail)
         out.print(table)
-        out.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no images", highlight=False, soft_wrap=True)
+        line = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no images"
+        out.print(line, highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 
@@ -226,7 +227,8 @@ def provenance_check_ledger(
     ledger: LedgerOpt = _DEFAULT_LEDGER,
     trusted_keys: TrustedOpt = None,
     anchor: Annotated[str | None, typer.Option(
-        "--anchor", help="A record hash noted earlier (check-ledger prints the head): it must still be in the chain.")] = None,
+        "--anchor",
+        help="A record hash noted earlier (check-ledger prints the head): it must still be in the chain.")] = None,
     as_json: JsonOpt = False,
     quiet: Quiet = False,
 ) -> None:

@@ -119,6 +119,7 @@ def test_dicom_16_bit_one_stored_level_changes_the_digest(tmp_path: Path) -> Non
         assert digest_file(save_dicom(ds, tmp_path / "edited.dcm")).digest != base
 
 
+@pytest.mark.filterwarnings("ignore:The pixel data is .* excess padding:UserWarning")  # MR_small_padded, on purpose
 def test_dicom_transfer_syntaxes_share_one_digest(tmp_path: Path) -> None:
     """pydicom's own MR_small in five encodings (explicit/implicit, big/little endian, RLE, JPEG 2000
     lossless) decodes to the same pixels, so to the same digest; so does our RLE re-encoding."""
@@ -204,6 +205,7 @@ def test_pixel_digest_sees_every_value_and_ignores_layout(h: int, w: int, c: int
 # ------------------------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.filterwarnings("ignore:End of file reached:UserWarning")  # the garbage DICOM, on purpose
 def test_unreadable_files_raise_one_clear_error(tmp_path: Path) -> None:
     png = save_png(tmp_path / "ok.png", np.zeros((8, 8), np.uint8))
     (tmp_path / "truncated.png").write_bytes(png.read_bytes()[:40])

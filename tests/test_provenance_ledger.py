@@ -2,6 +2,7 @@
 unknown signers, and bad input that leaves the ledger untouched. Every ledger test runs on SQLite and
 on PostgreSQL (skipped, with the reason, when no server is configured)."""
 
+# ruff: noqa: F811  (pytest fixtures imported from provenance_support)
 from __future__ import annotations
 
 import hashlib
@@ -106,7 +107,7 @@ def test_append_check_and_idempotent_reappend(ledger_where: str, tmp_path: Path)
         rows = list(ledger.iter_records())
         assert [r.seq for r in rows] == list(range(1, 9))
         assert rows[0].prev_hash == GENESIS
-        assert all(b.prev_hash == a.record_hash for a, b in zip(rows, rows[1:]))
+        assert all(b.prev_hash == a.record_hash for a, b in zip(rows, rows[1:], strict=False))
         assert ledger.check().ok
 
 

@@ -114,7 +114,7 @@ def pixel_digest(
     }
     h = hashlib.sha256(canonical_json(header))
     h.update(b"\n")
-    h.update(memoryview(arr).cast("B"))
+    h.update(arr.tobytes())
     return h.hexdigest()
 
 
@@ -172,8 +172,8 @@ def _digest_pillow(path: Path) -> ImageDigest:
         with Image.open(path) as im:
             fmt = im.format
             if fmt not in ("PNG", "JPEG", "MPO"):
-                raise MedadvError(f"image {path} is {fmt or 'an unknown format'}; provenance covers PNG, JPEG and DICOM.",
-                                  "convert it to PNG (lossless) before registering it.")
+                raise MedadvError(f"image {path} is {fmt or 'an unknown format'}; provenance covers PNG, JPEG "
+                                  "and DICOM.", "convert it to PNG (lossless) before registering it.")
             if fmt == "PNG":
                 depth, colour = _png_depth_and_colour(path)
                 if depth == 16 and colour in (2, 4, 6):
@@ -183,12 +183,13 @@ def _digest_pillow(path: Path) -> ImageDigest:
                     raise MedadvError(f"image {path} is an animated PNG.", "save the frame you mean as its own PNG.")
             im.load()
             mode = im.mode
+            decoded: Image.Image = im
             if mode == "1":
-                im, mode = im.convert("L"), "L"
+                decoded, mode = im.convert("L"), "L"
             elif mode in ("P", "PA"):  # the palette is content: hash the colours, not the indices
                 mode = "RGBA" if mode == "PA" or "transparency" in im.info else "RGB"
-                im = im.convert(mode)
-            arr = np.asarray(im)
+                decoded = im.convert(mode)
+            arr = np.asarray(decoded)
     except MedadvError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:

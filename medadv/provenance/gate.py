@@ -62,7 +62,7 @@ class GateReport:
 def _file_items(imageset: ImageSet) -> tuple[list[tuple[str, ImageDigest]], dict[int, Verdict]]:
     items: list[tuple[str, ImageDigest]] = []
     unreadable: dict[int, Verdict] = {}
-    for k, (image_id, path) in enumerate(zip(imageset.ids, imageset.files or [])):
+    for k, (image_id, path) in enumerate(zip(imageset.ids, imageset.files or [], strict=True)):
         try:
             items.append((image_id, digest_file(path)))
         except MedadvError as exc:
@@ -76,9 +76,10 @@ def _npz_items(imageset: ImageSet) -> tuple[list[tuple[str, ImageDigest]], dict[
     for image_id in imageset.ids:
         file, split, index = parse_member(image_id)
         if file != npz.name:
-            raise MedadvError(f"image id {image_id} does not belong to {npz}.", "load the images with medadv's readers.")
+            raise MedadvError(f"image id {image_id} does not belong to {npz}.",
+                              "load the images with medadv's readers.")
         members.append((split, index))
-    return list(zip(imageset.ids, digest_npz(npz, members))), {}
+    return list(zip(imageset.ids, digest_npz(npz, members), strict=True)), {}
 
 
 def check_imageset(imageset: ImageSet, ledger_url: str | os.PathLike[str], *, only_flag: bool,

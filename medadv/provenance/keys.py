@@ -36,7 +36,8 @@ def check_device_name(device: str) -> str:
     """Device names are file-name safe: letters, digits, ``.``, ``_``, ``-``; 1-64 characters."""
     if not _DEVICE.match(device or ""):
         raise MedadvError(f"device name '{device}' is not allowed.",
-                          "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (e.g. ct-scanner-3).")
+                          "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+                          "(e.g. ct-scanner-3).")
     return device
 
 
@@ -183,8 +184,10 @@ def load_private_key(device: str, keys: str | os.PathLike[str] | None = None, pa
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError) as exc:
-        raise MedadvError(f"{path} is not a readable unencrypted PEM private key ({str(exc)[:80]}).",
-                          f"restore the key file, or make a new key with `medadv provenance keygen --device {device}`.") from exc
+        raise MedadvError(
+            f"{path} is not a readable unencrypted PEM private key ({str(exc)[:80]}).",
+            f"restore the key file, or make a new key with `medadv provenance keygen --device {device}`.",
+        ) from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise MedadvError(f"{path} holds a {type(key).__name__}, not an Ed25519 key.",
                           f"make a device key with `medadv provenance keygen --device {device}`.")

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import sqlite3
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
@@ -57,9 +58,8 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
-    inspect,
     insert,
-    or_,
+    inspect,
     select,
     text,
 )
@@ -70,7 +70,14 @@ from sqlalchemy.pool import QueuePool
 from medadv.errors import MedadvError
 from medadv.progress import SILENT, Monitor
 from medadv.provenance.digest import ImageDigest, canonical_json
-from medadv.provenance.keys import DeviceKey, PublicKey, check_device_name, key_id, load_public_pem, public_pem
+from medadv.provenance.keys import (
+    DeviceKey,
+    PublicKey,
+    check_device_name,
+    key_id,
+    load_public_pem,
+    public_pem,
+)
 
 SCHEMA = "medadv-ledger/1"
 GENESIS = "0" * 64
@@ -157,8 +164,8 @@ class Record:
         """What the device signs: every field but the signature and the hash, as canonical JSON."""
         return SIGN_DOMAIN + canonical_json({
             "seq": self.seq, "prev_hash": self.prev_hash, "digest": self.digest, "name": self.name,
-            "stem": self.stem, "uid": self.uid, "series_uid": self.series_uid, "device": self.device, "key_id": self.key_id,
-            "created_at": self.created_at, "meta": self.meta,
+            "stem": self.stem, "uid": self.uid, "series_uid": self.series_uid, "device": self.device,
+            "key_id": self.key_id, "created_at": self.created_at, "meta": self.meta,
         })
 
     def signature_bytes(self) -> bytes | None:
@@ -176,8 +183,8 @@ class Record:
 
     @classmethod
     def signed(cls, seq: int, prev_hash: str, item: ImageDigest, signer: DeviceKey, created_at: str) -> Record:
-        unsigned = cls(seq, prev_hash, item.digest, item.name, name_stem(item.name), item.uid, item.series_uid, signer.device,
-                       signer.key_id, created_at, dict(item.meta))
+        unsigned = cls(seq, prev_hash, item.digest, item.name, name_stem(item.name), item.uid, item.series_uid,
+                       signer.device, signer.key_id, created_at, dict(item.meta))
         rec = _replace(unsigned, signature=signer.sign(unsigned.signed_bytes()).hex())
         return _replace(rec, record_hash=rec.compute_hash())
 
@@ -192,9 +199,9 @@ class Record:
 
     def row(self) -> dict[str, Any]:
         return {"seq": self.seq, "prev_hash": self.prev_hash, "record_hash": self.record_hash,
-                "digest": self.digest, "name": self.name, "stem": self.stem, "uid": self.uid, "series_uid": self.series_uid,
-                "device": self.device, "key_id": self.key_id, "created_at": self.created_at,
-                "meta": canonical_json(self.meta).decode(), "signature": self.signature}
+                "digest": self.digest, "name": self.name, "stem": self.stem, "uid": self.uid,
+                "series_uid": self.series_uid, "device": self.device, "key_id": self.key_id,
+                "created_at": self.created_at, "meta": canonical_json(self.meta).decode(), "signature": self.signature}
 
 
 def name_stem(name: str) -> str:
@@ -300,7 +307,8 @@ class Ledger:
             elif "append-only" in low:
                 fix = "the ledger refuses changes to existing rows; append new records instead."
             else:
-                fix = "check the ledger with `medadv provenance check-ledger`; restore it from a backup if it is damaged."
+                fix = ("check the ledger with `medadv provenance check-ledger`; restore it from a backup if it is "
+                       "damaged.")
             raise MedadvError(f"ledger {self.display}: {action} failed ({msg}).", fix) from exc
 
     @contextlib.contextmanager
@@ -333,8 +341,10 @@ class Ledger:
             names = set(inspect(conn).get_table_names())
             missing = {"records", "devices", "ledger_meta"} - names
             if missing:
-                raise MedadvError(f"{self.display} is not a medadv ledger (it has no {', '.join(sorted(missing))} table).",
-                                  "point --ledger at a ledger made by `medadv provenance keygen`, or create one with it.")
+                raise MedadvError(
+                    f"{self.display} is not a medadv ledger (it has no {', '.join(sorted(missing))} table).",
+                    "point --ledger at a ledger made by `medadv provenance keygen`, or create one with it.",
+                )
             version = conn.execute(select(ledger_meta.c.value).where(ledger_meta.c.key == "schema")).scalar()
         if version != SCHEMA:
             raise MedadvError(f"ledger {self.display} has schema '{version}', not '{SCHEMA}'.",
@@ -361,20 +371,22 @@ class Ledger:
         """Every registered public key, by key id."""
         with self._read("reading devices") as conn:
             rows = conn.execute(select(devices)).all()
-        return {r.key_id: PublicKey(r.device, load_public_pem(r.public_key, f"ledger {self.display}, device {r.device}"))
+        return {r.key_id: PublicKey(r.device, load_public_pem(r.public_key,
+                                                              f"ledger {self.display}, device {r.device}"))
                 for r in rows}
 
     def require_device(self, signer: DeviceKey) -> None:
         """Fail before writing anything when ``signer``'s public key is not registered under its device name."""
         keys = self.device_keys()
         known = keys.get(signer.key_id)
+        pub = signer.path.with_suffix(".pub") if signer.path else f"{signer.device}.pub"
         if known is None:
             others = sorted({k.device for k in keys.values()})
             raise MedadvError(
                 f"the key of device {signer.device} (key id {signer.key_id}) is not registered in ledger {self.display}"
                 + (f" (it knows {', '.join(others)})." if others else " (it knows no devices)."),
-                f"register it with `medadv provenance add-device {signer.path.with_suffix('.pub') if signer.path else 'DEVICE.pub'} "
-                f"--ledger {self.display}`, or pass the right --device / --keys.",
+                f"register it with `medadv provenance add-device {pub} --ledger {self.display}`, "
+                "or pass the right --device / --keys.",
             )
         if known.device != signer.device:
             raise MedadvError(f"key {signer.key_id} is registered for device {known.device}, not {signer.device}.",
@@ -446,10 +458,12 @@ class Ledger:
                     out.setdefault(row.digest, []).append(Record.from_row(row))
         return out
 
-    def by_identity(self, names: Iterable[str], uids: Iterable[str], series: Iterable[str]) -> dict[str, dict[str, Record]]:
+    def by_identity(self, names: Iterable[str], uids: Iterable[str],
+                    series: Iterable[str]) -> dict[str, dict[str, Record]]:
         """The newest record per name, per name stem, per DICOM SOP instance UID and per series UID asked for."""
         names = set(names)
-        want = {"name": sorted(names), "stem": sorted({name_stem(n) for n in names}), "uid": sorted(set(uids)), "series_uid": sorted(set(series))}
+        want = {"name": sorted(names), "stem": sorted({name_stem(n) for n in names}), "uid": sorted(set(uids)),
+                "series_uid": sorted(set(series))}
         out: dict[str, dict[str, Record]] = {k: {} for k in want}
         with self._read("looking up names") as conn:
             for column, values in want.items():
@@ -510,7 +524,8 @@ class Ledger:
             report.records += 1
             report.head_seq, report.head_hash = rec.seq, rec.record_hash
         if not anchor_seen:
-            problems.append(Problem(None, f"anchor {anchor} is not in the chain (the ledger was truncated or rewritten)"))
+            problems.append(Problem(None, f"anchor {anchor} is not in the chain "
+                                          "(the ledger was truncated or rewritten)"))
         report.problems = problems[:max_problems]
         report.more_problems = max(0, len(problems) - max_problems)
         return report
@@ -539,7 +554,7 @@ def _sqlite_engine(path: Path, create: bool) -> Engine:
     return engine
 
 
-def resolve_location(where: str | Path) -> tuple[str, str | Path]:
+def resolve_location(where: str | os.PathLike[str]) -> tuple[str, str | Path]:
     """("sqlite", path) or ("postgresql", URL) for a ``--ledger`` value."""
     where = str(where)
     if "://" not in where:
@@ -547,7 +562,8 @@ def resolve_location(where: str | Path) -> tuple[str, str | Path]:
     url = make_url(where)
     if url.get_backend_name() == "sqlite":
         if not url.database or url.database == ":memory:":
-            raise MedadvError(f"ledger URL {where} names no file.", "pass a file path; an in-memory ledger keeps nothing.")
+            raise MedadvError(f"ledger URL {where} names no file.",
+                              "pass a file path; an in-memory ledger keeps nothing.")
         return "sqlite", Path(url.database).expanduser()
     if url.get_backend_name() == "postgresql":
         if url.drivername in ("postgresql", "postgres"):
@@ -557,7 +573,7 @@ def resolve_location(where: str | Path) -> tuple[str, str | Path]:
                       "pass a file path (SQLite) or postgresql+psycopg://user@host/dbname.")
 
 
-def open_ledger(where: str | Path, *, create: bool = False) -> Ledger:
+def open_ledger(where: str | os.PathLike[str], *, create: bool = False) -> Ledger:
     """Open the ledger at a path (SQLite) or a ``postgresql+psycopg://`` URL.
 
     ``create``: make the file/schema when missing (keygen and add-device do); otherwise a missing
@@ -575,7 +591,9 @@ def open_ledger(where: str | Path, *, create: bool = False) -> Ledger:
         ledger = Ledger(_sqlite_engine(path, create), str(path))
     else:
         try:
-            engine = create_engine(str(loc), pool_size=1, max_overflow=4)
+            # READ COMMITTED whatever the server's default: after the lock, the head read must see the
+            # latest commit (under REPEATABLE READ the snapshot would predate the lock).
+            engine = create_engine(str(loc), pool_size=1, max_overflow=4, isolation_level="READ COMMITTED")
         except (ImportError, SQLAlchemyError) as exc:
             raise MedadvError(f"cannot use ledger URL {make_url(str(loc)).render_as_string(hide_password=True)} "
                               f"({_first_line(exc)}).", "install the driver: pip install 'medadv[postgres]'.") from exc

@@ -84,7 +84,8 @@ def _judge(image_id: str, item: ImageDigest, matches: list[Record], keys: dict[s
             bad = bad or rec
     if bad is not None:
         return Verdict(image_id, Status.BAD_SIGNATURE,
-                       f"record #{bad.seq} claims device {bad.device} but its signature does not verify (forged or edited)",
+                       f"record #{bad.seq} claims device {bad.device} but its signature does not verify "
+                       "(forged or edited)",
                        item.digest, bad.seq, bad.device)
     if unknown is not None:
         return Verdict(image_id, Status.UNKNOWN_DEVICE,
@@ -92,12 +93,12 @@ def _judge(image_id: str, item: ImageDigest, matches: list[Record], keys: dict[s
                        "whose public key is not trusted", item.digest, unknown.seq, unknown.device)
     for column, value, what in (("name", item.name, "name"), ("stem", name_stem(item.name), "name stem"),
                                 ("uid", item.uid, "SOPInstanceUID"), ("series_uid", item.series_uid, "DICOM series")):
-        rec = identity[column].get(value) if value else None
-        if rec is not None:
+        near = identity[column].get(value) if value else None
+        if near is not None:
             return Verdict(image_id, Status.MODIFIED,
-                           f"differs from the image registered with this {what} ({_signed_by(rec)}): "
+                           f"differs from the image registered with this {what} ({_signed_by(near)}): "
                            "pixels, display attributes or study/series changed",
-                           item.digest, rec.seq, rec.device)
+                           item.digest, near.seq, near.device)
     return Verdict(image_id, Status.UNREGISTERED, "no ledger record has this image's digest, name or DICOM UIDs",
                    item.digest)
 
