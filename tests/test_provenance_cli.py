@@ -118,6 +118,10 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_ledger_untouched(tmp_path: 
         assert "secret" not in err
     assert _state(ledger) == before
     assert ledger.read_bytes() == bytes_before
+    # a ledger that cannot be reached fails keygen before any key exists
+    code, _, err = run_main(["provenance", "keygen", "--device", "ct-5", "--keys", keys, "--ledger",
+                             "postgresql://u:secret@127.0.0.1:9/none"], capsys)
+    assert code == 2 and not (keys / "ct-5.key").exists() and "secret" not in err
 
     corrupt = tmp_path / "corrupt.sqlite"
     corrupt.write_bytes(os.urandom(8192))

@@ -177,7 +177,9 @@ def test_npz_members_are_named_and_match_their_png_export(tmp_path: Path) -> Non
                                              "pneumoniamnist.npz#train/2", "pneumoniamnist.npz#val/0"]
     with np.load(npz) as z:
         img = z["test_images"][2]
-    assert digest_npz(npz, [("test", 2)])[0].digest == digest_array(img, "x").digest
+    picked = digest_npz(npz, [("test", 2), ("train", 0), ("test", 2)])  # the caller's order, repeats kept
+    assert [m.name.split("#")[1] for m in picked] == ["test/2", "train/0", "test/2"]
+    assert picked[0].digest == digest_array(img, "x").digest
     # a lossless export of a member to PNG is the same image, so the same digest
     assert digest_file(save_png(tmp_path / "member.png", img)).digest == digest_array(img, "x").digest
 

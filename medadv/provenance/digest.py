@@ -319,32 +319,30 @@ def _check_images(path: Path, split: str, images: np.ndarray) -> None:
 
 
 def digest_npz(path: str | Path, members: Sequence[tuple[str, int]] | None = None) -> list[ImageDigest]:
-    """Digests of an npz's images, named ``<file>.npz#<split>/<index>``: all of them, or ``members``."""
+    """Digests of an npz's images, named ``<file>.npz#<split>/<index>``: all of them in file order, or
+    those of ``members`` (``(split, index)`` pairs) in the order given."""
     path = Path(path)
-    want: dict[str, list[int]] | None = None
+    want: dict[str, set[int]] | None = None
     if members is not None:
         want = {}
         for split, index in members:
-            want.setdefault(split, []).append(index)
-    out: list[ImageDigest] = []
-    found: set[str] = set()
+            want.setdefault(split, set()).add(index)
+    done: dict[tuple[str, int], ImageDigest] = {}
     for split, images in _npz_arrays(path):
         if want is not None and split not in want:
             continue
-        found.add(split)
         _check_images(path, split, images)
-        indices = range(len(images)) if want is None else want[split]
-        for i in indices:
+        for i in range(len(images)) if want is None else sorted(want[split]):
             if not 0 <= i < len(images):
                 raise MedadvError(f"{path}: {split}_images has no image {i} (it has {len(images)}).",
                                   "check the image id.")
-            out.append(digest_array(images[i], f"{path.name}#{split}/{i}"))
-    if want is not None and set(want) - found:
-        raise MedadvError(f"{path} has no {', '.join(sorted(set(want) - found))} images.", "check the image ids.")
-    if want is not None:  # back in the caller's order
-        order = {f"{path.name}#{s}/{i}": k for k, (s, i) in enumerate(members or [])}
-        out.sort(key=lambda d: order[d.name])
-    return out
+            done[(split, i)] = digest_array(images[i], f"{path.name}#{split}/{i}")
+    if want is None:
+        return list(done.values())
+    missing = sorted({s for s, _ in members or []} - {s for s, _ in done})
+    if missing:
+        raise MedadvError(f"{path} has no {', '.join(missing)} images.", "check the image ids.")
+    return [done[(s, i)] for s, i in members or []]
 
 
 # -------------------------------------------------------------------------------------------- inputs
