@@ -6,9 +6,9 @@ PostgreSQL database named by a URL (a hospital-wide ledger). Tables:
 * ``records``: one row per registration. ``seq`` (1, 2, ...), ``prev_hash`` (the ``record_hash`` of
   record ``seq - 1``; 64 zeros for the first), ``digest`` (the canonical content digest), ``name``
   (file base name or npz member id), ``stem`` (the name without its extension), ``uid``/``series_uid``
-  (DICOM SOP instance and series UIDs),
-  ``device`` and ``key_id`` (who signed), ``created_at`` (UTC, ISO 8601, microseconds), ``meta``
-  (canonical JSON: format, shape, dtype, photometric, study UID), ``signature`` and ``record_hash``.
+  (DICOM SOP instance and series UIDs), ``device`` and ``key_id`` (who signed), ``created_at`` (UTC,
+  ISO 8601, microseconds), ``meta`` (canonical JSON: format, shape, dtype, photometric, study UID),
+  ``signature`` (Ed25519, hex) and ``record_hash``.
 * ``devices``: the public key of every registered device key (PEM), by key id.
 * ``ledger_meta``: the schema version.
 
