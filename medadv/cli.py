@@ -56,6 +56,10 @@ class RichMonitor(Monitor):
 DataRoot = Annotated[Path | None, typer.Option("--data-root", help="Data folder (default: $MEDADV_DATA, else the user cache).")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for everything random in this run.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines.")]
+RequireProvenance = Annotated[str | None, typer.Option(
+    "--require-provenance", help="Ledger (SQLite path or database URL): verify every image before any model sees it; refuse unverified images.")]
+ProvenanceFlagOnly = Annotated[bool, typer.Option(
+    "--provenance-flag-only", help="With --require-provenance: report unverified images instead of refusing them.")]
 
 
 @app.callback()
@@ -116,7 +120,10 @@ def evaluate(
     source: Annotated[str | None, typer.Option(help="Evaluate on another source for the same task.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Resize images on load (default: as stored).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
+    require_provenance: RequireProvenance = None,
+    provenance_flag_only: ProvenanceFlagOnly = False,
     data_root: DataRoot = None,
+    quiet: Quiet = False,
 ) -> None:
     """Clinical metrics of a checkpoint at its saved threshold: the paper's Table 1."""
     from medadv.evaluate.clean import evaluate_model, model_split
@@ -125,8 +132,12 @@ def evaluate(
 
     net, meta = load_checkpoint(model)
     data = model_split(meta, split, data_root=data_root, source=source, image_size=image_size)
+    gate = provenance_gate(require_provenance, provenance_flag_only, RichMonitor(quiet))
+    provenance = gate(data) if gate else None
     metrics = evaluate_model(net, data, batch_size)
     metrics["model"] = str(model)
+    if provenance is not None:
+        metrics["provenance"] = provenance
     if out is not None:
         write_json(out, metrics)
     out_table(f"{meta['task']} / {split} ({metrics['n']} images, {metrics['n_disease']} disease)", metrics)
@@ -182,6 +193,8 @@ def attack(
     image_size: Annotated[int | None, typer.Option(help="Resize images on load (default: as stored).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per attack batch.")] = 128,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    require_provenance: RequireProvenance = None,
+    provenance_flag_only: ProvenanceFlagOnly = False,
     data_root: DataRoot = None,
     seed: Seed = 0,
     quiet: Quiet = False,
@@ -204,6 +217,8 @@ def attack(
         from medadv.evaluate.battery import stratified_subset
 
         data = stratified_subset(data, limit, seed)
+    gate = provenance_gate(require_provenance, provenance_flag_only, monitor)
+    provenance = gate(data) if gate else None
     if preset not in (None, "paper"):
         raise MedadvError(f"unknown preset '{preset}'.", "use --preset paper or set --eps/--steps yourself.")
     base = PAPER if preset == "paper" else ThreatModel(eps=8 / 255, steps=20, target="opposite")
@@ -216,12 +231,16 @@ def attack(
     params = {"max_queries": max_queries} if max_queries is not None else {}
     fit = model_split(meta, "train", data_root=data_root, source=source, image_size=image_size) \
         if attack in ("patch", "uap") else None
+    if fit is not None and gate:
+        gate(fit)
     run = run_attack(attack, victim, data, threat, seed=seed, surrogate=crafter, fit_data=fit, params=params,
                      batch_size=batch_size, monitor=monitor)
     run.results["model"] = {"path": str(model), "arch": victim.spec.arch, "task": meta["task"],
                             "threshold": victim.threshold, "input_size": victim.spec.input_size}
     if surrogate:
         run.results["surrogate"] = {"path": str(surrogate), "arch": crafter.spec.arch}
+    if provenance is not None:
+        run.results["provenance"] = provenance
     save_attack(out, data, run, victim, save_images=save_images and grid == "data", monitor=monitor)
     attack_summary(run.results)
     err.print(f"results written to {out / 'results.json'}", highlight=False)
@@ -245,6 +264,151 @@ def attack_summary(results: dict) -> None:
     if results.get("queries"):
         line += f"; queries median {results['queries']['median']:.0f}"
     out.print(line, highlight=False)
+
+
+# ------------------------------------------------------------------------------ reproduce / demo
+@app.command()
+def reproduce(
+    out: Annotated[Path, typer.Option(help="Report folder: report.html, results.json, figures/.")] = Path("runs/reproduce"),
+    tasks: Annotated[str, typer.Option(help="Comma-separated tasks.")] = "fundus-dr,chest-xray,derm-melanoma",
+    cache: Annotated[Path | None, typer.Option(help="Stage cache (default: .<out>.cache beside --out); reused by later runs.")] = None,
+    data_root: DataRoot = None,
+    seed: Seed = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Reproduce the paper on its three tasks: Tables 1-2 next to the paper's, the talks' attacks, curves, figures."""
+    from medadv.study import REPRODUCE_PLANS, run_study
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = [t for t in names if t not in REPRODUCE_PLANS]
+    if unknown or not names:
+        raise MedadvError(f"no reproduction plan for {', '.join(unknown) or 'an empty task list'}.",
+                          f"choose from {', '.join(REPRODUCE_PLANS)}.")
+    study = run_study("reproduce", [REPRODUCE_PLANS[t] for t in names], out, data_root=data_root, cache_dir=cache,
+                      seed=seed, monitor=RichMonitor(quiet))
+    study_summary(study, out)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("runs/demo"),
+    cache: Annotated[Path | None, typer.Option(help="Stage cache (default: .<out>.cache beside --out).")] = None,
+    data_root: DataRoot = None,
+    seed: Seed = 0,
+    quiet: Quiet = False,
+) -> None:
+    """The smallest honest end-to-end run: chest X-ray victim and surrogate, PGD white and black box, report."""
+    from medadv.study import DEMO_PLAN, run_study
+
+    study = run_study("demo", [DEMO_PLAN], out, data_root=data_root, cache_dir=cache, seed=seed,
+                      monitor=RichMonitor(quiet))
+    study_summary(study, out)
+
+
+@app.command()
+def audit(
+    model: Annotated[Path, typer.Option(help="A medadv checkpoint folder, a TorchScript file (.pt) or an ONNX file (.onnx).")],
+    out: Annotated[Path, typer.Option(help="Report folder: report.html, results.json, figures/.")],
+    data: Annotated[str | None, typer.Option("--data", help="Data: medmnist:<flag>, folder:<name>, a .npz, or a folder with labels.csv (default: the model's).")] = None,
+    task: Annotated[str | None, typer.Option(help="Task the labels belong to (default: the model's).")] = None,
+    surrogate: Annotated[Path | None, typer.Option(help="Surrogate checkpoint for transfer (black-box) rows.")] = None,
+    train_surrogate: Annotated[str | None, typer.Option(help="Train a surrogate of this architecture on the data's training split.")] = None,
+    input_size: Annotated[int | None, typer.Option(help="Network input size in px (TorchScript/ONNX without medadv metadata).")] = None,
+    channels: Annotated[int | None, typer.Option(help="Channels of the stored images.")] = None,
+    net_channels: Annotated[int | None, typer.Option(help="Channels the network takes (default: --channels).")] = None,
+    mean: Annotated[str | None, typer.Option(help="Normalization mean per channel, comma-separated, in [0, 1] units.")] = None,
+    std: Annotated[str | None, typer.Option(help="Normalization std per channel, comma-separated.")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Operating threshold on P(disease).")] = None,
+    rows: Annotated[str, typer.Option(help="Battery rows, comma-separated.")] = "pgd_white,pgd_black,fgsm,square,hsja,patch,uap",
+    limit: Annotated[int | None, typer.Option(help="Attack at most this many test images per row.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Resize images on load (default: as stored).")] = None,
+    require_provenance: RequireProvenance = None,
+    provenance_flag_only: ProvenanceFlagOnly = False,
+    data_root: DataRoot = None,
+    seed: Seed = 0,
+    quiet: Quiet = False,
+) -> None:
+    """The reproduce battery and report for your own model and data (checkpoint, TorchScript or ONNX)."""
+    from medadv.evaluate.battery import BatteryConfig
+    from medadv.study import run_audit
+
+    def floats(value: str | None, flag: str):
+        if value is None:
+            return None
+        try:
+            return tuple(float(v) for v in value.split(","))
+        except ValueError:
+            raise MedadvError(f"{flag} {value!r} is not a comma-separated list of numbers.", f"pass e.g. {flag} 0.5,0.5,0.5.") from None
+
+    overrides = {"input_size": input_size, "data_channels": channels, "net_channels": net_channels or channels,
+                 "mean": floats(mean, "--mean"), "std": floats(std, "--std"), "threshold": threshold, "task": task}
+    battery = BatteryConfig(rows=tuple(r.strip() for r in rows.split(",") if r.strip()))
+    unknown = set(battery.rows) - set(BatteryConfig().rows)
+    if unknown:
+        raise MedadvError(f"unknown battery rows: {', '.join(sorted(unknown))}.", f"choose from {', '.join(BatteryConfig().rows)}.")
+    if limit is not None:
+        battery.n_images = limit
+        battery.n_query_images = min(battery.n_query_images, limit)
+        battery.curve_images = min(battery.curve_images, limit)
+    monitor = RichMonitor(quiet)
+    study = run_audit(model, out, task=task, source=data, data_root=data_root, surrogate_path=surrogate,
+                      train_surrogate=train_surrogate, overrides=overrides, battery=battery, image_size=image_size,
+                      seed=seed, gate=provenance_gate(require_provenance, provenance_flag_only, monitor),
+                      monitor=monitor)
+    study_summary(study, out)
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Option(help="medadv checkpoint folder.")],
+    out: Annotated[Path, typer.Option(help="Output file (.pt for TorchScript, .onnx for ONNX).")],
+    format: Annotated[str | None, typer.Option("--format", help="torchscript or onnx (default: from the file suffix).")] = None,
+) -> None:
+    """Export a checkpoint's network to TorchScript or ONNX, with medadv's metadata embedded."""
+    from medadv.models import load_checkpoint
+    from medadv.models.external import export_model
+
+    fmt = format or {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript"}.get(out.suffix)
+    if fmt is None:
+        raise MedadvError(f"cannot tell the format of {out}.", "use a .pt or .onnx suffix, or pass --format.")
+    net, _ = load_checkpoint(model)
+    export_model(net, fmt, out)
+    err.print(f"{fmt} model written to {out}", highlight=False)
+
+
+def provenance_gate(ledger: str | None, flag_only: bool, monitor: Monitor):
+    """A callable that verifies an ImageSet against the ledger before any model sees it (or None)."""
+    if ledger is None:
+        return None
+    from medadv.provenance.gate import check_imageset
+
+    def gate(images):
+        report = check_imageset(images, ledger, only_flag=flag_only, monitor=monitor)
+        if not report.ok:
+            monitor.log(report.summary())
+        return report.to_dict()
+
+    return gate
+
+
+def study_summary(study: dict, folder: Path) -> None:
+    """Table 2 of a study on the terminal, then where the report is."""
+    from rich.table import Table
+
+    table = Table(title=f"medadv {study['kind']}: accuracy / AUC / mean confidence")
+    for col in ("task", "", "clean", "white box", "black box", "eps to <= 1%"):
+        table.add_column(col)
+    fmt = lambda m: "n/a" if not m else (f"{100 * m['accuracy']:.1f}% / "  # noqa: E731
+                                         f"{'n/a' if m['auc'] is None else format(m['auc'], '.3f')} / "
+                                         f"{100 * m['mean_confidence']:.1f}%")
+    for t in study["tasks"]:
+        b = t["breaking_eps"]["eps"]
+        table.add_row(t["task"], "medadv", *(fmt(t["table2"].get(k)) for k in ("clean", "white", "black")),
+                      "n/a" if b is None else f"{b * 255:.0f}/255")
+        if t.get("paper"):
+            table.add_row("", "paper", *(fmt(t["paper"][k]) for k in ("clean", "white", "black")), "")
+    out.print(table)
+    out.print(f"report: {(folder / 'report.html').resolve()}", highlight=False)
 
 
 def out_table(title: str, metrics: dict) -> None:

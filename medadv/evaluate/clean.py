@@ -43,7 +43,7 @@ def check_fit(model: MedicalClassifier, data: ImageSet) -> None:
 def predict(model: MedicalClassifier, data: ImageSet, batch_size: int = 256) -> np.ndarray:
     """P(disease) for every image of ``data`` (float64, N)."""
     check_fit(model, data)
-    device = next(model.parameters()).device
+    device = model.device
     out = [model.probabilities(data.tensor(slice(i, i + batch_size)).to(device), batch_size)
            for i in range(0, len(data), batch_size)]
     return torch.cat(out).double().numpy()

@@ -62,7 +62,7 @@ def victim_for(attack: Attack, model: MedicalClassifier):
 
 
 def _probabilities(model: MedicalClassifier, pixels: np.ndarray, levels: int, batch_size: int) -> np.ndarray:
-    device = next(model.parameters()).device
+    device = model.device
     out = []
     for i in range(0, len(pixels), batch_size):
         x = torch.from_numpy(pixels[i:i + batch_size]).to(device=device, dtype=torch.float32).div_(levels)
@@ -94,7 +94,7 @@ def run_attack(
             raise MedadvError(f"model {m.spec.arch} takes {m.spec.data_channels}-channel images; {data.source} has "
                               f"{data.channels}.", "attack the model with the data it was trained on.")
     attack = make_attack(name, threat, seed, **params)
-    device = next(victim.parameters()).device
+    device = victim.device
     t0 = time.perf_counter()
     universal: dict[str, torch.Tensor] = {}
     if hasattr(attack, "fit"):

@@ -100,5 +100,7 @@ class Augment:
             if mixer is None:
                 mixer = self._mixers[len(x)] = MixUp(batch_size=len(x), alpha=self.mixup_alpha).set_random_state(
                     seed=self._seed + len(x))
-            x, target = mixer(x, target)
+            # MONAI's MixUp mixes tensors with 3 or 4 dims after the batch; labels ride along as N×2×1×1
+            x, target = mixer(x, target[:, :, None, None])
+            target = target[:, :, 0, 0]
         return x, target

@@ -62,6 +62,16 @@ class MedicalClassifier(nn.Module):
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     @property
+    def device(self) -> torch.device:
+        param = next(self.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    @property
+    def differentiable(self) -> bool:
+        """False for networks without gradients (ONNX): white-box attacks cannot run on them."""
+        return getattr(self.network, "differentiable", True)
+
+    @property
     def threshold(self) -> float:
         return self.spec.threshold
 
@@ -86,7 +96,7 @@ class MedicalClassifier(nn.Module):
         """P(disease) for each image, N floats, computed in eval mode in batches."""
         was_training = self.training
         self.eval()
-        device = next(self.parameters()).device
+        device = self.device
         out = [F.softmax(self(x[i:i + batch_size].to(device)), dim=1)[:, 1].float().cpu()
                for i in range(0, len(x), batch_size)]
         self.train(was_training)

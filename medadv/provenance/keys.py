@@ -165,7 +165,6 @@ def generate_key(device: str, keys: str | os.PathLike[str] | None = None) -> Dev
     try:
         with atomic_path(path.with_suffix(".pub")) as tmp:
             tmp.write_bytes(public_pem(key.public_key()).encode())
-            tmp.chmod(0o644)  # public by design (the temporary file starts 0600)
     except BaseException:
         path.unlink(missing_ok=True)
         raise

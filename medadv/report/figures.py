@@ -1,0 +1,106 @@
+"""Figures in the paper's style, as PNG bytes (matplotlib, Agg backend): Figure 2 (clean image,
+amplified perturbation, adversarial image, each with P(disease), green when the model is right and red
+when wrong), the appendix-style example grid, and the robustness curves."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+RIGHT, WRONG = "#1a7f37", "#cf222e"
+
+
+def to_png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _show(ax, chw: np.ndarray) -> None:
+    img = chw[0] if chw.shape[0] == 1 else np.moveaxis(chw, 0, -1)
+    ax.imshow(np.clip(img, 0, 1), cmap="gray" if chw.shape[0] == 1 else None, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _amplified(delta: np.ndarray) -> tuple[np.ndarray, float]:
+    """Perturbation mapped to [0, 1] around mid-grey, scaled so its largest change is fully visible."""
+    peak = float(np.abs(delta).max())
+    gain = 0.5 / peak if peak > 0 else 1.0
+    return np.clip(0.5 + delta * gain, 0, 1), gain
+
+
+def _panel_row(axes, clean, adv, label, p_clean, p_adv, threshold, class_names, titles=True) -> None:
+    delta = adv - clean
+    amp, gain = _amplified(delta)
+    for ax, img, p, kind in ((axes[0], clean, p_clean, "clean"), (axes[2], adv, p_adv, "adversarial")):
+        _show(ax, img)
+        right = int(p >= threshold) == label
+        ax.set_title(f"{kind}\nP({class_names[1]}) = {p:.3f}" if titles else f"P = {p:.3f}",
+                     color=RIGHT if right else WRONG, fontsize=9)
+        for side in ax.spines.values():
+            side.set_edgecolor(RIGHT if right else WRONG)
+            side.set_linewidth(2.5)
+    _show(axes[1], amp)
+    linf = np.abs(delta).max()
+    axes[1].set_title(f"perturbation ×{gain:.0f}\nL∞ = {linf * 255:.1f}/255" if titles else f"×{gain:.0f}",
+                      fontsize=9)
+
+
+def figure2(clean: np.ndarray, adv: np.ndarray, label: int, p_clean: float, p_adv: float, threshold: float,
+            class_names: Sequence[str], title: str = "") -> bytes:
+    """The paper's Figure 2 for one image (C×H×W arrays in [0, 1])."""
+    fig, axes = plt.subplots(1, 3, figsize=(7.2, 2.9))
+    _panel_row(axes, clean, adv, label, p_clean, p_adv, threshold, class_names)
+    fig.suptitle(title or f"true class: {class_names[label]}", fontsize=10)
+    return to_png(fig)
+
+
+def example_grid(examples: list[dict[str, Any]], threshold: float, class_names: Sequence[str], title: str) -> bytes:
+    """Several examples (dicts with clean, adv, label, p_clean, p_adv), one row each, grouped by class."""
+    rows = max(len(examples), 1)
+    fig, axes = plt.subplots(rows, 3, figsize=(6.3, 2.0 * rows), squeeze=False)
+    for r, ex in enumerate(examples):
+        _panel_row(axes[r], ex["clean"], ex["adv"], ex["label"], ex["p_clean"], ex["p_adv"], threshold, class_names,
+                   titles=r == 0)
+        axes[r][0].set_ylabel(class_names[ex["label"]], fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return to_png(fig)
+
+
+def robustness_curves(curves: dict[str, list[dict[str, Any]]], title: str) -> bytes:
+    """Accuracy and AUC against eps (white and black box), and flips by direction at the threshold."""
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    styles = {"white": ("#cf222e", "o", "white box (PGD on the victim)"),
+              "black": ("#0969da", "s", "black box (PGD transferred from the surrogate)")}
+    for kind, points in curves.items():
+        if not points:
+            continue
+        color, marker, name = styles.get(kind, ("gray", "x", kind))
+        eps = [p["eps"] * 255 for p in points]
+        axes[0].plot(eps, [p["accuracy"] for p in points], marker=marker, color=color, label=name)
+        axes[1].plot(eps, [np.nan if p["auc"] is None else p["auc"] for p in points], marker=marker, color=color,
+                     label=name)
+        axes[2].plot(eps, [p["flips"]["healthy_to_disease"] for p in points], marker=marker, color=color,
+                     linestyle="-", label=f"{kind}: healthy → disease")
+        axes[2].plot(eps, [p["flips"]["disease_to_healthy"] for p in points], marker=marker, color=color,
+                     linestyle="--", label=f"{kind}: disease → healthy")
+    for ax, ylabel in zip(axes, ("accuracy", "AUC", "decisions flipped")):
+        ax.set_xlabel("eps (×1/255, L∞, [0, 1] pixel units)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[1].set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return to_png(fig)

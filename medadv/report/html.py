@@ -1,0 +1,73 @@
+"""``report.html``: one self-contained file (figures embedded as PNG data URIs) with the tables, the
+figures, the settings, the seed, package versions, data checksums and the caveats; written beside
+``results.json`` and ``figures/``, atomically."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from medadv.io import atomic_dir, to_json
+from medadv.report import figures
+
+ROW_TITLES = {
+    "pgd_white": "PGD, paper preset, white box",
+    "pgd_black": "PGD, paper preset, black box (transfer from surrogate)",
+    "fgsm": "FGSM, paper eps, white box",
+    "square": "Square (score-based black box)",
+    "hsja": "HopSkipJump (label-only black box)",
+    "patch": "Adversarial patch (universal, targeted: disease)",
+    "uap": "Universal adversarial perturbation",
+}
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def task_figures(task: dict[str, Any]) -> dict[str, bytes]:
+    """Figure 2, the example grid and the curves of one task, as PNG bytes by file name."""
+    names = task["victim"].get("class_names") or None
+    class_names = names or ("healthy", "disease")
+    thr = task["victim"]["threshold"]
+    out: dict[str, bytes] = {}
+    examples = task.get("_examples") or []
+    if examples:
+        first = next((e for e in examples if (e["p_adv"] >= thr) != (e["p_clean"] >= thr)), examples[0])
+        out["figure2"] = figures.figure2(first["clean"], first["adv"], first["label"], first["p_clean"],
+                                         first["p_adv"], thr, class_names, title=f"{task['title']}: PGD, paper preset")
+        out["examples"] = figures.example_grid(examples, thr, class_names, f"{task['title']}: examples by class")
+    if any(task.get("curves", {}).values()):
+        out["curves"] = figures.robustness_curves(task["curves"], f"{task['title']}: robustness to PGD")
+    return out
+
+
+def render(study: dict[str, Any], images: dict[str, dict[str, bytes]]) -> str:
+    env = Environment(loader=PackageLoader("medadv", "report/templates"), autoescape=select_autoescape(["html", "j2"]))
+    env.filters["pct"] = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
+    env.filters["f3"] = lambda v: "n/a" if v is None else f"{v:.3f}"
+    env.filters["f4"] = lambda v: "n/a" if v is None else f"{v:.4f}"
+    env.filters["eps255"] = lambda v: "n/a" if v is None else f"{v * 255:.2f}/255 ({v:.4f})"
+    uris = {task: {k: _data_uri(v) for k, v in figs.items()} for task, figs in images.items()}
+    return env.get_template("report.html.j2").render(study=study, figures=uris, row_titles=ROW_TITLES)
+
+
+def write_report(out: Path, study: dict[str, Any]) -> Path:
+    """Write ``out/results.json``, ``out/report.html`` and ``out/figures/*.png`` as one atomic folder."""
+    images = {}
+    for task in study["tasks"]:
+        task["victim"].setdefault("class_names", None)
+        images[task["task"]] = task_figures(task)
+    public = {**study, "tasks": [{k: v for k, v in t.items() if not k.startswith("_")} for t in study["tasks"]]}
+    html = render(public, images)
+    with atomic_dir(out) as tmp:
+        (tmp / "figures").mkdir()
+        for task, figs in images.items():
+            for name, png in figs.items():
+                (tmp / "figures" / f"{task}-{name}.png").write_bytes(png)
+        (tmp / "results.json").write_text(to_json(public))
+        (tmp / "report.html").write_text(html, encoding="utf-8")
+    return out / "report.html"

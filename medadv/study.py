@@ -1,0 +1,280 @@
+"""Studies: the paper reproduced on its three tasks (``reproduce``), the smallest honest end-to-end run
+(``demo``), and the same battery on a user's own model and data (``audit``).
+
+A study trains (or loads) a victim and an independently trained surrogate per task, measures Table 1,
+runs the battery (:mod:`medadv.evaluate.battery`), and writes ``results.json`` and a self-contained
+``report.html``. Every stage is cached by configuration hash under the study's cache folder: a killed
+run resumes (training resumes mid-way by epoch), a second run reuses the models and attack results.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medadv.cache import StageCache, model_fingerprint
+from medadv.errors import MedadvError
+from medadv.data import ImageSet, get_task, resolve_data_root, resolve_source
+from medadv.evaluate.battery import BatteryConfig, BatteryOutput, run_battery
+from medadv.evaluate.clean import evaluate_model, model_split
+from medadv.models import load_checkpoint
+from medadv.models.train import TrainConfig, train
+from medadv.progress import SILENT, Monitor
+from medadv.report.paper import PAPER_SETUP, PAPER_TABLE2
+from medadv.runinfo import config_hash, environment, seed_everything
+
+STUDY_SCHEMA = "medadv-study/1"
+
+
+@dataclass
+class TaskPlan:
+    """How one task is run: the victim's training configuration and the battery's budget."""
+
+    train: TrainConfig
+    battery: BatteryConfig = field(default_factory=BatteryConfig)
+    surrogate_arch: str | None = None  # default: the victim's architecture (as in the paper)
+    caveats: tuple[str, ...] = ()
+
+
+def _lite(task: str, size: int, epochs: int, **kw) -> TrainConfig:
+    return TrainConfig(task=task, arch="efficientnet-lite0", size=size, epochs=epochs, batch_size=32,
+                       pretrained="imagenet", recipe="paper", **kw)
+
+
+LOW_RES = ("The data are the 28 px MedMNIST files (the paper used 224-299 px photographs); the network sees them "
+           "upsampled to its input size, and the attack perturbs the 28 px stored pixels. MedMNIST+ 64-224 px files "
+           "are used when present on a user's machine (--size).")
+REPRODUCE_PLANS: dict[str, TaskPlan] = {
+    "fundus-dr": TaskPlan(_lite("fundus-dr", 64, 6), BatteryConfig(), caveats=(
+        LOW_RES, "RetinaMNIST (DeepDRiD, 1,600 images) stands in for the paper's Kaggle EyePACS photographs.")),
+    "chest-xray": TaskPlan(_lite("chest-xray", 64, 3), BatteryConfig(), caveats=(
+        LOW_RES, "PneumoniaMNIST (pediatric pneumonia) stands in for the paper's adult pneumothorax (ChestX-ray14).")),
+    "derm-melanoma": TaskPlan(_lite("derm-melanoma", 128, 4), BatteryConfig(), caveats=(
+        "ISIC 2017 challenge images resized to 256 px by the source repository; the network sees 128 px.",)),
+}
+
+DEMO_PLAN = TaskPlan(
+    TrainConfig(task="chest-xray", arch="resnet18", size=28, epochs=2, seed=0),
+    BatteryConfig(rows=("pgd_white", "pgd_black"), curve_eps=(0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255),
+                  curve_images=192, examples_per_class=3),
+    caveats=(LOW_RES, "A ResNet-18 trained from scratch for 2 epochs (the demo's budget), not an ImageNet-pretrained "
+             "ResNet-50: small images and small networks need a larger eps than the paper's to break."),
+)
+
+
+# ----------------------------------------------------------------------------------------- models
+
+def trained_model(cfg: TrainConfig, cache: StageCache, data_root: Path, monitor: Monitor = SILENT) -> Path:
+    """The checkpoint for ``cfg``, trained once and cached (a killed training resumes by epoch)."""
+    task = get_task(cfg.task)
+    cfg = replace(cfg, source=resolve_source(task, cfg.source, data_root))
+    key = {"train": asdict(cfg), "data_root": str(data_root)}
+    folder = cache.path(f"model-{cfg.task}-{cfg.arch}-s{cfg.seed}", key)
+    if folder is None:
+        raise ValueError("a study needs a cache folder for its models")
+    if (folder / "medadv.json").is_file():
+        monitor.log(f"reusing {folder}")
+        return folder
+    monitor.log(f"training {cfg.arch} for {cfg.task} (seed {cfg.seed}, {cfg.epochs} epochs)")
+    train(cfg, folder, data_root=data_root, monitor=monitor)
+    return folder
+
+
+def surrogate_config(plan: TaskPlan) -> TrainConfig:
+    """The black-box attacker's own model: another seed (so another initialization and data order)."""
+    return replace(plan.train, seed=plan.train.seed + 1, arch=plan.surrogate_arch or plan.train.arch)
+
+
+# ----------------------------------------------------------------------------------------- battery
+
+def _save_battery(out: BatteryOutput, folder: Path) -> None:
+    (folder / "battery.json").write_text(json.dumps(out.results, default=float))
+    arrays = {}
+    for i, ex in enumerate(out.examples):
+        for k in ("clean", "adv"):
+            arrays[f"{i}_{k}"] = ex[k]
+    np.savez(folder / "examples.npz", **arrays)
+    (folder / "examples.json").write_text(json.dumps([{k: v for k, v in ex.items() if k not in ("clean", "adv")}
+                                                      for ex in out.examples]))
+
+
+def _load_battery(folder: Path) -> BatteryOutput:
+    results = json.loads((folder / "battery.json").read_text())
+    meta = json.loads((folder / "examples.json").read_text())
+    with np.load(folder / "examples.npz", allow_pickle=False) as z:
+        examples = [{**m, "clean": z[f"{i}_clean"], "adv": z[f"{i}_adv"]} for i, m in enumerate(meta)]
+    return BatteryOutput(results, examples)
+
+
+def run_task(plan: TaskPlan, cache: StageCache, data_root: Path, seed: int, monitor: Monitor = SILENT) -> dict[str, Any]:
+    """Victim, surrogate, Table 1 and the battery for one task; returns its study record and examples."""
+    cfg = replace(plan.train, seed=seed)
+    plan = replace(plan, train=cfg)
+    victim_dir = trained_model(cfg, cache, data_root, monitor)
+    surrogate_dir = trained_model(surrogate_config(plan), cache, data_root, monitor)
+    victim, meta = load_checkpoint(victim_dir)
+    surrogate, s_meta = load_checkpoint(surrogate_dir)
+    test = model_split(meta, "test", data_root=data_root)
+    train_set = model_split(meta, "train", data_root=data_root) if {"patch", "uap"} & set(plan.battery.rows) else None
+    table1 = evaluate_model(victim, test)
+    key = {"battery": plan.battery.to_json(), "victim": model_fingerprint(victim_dir),
+           "surrogate": model_fingerprint(surrogate_dir), "test": test.checksum, "seed": seed}
+    t0 = time.perf_counter()
+    seed_everything(seed)
+    battery = cache.run(f"battery-{cfg.task}", key,
+                        lambda: run_battery(victim, test, surrogate=surrogate, train=train_set, config=plan.battery,
+                                            seed=seed, monitor=monitor),
+                        _save_battery, _load_battery)
+    rows = battery.results["rows"]
+    table2 = {}
+    for name, source in (("clean", None), ("white", "pgd_white"), ("black", "pgd_black")):
+        m = table1 if source is None else rows.get(source, {}).get("adversarial")
+        if m is not None:
+            table2[name] = {k: m[k] for k in ("accuracy", "auc", "mean_confidence", "sensitivity", "specificity")}
+    paper = PAPER_TABLE2.get(cfg.task)
+    return {
+        "task": cfg.task,
+        "title": get_task(cfg.task).title,
+        "victim": {"path": str(victim_dir), "arch": victim.spec.arch, "input_size": victim.spec.input_size,
+                   "class_names": list(victim.spec.class_names),
+                   "pretrained": victim.spec.pretrained, "threshold": victim.threshold, "training": meta["training"],
+                   "validation": meta["validation"], "data": meta["data"]},
+        "surrogate": {"path": str(surrogate_dir), "arch": surrogate.spec.arch, "seed": s_meta["seed"],
+                      "test": evaluate_model(surrogate, test)},
+        "table1": table1,
+        "table2": table2,
+        "paper": None if paper is None else {
+            "setup": PAPER_SETUP[cfg.task],
+            **{k: dict(zip(("accuracy", "auc", "mean_confidence"), v)) for k, v in paper.items()}},
+        **battery.results,
+        "battery_seconds": round(time.perf_counter() - t0, 1),
+        "caveats": list(plan.caveats),
+        "_examples": battery.examples,
+    }
+
+
+def run_study(kind: str, plans: list[TaskPlan], out: Path, *, data_root: str | Path | None = None,
+              cache_dir: str | Path | None = None, seed: int = 0, monitor: Monitor = SILENT) -> dict[str, Any]:
+    """Run ``plans`` and write ``out/results.json``, ``out/report.html`` and ``out/figures/``."""
+    from medadv.report.html import write_report
+
+    root = resolve_data_root(data_root)
+    cache = StageCache(Path(cache_dir) if cache_dir else out.parent / f".{out.name}.cache")
+    t0 = time.perf_counter()
+    tasks = []
+    for plan in plans:
+        monitor.log(f"== {plan.train.task} ==")
+        tasks.append(run_task(plan, cache, root, seed, monitor))
+    study = {
+        "schema": STUDY_SCHEMA,
+        "kind": kind,
+        "seed": seed,
+        "config": {"plans": [{"train": asdict(p.train), "battery": p.battery.to_json(),
+                              "surrogate_arch": p.surrogate_arch or p.train.arch} for p in plans],
+                   "data_root": str(root), "cache": str(cache.root)},
+        "config_hash": config_hash({"plans": [asdict(p.train) for p in plans], "seed": seed}),
+        "environment": environment(),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "tasks": tasks,
+    }
+    write_report(out, study)
+    return study
+
+
+# ------------------------------------------------------------------------------------------- audit
+
+def load_any_model(path: str | Path, overrides: dict[str, Any] | None = None):
+    """A medadv checkpoint folder, a TorchScript file or an ONNX file, wrapped, with its metadata."""
+    path = Path(path)
+    if path.is_dir():
+        model, meta = load_checkpoint(path)
+        if overrides and overrides.get("threshold") is not None:
+            model.spec.threshold = overrides["threshold"]
+        return model, meta
+    from medadv.models.external import load_external
+
+    model = load_external(path, overrides)
+    return model, {"task": model.spec.task, "format": path.suffix.lstrip("."), "training": None}
+
+
+def run_audit(model_path: Path, out: Path, *, task: str | None, source: str | None, data_root: str | Path | None = None,
+              surrogate_path: Path | None = None, train_surrogate: str | None = None, overrides: dict | None = None,
+              battery: BatteryConfig | None = None, image_size: int | None = None, cache_dir: Path | None = None,
+              seed: int = 0, gate=None, monitor: Monitor = SILENT) -> dict[str, Any]:
+    """The reproduce battery and report for a user's own model and data.
+
+    ``gate(imageset)`` (optional) verifies the images' provenance before any model sees them and returns
+    a JSON-able record. Without ``surrogate_path``, ``train_surrogate`` (an architecture name) trains one
+    on the data's training split, which an ONNX victim needs for transfer attacks.
+    """
+    from medadv.data import load_split
+
+    root = resolve_data_root(data_root)
+    victim, meta = load_any_model(model_path, overrides)
+    task = task or meta.get("task")
+    if task is None:
+        raise MedadvError("the model does not say which task it was trained for.", "pass --task.")
+    if meta.get("task") and task != meta["task"]:
+        raise MedadvError(f"--task {task} does not match the model ({meta['task']}).", f"pass --task {meta['task']}.")
+    src = source or (meta.get("data") or {}).get("source")
+    test = load_split(task, "test", data_root=root, source=src, size=image_size)
+    provenance = gate(test) if gate is not None else None
+    try:
+        train_set = load_split(task, "train", data_root=root, source=src, size=image_size)
+        if gate is not None:
+            gate(train_set)
+    except MedadvError as exc:
+        monitor.log(f"no training images for the patch/UAP rows: {exc}")
+        train_set = None
+    cache = StageCache(cache_dir or out.parent / f".{out.name}.cache")
+    surrogate = None
+    if surrogate_path is not None:
+        surrogate, _ = load_checkpoint(surrogate_path)
+    elif train_surrogate:
+        size = victim.spec.input_size
+        cfg = TrainConfig(task=task, arch=train_surrogate, size=size, epochs=3, seed=seed + 1, source=src,
+                          pretrained="imagenet" if train_surrogate.startswith("efficientnet") else None)
+        surrogate_path = trained_model(cfg, cache, root, monitor)
+        surrogate, _ = load_checkpoint(surrogate_path)
+    cfg = battery or BatteryConfig()
+    from medadv.evaluate.clean import evaluate_model as clean_metrics
+
+    table1 = clean_metrics(victim, test)
+    seed_everything(seed)
+    result = run_battery(victim, test, surrogate=surrogate, train=train_set, config=cfg, seed=seed,
+                         differentiable=victim.differentiable, monitor=monitor)
+    rows = result.results["rows"]
+    table2 = {"clean": table1}
+    for name, row in (("white", "pgd_white"), ("black", "pgd_black")):
+        if row in rows:
+            table2[name] = rows[row]["adversarial"]
+    record = {
+        "task": task, "title": f"Audit: {model_path.name} on {test.source}",
+        "victim": {"path": str(model_path), "arch": victim.spec.arch, "input_size": victim.spec.input_size,
+                   "class_names": list(victim.spec.class_names), "pretrained": victim.spec.pretrained,
+                   "threshold": victim.threshold, "training": meta.get("training"),
+                   "format": meta.get("format", "medadv checkpoint"), "differentiable": victim.differentiable,
+                   "data": {"source": test.source, "train": {"checksum": train_set.checksum if train_set else None}}},
+        "surrogate": None if surrogate is None else {"path": str(surrogate_path), "arch": surrogate.spec.arch,
+                                                     "test": clean_metrics(surrogate, test)},
+        "table1": table1, "table2": table2, "paper": None, **result.results,
+        "provenance": provenance,
+        "caveats": ([] if victim.differentiable else
+                    ["The model is ONNX (no gradients): white-box rows are crafted on the surrogate (transfer)."]),
+        "_examples": result.examples,
+    }
+    study = {"schema": STUDY_SCHEMA, "kind": "audit", "seed": seed,
+             "config": {"model": str(model_path), "task": task, "source": test.source, "battery": cfg.to_json(),
+                        "overrides": overrides or {}},
+             "config_hash": config_hash({"model": str(model_path), "source": test.source, "seed": seed}),
+             "environment": environment(), "seconds": None, "tasks": [record]}
+    from medadv.report.html import write_report
+
+    write_report(out, study)
+    return study
