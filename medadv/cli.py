@@ -321,6 +321,7 @@ def audit(
     threshold: Annotated[float | None, typer.Option(help="Operating threshold on P(disease).")] = None,
     rows: Annotated[str, typer.Option(help="Battery rows, comma-separated.")] = "pgd_white,pgd_black,fgsm,square,hsja,patch,uap",
     limit: Annotated[int | None, typer.Option(help="Attack at most this many test images per row.")] = None,
+    curves: Annotated[bool, typer.Option("--curves/--no-curves", help="Robustness curves and the smallest breaking eps.")] = True,
     image_size: Annotated[int | None, typer.Option(help="Resize images on load (default: as stored).")] = None,
     require_provenance: RequireProvenance = None,
     provenance_flag_only: ProvenanceFlagOnly = False,
@@ -346,6 +347,8 @@ def audit(
     unknown = set(battery.rows) - set(BatteryConfig().rows)
     if unknown:
         raise MedadvError(f"unknown battery rows: {', '.join(sorted(unknown))}.", f"choose from {', '.join(BatteryConfig().rows)}.")
+    if not curves:
+        battery.curve_eps, battery.break_search = (), ()
     if limit is not None:
         battery.n_images = limit
         battery.n_query_images = min(battery.n_query_images, limit)

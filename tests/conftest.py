@@ -33,14 +33,21 @@ def data_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def chest_model(data_root, tmp_path_factory):
-    """ResNet-18 (small stem) trained from scratch at 28 px on PneumoniaMNIST, 2 epochs, seed 0."""
-    from medadv.models.train import TrainConfig, train
+def study_cache(tmp_path_factory) -> Path:
+    """One stage cache for the session: the demo test reuses the victim the other tests trained."""
+    return tmp_path_factory.mktemp("study-cache")
 
-    out = tmp_path_factory.mktemp("models") / "chest-victim"
-    model, meta = train(TrainConfig(task="chest-xray", arch="resnet18", size=28, epochs=2, seed=0), out,
-                        data_root=data_root)
-    return out, model, meta
+
+@pytest.fixture(scope="session")
+def chest_model(data_root, study_cache):
+    """The demo's victim: ResNet-18 (small stem) trained from scratch at 28 px on PneumoniaMNIST, 2 epochs."""
+    from medadv.cache import StageCache
+    from medadv.models import load_checkpoint
+    from medadv.study import DEMO_PLAN, trained_model
+
+    path = trained_model(DEMO_PLAN.train, StageCache(study_cache), data_root)
+    model, meta = load_checkpoint(path)
+    return path, model, meta
 
 
 @pytest.fixture(scope="session")

@@ -142,9 +142,9 @@ def run_battery(victim: MedicalClassifier, test: ImageSet, *, surrogate: Medical
             examples = pick_examples(run, data, cfg.examples_per_class)
 
     curve_data = stratified_subset(test, cfg.curve_images, seed + 3)
-    p_curve = predict(victim, curve_data)
     curves: dict[str, list[dict[str, Any]]] = {"white": [], "black": []}
-    kinds = [k for k, ok in (("white", differentiable), ("black", surrogate is not None)) if ok]
+    kinds = [k for k, ok in (("white", differentiable), ("black", surrogate is not None)) if ok and cfg.curve_eps]
+    p_curve = predict(victim, curve_data) if kinds else None
     for kind in kinds:
         crafter = surrogate if kind == "black" else None
         for eps in monitor.track(cfg.curve_eps, f"robustness curve ({kind} box)"):

@@ -38,7 +38,7 @@ def task_figures(task: dict[str, Any]) -> dict[str, bytes]:
     if examples:
         first = next((e for e in examples if (e["p_adv"] >= thr) != (e["p_clean"] >= thr)), examples[0])
         out["figure2"] = figures.figure2(first["clean"], first["adv"], first["label"], first["p_clean"],
-                                         first["p_adv"], thr, class_names, title=f"{task['title']}: PGD, paper preset")
+                                         first["p_adv"], thr, class_names, title=f"{task['title']}: PGD, paper preset (threshold {thr:.2f})")
         out["examples"] = figures.example_grid(examples, thr, class_names, f"{task['title']}: examples by class")
     if any(task.get("curves", {}).values()):
         out["curves"] = figures.robustness_curves(task["curves"], f"{task['title']}: robustness to PGD")

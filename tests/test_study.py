@@ -1,0 +1,121 @@
+"""End to end: `medadv demo` on the real chest X-rays, its report in headless Chromium, and the audit of
+TorchScript and ONNX exports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from medadv.cli import main
+
+
+def cli(argv):
+    try:
+        main(argv)
+    except SystemExit as e:
+        assert e.code in (0, None), e.code
+
+
+@pytest.fixture(scope="module")
+def demo(data_root, study_cache, chest_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "report"
+    cli(["demo", "--out", str(out), "--cache", str(study_cache), "--data-root", str(data_root), "-q"])
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_demo_results_hold_the_paper_rows_and_break_the_model(demo):
+    out, study = demo
+    assert study["schema"] == "medadv-study/1" and study["kind"] == "demo"
+    (task,) = study["tasks"]
+    rows = task["rows"]
+    assert {"pgd_white", "pgd_black"} <= set(rows)
+    for row in ("pgd_white", "pgd_black"):
+        tm = rows[row]["attack"]["threat_model"]
+        assert (tm["eps"], tm["step_size"], tm["steps"], tm["target"], tm["norm"]) == (0.01, 0.005, 20, "opposite", "linf")
+        assert rows[row]["n_images"] == 624
+    assert rows["pgd_black"]["attack"]["access"] == "transfer"
+    for r in rows.values():  # every row within its eps, measured on the stored grid
+        assert r["perturbation"]["linf_max"] <= r["attack"]["threat_model"]["eps"] + 1e-12
+    # white box reaches <= 1% accuracy somewhere on the curve (by 16/255 at 28 px)
+    assert min(p["accuracy"] for p in task["curves"]["white"]) <= 0.01
+    assert task["breaking_eps"]["eps"] is not None and task["breaking_eps"]["eps"] <= 16 / 255 + 1e-9
+    for p in task["curves"]["white"]:
+        assert p["linf_max"] <= p["eps"] + 1e-12
+    accuracy = [p["accuracy"] for p in task["curves"]["white"]]
+    assert accuracy[0] > accuracy[-1]
+    # black box hurts, white box hurts more
+    assert task["table2"]["black"]["accuracy"] < task["table2"]["clean"]["accuracy"]
+    assert task["table2"]["white"]["accuracy"] <= task["table2"]["black"]["accuracy"]
+    assert task["paper"]["white"]["accuracy"] == 0.0  # the paper's numbers sit beside ours
+    assert study["environment"]["versions"]["torch"] and task["table1"]["data_checksum"]
+
+
+def test_demo_report_is_self_contained(demo):
+    out, _ = demo
+    html = (out / "report.html").read_text()
+    assert "Table 2" in html and "Table 1" in html and "Figure 2" in html
+    assert html.count("data:image/png;base64,") >= 3  # Figure 2, curves, examples, embedded
+    assert "src=\"http" not in html and "<script" not in html
+    assert (out / "figures" / "chest-xray-figure2.png").stat().st_size > 5000
+
+
+def test_demo_is_cached_and_resumes(demo, data_root, study_cache, tmp_path):
+    out, first = demo
+    cli(["demo", "--out", str(tmp_path / "again"), "--cache", str(study_cache), "--data-root", str(data_root), "-q"])
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    a, b = first["tasks"][0], again["tasks"][0]
+    assert a["rows"]["pgd_white"] == b["rows"]["pgd_white"] and a["curves"] == b["curves"]
+    assert b["battery_seconds"] < 30  # nothing was recomputed: everything came from the stage cache
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_report_renders_in_headless_chromium(demo, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("MEDADV_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("chromium is required here (MEDADV_REQUIRE_CHROMIUM=1) but not installed")
+        pytest.skip("chromium is not installed (Debian package 'chromium'); the report was not rendered")
+    out, _ = demo
+    shot = tmp_path / "report.png"
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1280,2400",
+           f"--screenshot={shot}", (out / "report.html").as_uri()]
+    subprocess.run(cmd, capture_output=True, timeout=120)
+    assert shot.is_file(), "chromium wrote no screenshot"
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(float)
+    assert img.shape[0] >= 2000 and img.std() > 20  # not a blank page
+    # figures rendered: the page holds large non-white, non-text regions (the embedded PNGs)
+    colourful = (img.max(axis=2) - img.min(axis=2)) > 60
+    assert colourful.mean() > 0.002
+    shutil.copy(shot, out / "screenshot.png")
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_audit_of_an_export_matches_the_native_checkpoint(fmt, chest_model, data_root, tmp_path):
+    path, _, _ = chest_model
+    suffix = ".pt" if fmt == "torchscript" else ".onnx"
+    cli(["export", "--model", str(path), "--out", str(tmp_path / f"m{suffix}")])
+    common = ["--rows", "fgsm,square", "--limit", "12", "--no-curves", "--data-root", str(data_root), "-q"]
+    cli(["audit", "--model", str(path), "--out", str(tmp_path / "native"), *common])
+    cli(["audit", "--model", str(tmp_path / f"m{suffix}"), "--out", str(tmp_path / "exported"), *common])
+    native = json.loads((tmp_path / "native" / "results.json").read_text())["tasks"][0]
+    exported = json.loads((tmp_path / "exported" / "results.json").read_text())["tasks"][0]
+    for key in ("accuracy", "auc", "sensitivity", "specificity", "mean_confidence"):
+        assert exported["table1"][key] == pytest.approx(native["table1"][key], abs=1e-6), key
+    assert exported["table1"]["n"] == 624
+    if fmt == "onnx":  # no gradients: FGSM needs a surrogate; the score-based attack still runs
+        assert "fgsm" in exported["skipped"] and "square" in exported["rows"]
+        assert exported["rows"]["square"]["queries"]["max"] <= 1000 + 1
+    else:
+        assert "fgsm" in exported["rows"]
