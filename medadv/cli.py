@@ -42,6 +42,14 @@ class RichMonitor(Monitor):
         if self.quiet:
             yield from items
             return
+        if not err.is_terminal:  # logs and pipes get a start and an end line instead of a live bar
+            import time
+
+            t0 = time.perf_counter()
+            self.log(f"{description} ...")
+            yield from items
+            self.log(f"{description}: done in {time.perf_counter() - t0:.1f} s")
+            return
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn()]
         with Progress(*columns, console=err, transient=True) as bar:

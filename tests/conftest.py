@@ -34,7 +34,14 @@ def data_root() -> Path:
 
 @pytest.fixture(scope="session")
 def study_cache(tmp_path_factory) -> Path:
-    """One stage cache for the session: the demo test reuses the victim the other tests trained."""
+    """One stage cache for the session: the demo test reuses the victim the other tests trained.
+
+    ``MEDADV_TEST_CACHE`` keeps it across sessions (a developer's loop); CI starts empty.
+    """
+    if os.environ.get("MEDADV_TEST_CACHE"):
+        path = Path(os.environ["MEDADV_TEST_CACHE"])
+        path.mkdir(parents=True, exist_ok=True)
+        return path
     return tmp_path_factory.mktemp("study-cache")
 
 

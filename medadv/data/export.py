@@ -15,10 +15,22 @@ from medadv.errors import MedadvError
 from medadv.io import atomic_path
 
 
-def safe_name(index: int, image_id: str) -> str:
-    stem = re.sub(r"\.(png|jpe?g|dcm|dicom)$", "", image_id, flags=re.I)
-    stem = re.sub(r"[^A-Za-z0-9-]+", "_", stem.replace(".npz", ""))[-80:]
-    return f"{index:05d}_{stem}"
+def output_names(data: ImageSet) -> list[str]:
+    """File stems for saved images: the source file's stem (so provenance ties an edited copy to its
+    original), else the image id made file-safe; made unique with a numeric suffix."""
+    names, seen = [], set()
+    for i, image_id in enumerate(data.ids):
+        if data.files:
+            stem = data.files[i].stem
+        else:
+            stem = re.sub(r"[^A-Za-z0-9-]+", "_", image_id.replace(".npz", ""))[-80:]
+        name, k = stem, 1
+        while name in seen:
+            k += 1
+            name = f"{stem}-{k}"
+        seen.add(name)
+        names.append(name)
+    return names
 
 
 def write_png(path: Path, pixels: np.ndarray) -> Path:
@@ -47,9 +59,8 @@ def save_images(folder: Path, data: ImageSet, pixels: np.ndarray) -> list[Path]:
     go back into copies of their DICOM files, everything else to PNG. Returns the written paths."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for i, (image_id, chw) in enumerate(zip(data.ids, pixels)):
+    for i, (name, chw) in enumerate(zip(output_names(data), pixels)):
         source = data.files[i] if data.files else None
-        name = safe_name(i, image_id)
         if is_dicom_source(source) and _same_size(source, chw):
             written.append(write_dicom_like(source, chw.astype(np.float64) / data.levels, folder / f"{name}.dcm"))
         else:
