@@ -42,11 +42,10 @@ class RichMonitor(Monitor):
         if self.quiet:
             yield from items
             return
-        if not err.is_terminal:  # logs and pipes get a start and an end line instead of a live bar
+        if not err.is_terminal:  # logs and pipes get one line per finished stage instead of a live bar
             import time
 
             t0 = time.perf_counter()
-            self.log(f"{description} ...")
             yield from items
             self.log(f"{description}: done in {time.perf_counter() - t0:.1f} s")
             return

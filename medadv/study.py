@@ -60,10 +60,10 @@ REPRODUCE_PLANS: dict[str, TaskPlan] = {
 }
 
 DEMO_PLAN = TaskPlan(
-    TrainConfig(task="chest-xray", arch="resnet18", size=28, epochs=2, seed=0),
+    TrainConfig(task="chest-xray", arch="resnet18", size=28, epochs=3, seed=0),
     BatteryConfig(rows=("pgd_white", "pgd_black"), curve_eps=(0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255),
                   curve_images=192, examples_per_class=3),
-    caveats=(LOW_RES, "A ResNet-18 trained from scratch for 2 epochs (the demo's budget), not an ImageNet-pretrained "
+    caveats=(LOW_RES, "A ResNet-18 trained from scratch for 3 epochs (the demo's budget), not an ImageNet-pretrained "
              "ResNet-50: small images and small networks need a larger eps than the paper's to break."),
 )
 

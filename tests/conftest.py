@@ -47,7 +47,7 @@ def study_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def chest_model(data_root, study_cache):
-    """The demo's victim: ResNet-18 (small stem) trained from scratch at 28 px on PneumoniaMNIST, 2 epochs."""
+    """The demo's victim: ResNet-18 (small stem) trained from scratch at 28 px on PneumoniaMNIST, 3 epochs."""
     from medadv.cache import StageCache
     from medadv.models import load_checkpoint
     from medadv.study import DEMO_PLAN, trained_model

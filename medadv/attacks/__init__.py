@@ -7,15 +7,25 @@ take an oracle (:class:`ProbabilityOracle`, :class:`LabelOracle`) and report que
 
 from medadv.attacks.base import Attack, AttackResult, LabelOracle, ProbabilityOracle
 from medadv.attacks.fgsm import FGSM
+from medadv.attacks.hsja import HopSkipJump
+from medadv.attacks.nes import NES
+from medadv.attacks.patch import AdversarialPatch
 from medadv.attacks.pgd import PGD
+from medadv.attacks.square import Square
+from medadv.attacks.uap import UniversalPerturbation
 from medadv.attacks.threat_model import PAPER, ThreatModel, from_signed_unit
 
-__all__ = ["ATTACKS", "Attack", "AttackResult", "FGSM", "LabelOracle", "PAPER", "PGD", "ProbabilityOracle",
-           "ThreatModel", "from_signed_unit"]
+__all__ = ["ATTACKS", "AdversarialPatch", "Attack", "AttackResult", "FGSM", "HopSkipJump", "LabelOracle", "NES", "PAPER", "PGD",
+           "ProbabilityOracle", "Square", "ThreatModel", "UniversalPerturbation", "from_signed_unit"]
 
 # name -> (class, norm it fixes or None). "pgd-l2" is PGD under an L2 budget.
 ATTACKS: dict[str, tuple[type[Attack], str | None]] = {
     "fgsm": (FGSM, "linf"),
     "pgd": (PGD, None),
     "pgd-l2": (PGD, "l2"),
+    "nes": (NES, None),
+    "square": (Square, "linf"),
+    "hsja": (HopSkipJump, None),
+    "uap": (UniversalPerturbation, None),
+    "patch": (AdversarialPatch, None),
 }

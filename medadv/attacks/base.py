@@ -92,6 +92,7 @@ class Attack(ABC):
 
     name: ClassVar[str]
     access: ClassVar[str]  # white-box | score | label
+    bounded: ClassVar[bool] = True  # False for region attacks (a patch): eps does not bound them
 
     def __init__(self, threat: ThreatModel, seed: int = 0) -> None:
         self.threat = threat
@@ -103,7 +104,11 @@ class Attack(ABC):
             raise MedadvError(f"{len(x)} images but labels of shape {tuple(y.shape)}.", "give one label per image.")
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         result = self.run(victim, x, y.to(x.device), generator)
-        result.x_adv = self.threat.to_grid(self.threat.project(result.x_adv, x, self.threat.mask_for(x)), x)
+        if self.bounded:
+            x_adv = self.threat.project(result.x_adv, x, self.threat.mask_for(x))
+            result.x_adv = self.threat.to_grid(x_adv, x)
+        else:
+            result.x_adv = self.threat.snap(result.x_adv)
         return result
 
     @abstractmethod

@@ -6,22 +6,30 @@ import torch
 from torch import nn
 
 from medadv.attacks.base import Attack, AttackResult
+from medadv.attacks.fast import PRECISIONS
 from medadv.attacks.gradient import ascend, autograd_gradient, frozen
+from medadv.attacks.pgd import crafting_model
 from medadv.errors import MedadvError
 
 
 class FGSM(Attack):
+    """``fast``: None, ``fp32`` or ``bf16``, as for :class:`~medadv.attacks.pgd.PGD`."""
+
     name = "fgsm"
     access = "white-box"
 
-    def __init__(self, threat, seed: int = 0) -> None:
+    def __init__(self, threat, seed: int = 0, fast: str | None = None) -> None:
         if threat.norm != "linf":
             raise MedadvError("FGSM is an L-inf attack.", "use --norm linf, or pgd-l2 for an L2 budget.")
+        if fast is not None and fast not in PRECISIONS:
+            raise MedadvError(f"unknown fast path '{fast}'.", "use fast=None, 'fp32' or 'bf16'.")
         super().__init__(threat, seed)
+        self.fast = fast
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> AttackResult:
-        with frozen(model):
-            gradient = autograd_gradient(model, self.threat.targeted)
+        crafter = crafting_model(model, self.fast)
+        with frozen(crafter):  # eval mode, no parameter gradients; restored afterwards
+            gradient = autograd_gradient(crafter, self.threat.targeted)
             x_adv, _ = ascend(x, self.threat.goal(y), gradient, self.threat, generator,
-                           steps=1, step_size=self.threat.radius, start=False)
+                              steps=1, step_size=self.threat.radius, start=False)
         return AttackResult(x_adv.detach())

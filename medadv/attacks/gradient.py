@@ -52,10 +52,14 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def autograd_gradient(model: nn.Module, targeted: bool, loss: str = "ce") -> GradientFn:
-    """Exact gradient of :func:`objective` through ``model`` (white box). Use inside :func:`frozen`."""
+    """Exact gradient of :func:`objective` through ``model`` (white box). Use inside :func:`frozen`.
+
+    Only the input's gradient is computed: ``torch.autograd.grad`` w.r.t. ``x_adv`` alone, so with the
+    parameters frozen no weight gradient is formed or stored.
+    """
 
     def gradient(x_adv: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
-        x_adv = x_adv.detach().requires_grad_(True)
+        x_adv = x_adv.detach().requires_grad_(True)  # a view: no copy of the batch
         logits = check_logits(model(x_adv), len(x_adv))
         (grad,) = torch.autograd.grad(objective(logits, goal, targeted, loss), x_adv)
         return grad
@@ -85,6 +89,20 @@ def random_start(x: torch.Tensor, threat: ThreatModel, generator: torch.Generato
 StopFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def box(x: torch.Tensor, threat: ThreatModel, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel bounds (lo, hi) of the L-inf ball around x intersected with [0, 1] and the mask.
+
+    Projection onto that set is one clamp: ``x_adv.clamp_(lo, hi)``. Pixels outside the mask get
+    lo = hi = x, so they never move whatever the gradient says.
+    """
+    r = threat.radius
+    lo, hi = (x - r).clamp_(min=0.0), (x + r).clamp_(max=1.0)
+    if mask is not None:
+        keep = mask == 0
+        lo, hi = torch.where(keep, x, lo), torch.where(keep, x, hi)
+    return lo, hi
+
+
 def ascend(x: torch.Tensor, goal: torch.Tensor, gradient: GradientFn, threat: ThreatModel,
            generator: torch.Generator, *, steps: int | None = None, step_size: float | None = None,
            start: bool | None = None, stop: StopFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,11 +121,21 @@ def ascend(x: torch.Tensor, goal: torch.Tensor, gradient: GradientFn, threat: Th
         delta = random_start(x, threat, generator)
         x_adv = threat.project(x + (delta if mask is None else delta * mask), x, mask)
     calls = torch.zeros(len(x), dtype=torch.long, device=x.device)
-    if stop is None:  # the white-box fast path: whole batch, no indexing
+    if stop is None and threat.norm == "linf":
+        # the white-box hot path: whole batch, in place, one preallocated step buffer; the projection
+        # is a clamp to precomputed per-pixel bounds (the mask is in the bounds, so no gradient masking)
+        lo, hi = box(x, threat, mask)
+        x_adv.clamp_(lo, hi)
+        direction = torch.empty_like(x)
+        for _ in range(steps):
+            torch.sign(gradient(x_adv, goal), out=direction)
+            x_adv.add_(direction, alpha=alpha).clamp_(lo, hi)
+        return x_adv, calls + steps
+    if stop is None:  # L2: whole batch, no indexing
         for _ in range(steps):
             grad = gradient(x_adv, goal)
             if mask is not None:
-                grad = grad * mask
+                grad = grad * mask  # normalize over the pixels that may change only
             x_adv = threat.project(x_adv + alpha * normalize(grad, threat.norm), x, mask)
         return x_adv, calls + steps
     active = torch.arange(len(x), device=x.device)

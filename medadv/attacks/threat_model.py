@@ -142,6 +142,11 @@ class ThreatModel:
             delta = delta * torch.clamp(eps / norms, max=1.0)
         return (x + delta).clamp(0.0, 1.0)
 
+    def snap(self, x: torch.Tensor) -> torch.Tensor:
+        """Images clipped to [0, 1] and rounded to the nearest storage level (no eps: region attacks)."""
+        x = x.clamp(0.0, 1.0)
+        return x if self.levels is None else torch.round(x * self.levels) / self.levels
+
     def to_grid(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Round ``x_adv`` to the storage grid without leaving the eps-ball (``x`` must lie on the grid).
 

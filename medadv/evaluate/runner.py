@@ -93,6 +93,8 @@ def run_attack(
         if m.spec.data_channels != data.channels:
             raise MedadvError(f"model {m.spec.arch} takes {m.spec.data_channels}-channel images; {data.source} has "
                               f"{data.channels}.", "attack the model with the data it was trained on.")
+    if name in ATTACKS and ATTACKS[name][0].access == "score":
+        params.setdefault("threshold", victim.threshold)  # success is judged at the victim's operating point
     attack = make_attack(name, threat, seed, **params)
     device = victim.device
     t0 = time.perf_counter()
@@ -103,6 +105,7 @@ def run_attack(
         attack.fit(crafter, fit_data.tensor().to(device), torch.from_numpy(fit_data.labels).to(device),
                    monitor=monitor)
         universal = attack.state()
+        params["fit_images"] = len(fit_data)
     if surrogate is not None and attack.access != "white-box" and not hasattr(attack, "fit"):
         raise MedadvError(f"{name} is a query attack; transfer needs a white-box or universal attack.",
                           "drop --surrogate or pick fgsm, pgd, pgd-l2, patch or uap.")
@@ -144,6 +147,7 @@ def run_attack(
         "success_rate_on_correct": float(success[correct].mean()) if correct.any() else None,
         "queries": None if q is None else {"median": float(np.median(q)), "mean": float(q.mean()),
                                            "max": float(q.max()), "total": float(q.sum())},
+        "fit_success_rate": getattr(attack, "fit_success", None),  # universal attacks: on the training images
         "seconds": round(seconds, 3),
         "data": {"task": data.task, "split": data.split, "source": data.source, "checksum": data.checksum,
                  "image_size": list(data.size), "levels": data.levels, "counts": data.counts()},

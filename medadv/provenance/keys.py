@@ -165,6 +165,7 @@ def generate_key(device: str, keys: str | os.PathLike[str] | None = None) -> Dev
     try:
         with atomic_path(path.with_suffix(".pub")) as tmp:
             tmp.write_bytes(public_pem(key.public_key()).encode())
+            os.chmod(tmp, 0o644)  # public by design: readable by verifiers whatever the umask
     except BaseException:
         path.unlink(missing_ok=True)
         raise
