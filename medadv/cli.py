@@ -59,10 +59,23 @@ class RichMonitor(Monitor):
             err.print(message, highlight=False)
 
 
+def check_device(device: str) -> str:
+    import torch
+
+    if device == "cpu":
+        return device
+    if device.split(":")[0] != "cuda":
+        raise MedadvError(f"--device {device!r} is not cpu or cuda.", "pass --device cpu or --device cuda.")
+    if not torch.cuda.is_available():
+        raise MedadvError("--device cuda was asked for but torch sees no CUDA GPU.", "pass --device cpu (the default).")
+    return device
+
+
 # Shared options, so every command spells them the same way.
 DataRoot = Annotated[Path | None, typer.Option("--data-root", help="Data folder (default: $MEDADV_DATA, else the user cache).")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for everything random in this run.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines.")]
+Device = Annotated[str, typer.Option("--device", help="Where to compute: cpu or cuda.")]
 RequireProvenance = Annotated[str | None, typer.Option(
     "--require-provenance", help="Ledger (SQLite path or database URL): verify every image before any model sees it; refuse unverified images.")]
 ProvenanceFlagOnly = Annotated[bool, typer.Option(
@@ -100,6 +113,7 @@ def train(
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Turn the modality's augmentation off.")] = False,
     data_root: DataRoot = None,
     seed: Seed = 0,
+    device: Device = "cpu",
     quiet: Quiet = False,
 ) -> None:
     """Train a classifier with the paper's recipe (or a named scratch recipe) and save a checkpoint.
@@ -112,7 +126,7 @@ def train(
     cfg = TrainConfig(task=task, arch=arch, size=size, epochs=epochs, batch_size=batch_size, seed=seed,
                       recipe=recipe, pretrained=pretrained, source=source, split_seed=split_seed,
                       augment=not no_augment, max_train=max_train)
-    model, meta = run_training(cfg, out, data_root=data_root, monitor=RichMonitor(quiet))
+    model, meta = run_training(cfg, out, data_root=data_root, monitor=RichMonitor(quiet), device=check_device(device))
     val = meta["validation"]
     out_table("Validation (model selected on AUC; threshold by Youden's J)", val)
     err.print(f"checkpoint written to {out}", highlight=False)
@@ -193,13 +207,14 @@ def attack(
     mask: Annotated[Path | None, typer.Option(help="PNG mask at the stored image size; nonzero pixels may change.")] = None,
     grid: Annotated[str, typer.Option(help="Storage grid of the output: 'data' (the images' own 8/16-bit), or 'none' (continuous; nothing is saved).")] = "data",
     max_queries: Annotated[int | None, typer.Option(help="Query budget per image (nes, square, hsja).")] = None,
+    patch_fraction: Annotated[float | None, typer.Option(help="Patch area as a fraction of the image (patch).")] = None,
     split: Annotated[str, typer.Option(help="Split to attack.")] = "test",
     limit: Annotated[int | None, typer.Option(help="Attack a seeded, class-stratified subset of this many images.")] = None,
     save_images: Annotated[bool, typer.Option("--save-images/--no-save-images", help="Write the adversarial images (PNG, or DICOM for DICOM sources).")] = True,
     source: Annotated[str | None, typer.Option(help="Data source (default: the model's).")] = None,
     image_size: Annotated[int | None, typer.Option(help="Resize images on load (default: as stored).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per attack batch.")] = 128,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Device = "cpu",
     require_provenance: RequireProvenance = None,
     provenance_flag_only: ProvenanceFlagOnly = False,
     data_root: DataRoot = None,
@@ -214,6 +229,7 @@ def attack(
     from medadv.report.save import save_attack
 
     monitor = RichMonitor(quiet)
+    device = check_device(device)
     victim, meta = load_checkpoint(model, device)
     if task is not None and task != meta["task"]:
         raise MedadvError(f"--task {task} does not match the model, which was trained for {meta['task']}.",
@@ -235,7 +251,13 @@ def attack(
         raise MedadvError(f"--grid {grid!r} is not 'data' or 'none'.", "pass --grid data or --grid none.")
     threat = base.with_(**changes, random_start=base.random_start and not no_random_start,
                         levels=data.levels if grid == "data" else None, mask=read_mask(mask))
-    params = {"max_queries": max_queries} if max_queries is not None else {}
+    params: dict = {"max_queries": max_queries} if max_queries is not None else {}
+    if patch_fraction is not None:
+        if not 0 < patch_fraction < 1:
+            raise MedadvError(f"--patch-fraction {patch_fraction} is not between 0 and 1.", "pass e.g. --patch-fraction 0.1.")
+        params["patch_fraction"] = patch_fraction
+    if attack in ("patch", "uap") and steps is not None:
+        params["steps"] = steps  # optimization steps of the fitted perturbation
     fit = model_split(meta, "train", data_root=data_root, source=source, image_size=image_size) \
         if attack in ("patch", "uap") else None
     if fit is not None and gate:
@@ -281,6 +303,7 @@ def reproduce(
     cache: Annotated[Path | None, typer.Option(help="Stage cache (default: .<out>.cache beside --out); reused by later runs.")] = None,
     data_root: DataRoot = None,
     seed: Seed = 0,
+    device: Device = "cpu",
     quiet: Quiet = False,
 ) -> None:
     """Reproduce the paper on its three tasks: Tables 1-2 next to the paper's, the talks' attacks, curves, figures."""
@@ -292,7 +315,7 @@ def reproduce(
         raise MedadvError(f"no reproduction plan for {', '.join(unknown) or 'an empty task list'}.",
                           f"choose from {', '.join(REPRODUCE_PLANS)}.")
     study = run_study("reproduce", [REPRODUCE_PLANS[t] for t in names], out, data_root=data_root, cache_dir=cache,
-                      seed=seed, monitor=RichMonitor(quiet))
+                      seed=seed, monitor=RichMonitor(quiet), device=check_device(device))
     study_summary(study, out)
 
 
@@ -302,13 +325,14 @@ def demo(
     cache: Annotated[Path | None, typer.Option(help="Stage cache (default: .<out>.cache beside --out).")] = None,
     data_root: DataRoot = None,
     seed: Seed = 0,
+    device: Device = "cpu",
     quiet: Quiet = False,
 ) -> None:
     """The smallest honest end-to-end run: chest X-ray victim and surrogate, PGD white and black box, report."""
     from medadv.study import DEMO_PLAN, run_study
 
     study = run_study("demo", [DEMO_PLAN], out, data_root=data_root, cache_dir=cache, seed=seed,
-                      monitor=RichMonitor(quiet))
+                      monitor=RichMonitor(quiet), device=check_device(device))
     study_summary(study, out)
 
 

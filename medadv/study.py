@@ -70,7 +70,8 @@ DEMO_PLAN = TaskPlan(
 
 # ----------------------------------------------------------------------------------------- models
 
-def trained_model(cfg: TrainConfig, cache: StageCache, data_root: Path, monitor: Monitor = SILENT) -> Path:
+def trained_model(cfg: TrainConfig, cache: StageCache, data_root: Path, monitor: Monitor = SILENT,
+                  device: str = "cpu") -> Path:
     """The checkpoint for ``cfg``, trained once and cached (a killed training resumes by epoch)."""
     task = get_task(cfg.task)
     cfg = replace(cfg, source=resolve_source(task, cfg.source, data_root))
@@ -82,7 +83,7 @@ def trained_model(cfg: TrainConfig, cache: StageCache, data_root: Path, monitor:
         monitor.log(f"reusing {folder}")
         return folder
     monitor.log(f"training {cfg.arch} for {cfg.task} (seed {cfg.seed}, {cfg.epochs} epochs)")
-    train(cfg, folder, data_root=data_root, monitor=monitor)
+    train(cfg, folder, data_root=data_root, monitor=monitor, device=device)
     return folder
 
 
@@ -112,14 +113,15 @@ def _load_battery(folder: Path) -> BatteryOutput:
     return BatteryOutput(results, examples)
 
 
-def run_task(plan: TaskPlan, cache: StageCache, data_root: Path, seed: int, monitor: Monitor = SILENT) -> dict[str, Any]:
+def run_task(plan: TaskPlan, cache: StageCache, data_root: Path, seed: int, monitor: Monitor = SILENT,
+             device: str = "cpu") -> dict[str, Any]:
     """Victim, surrogate, Table 1 and the battery for one task; returns its study record and examples."""
     cfg = replace(plan.train, seed=seed)
     plan = replace(plan, train=cfg)
-    victim_dir = trained_model(cfg, cache, data_root, monitor)
-    surrogate_dir = trained_model(surrogate_config(plan), cache, data_root, monitor)
-    victim, meta = load_checkpoint(victim_dir)
-    surrogate, s_meta = load_checkpoint(surrogate_dir)
+    victim_dir = trained_model(cfg, cache, data_root, monitor, device)
+    surrogate_dir = trained_model(surrogate_config(plan), cache, data_root, monitor, device)
+    victim, meta = load_checkpoint(victim_dir, device)
+    surrogate, s_meta = load_checkpoint(surrogate_dir, device)
     test = model_split(meta, "test", data_root=data_root)
     train_set = model_split(meta, "train", data_root=data_root) if {"patch", "uap"} & set(plan.battery.rows) else None
     table1 = evaluate_model(victim, test)
@@ -160,8 +162,11 @@ def run_task(plan: TaskPlan, cache: StageCache, data_root: Path, seed: int, moni
 
 
 def run_study(kind: str, plans: list[TaskPlan], out: Path, *, data_root: str | Path | None = None,
-              cache_dir: str | Path | None = None, seed: int = 0, monitor: Monitor = SILENT) -> dict[str, Any]:
-    """Run ``plans`` and write ``out/results.json``, ``out/report.html`` and ``out/figures/``."""
+              cache_dir: str | Path | None = None, seed: int = 0, monitor: Monitor = SILENT,
+              device: str = "cpu") -> dict[str, Any]:
+    """Run ``plans`` and write ``out/results.json``, ``out/report.html`` and ``out/figures/``.
+
+    ``device`` (cpu, cuda) places training and attacks; it is recorded but not part of the stage keys."""
     from medadv.report.html import write_report
 
     root = resolve_data_root(data_root)
@@ -170,7 +175,7 @@ def run_study(kind: str, plans: list[TaskPlan], out: Path, *, data_root: str | P
     tasks = []
     for plan in plans:
         monitor.log(f"== {plan.train.task} ==")
-        tasks.append(run_task(plan, cache, root, seed, monitor))
+        tasks.append(run_task(plan, cache, root, seed, monitor, device))
     study = {
         "schema": STUDY_SCHEMA,
         "kind": kind,
@@ -179,7 +184,7 @@ def run_study(kind: str, plans: list[TaskPlan], out: Path, *, data_root: str | P
                               "surrogate_arch": p.surrogate_arch or p.train.arch} for p in plans],
                    "data_root": str(root), "cache": str(cache.root)},
         "config_hash": config_hash({"plans": [asdict(p.train) for p in plans], "seed": seed}),
-        "environment": environment(),
+        "environment": {**environment(), "device": device},
         "seconds": round(time.perf_counter() - t0, 1),
         "tasks": tasks,
     }

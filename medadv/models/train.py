@@ -9,7 +9,6 @@ atomically and the partial state removed.
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from medadv.data import ImageSet, get_task, load_split, resolve_data_root, resolve_source
 from medadv.errors import MedadvError
@@ -78,12 +78,12 @@ def _partial_dir(out: Path) -> Path:
 def _save_partial(path: Path, model, best_state, optimizer, record: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-    tensors |= {f"best.{k}": v.detach().contiguous() for k, v in best_state.items()}
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors |= {f"best.{k}": v.detach().cpu().contiguous() for k, v in best_state.items()}
     opt = optimizer.state_dict()
     for pid, state in opt["state"].items():
         for k, v in state.items():
-            tensors[f"opt.{pid}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous()
+            tensors[f"opt.{pid}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
     record = {**record, "param_groups": opt["param_groups"]}
     with atomic_dir(path) as tmp:  # the previous epoch's state stays until this one is complete
         save_file(tensors, str(tmp / "state.safetensors"))
@@ -107,8 +107,9 @@ def _load_partial(path: Path, model, optimizer) -> tuple[dict[str, torch.Tensor]
 
 
 def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = None,
-          monitor: Monitor = SILENT) -> tuple[MedicalClassifier, dict[str, Any]]:
-    """Train ``cfg`` and write the checkpoint folder ``out``. Returns the best model and its metadata."""
+          monitor: Monitor = SILENT, device: str = "cpu") -> tuple[MedicalClassifier, dict[str, Any]]:
+    """Train ``cfg`` and write the checkpoint folder ``out``. Returns the best model (on the CPU) and its
+    metadata. ``device`` (cpu, cuda) only places the work: it is not part of the configuration."""
     if cfg.epochs < 1 or cfg.batch_size < 2:
         raise MedadvError("epochs must be >= 1 and batch size >= 2.", "fix --epochs / --batch-size.")
     out = Path(out)
@@ -128,11 +129,11 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
             raise MedadvError(f"the {s.split} split of {s.source} holds only one class.", "use a source with both classes.")
     monitor.log(f"{task.name}: {train_set.counts()} train, {val_set.counts()} val from {cfg.source}; recipe {recipe.name}")
 
-    model = build_classifier(cfg, train_set.channels, task.class_names, monitor)
+    model = build_classifier(cfg, train_set.channels, task.class_names, monitor).to(device)
     optimizer = recipe.make_optimizer(model.parameters())
     key = config_hash({**asdict(cfg), "recipe": recipe.to_json(), "data": [train_set.checksum, val_set.checksum]})
     partial = _partial_dir(out)
-    best_state = copy.deepcopy(model.state_dict())
+    best_state = _cpu_state(model)
     progress: dict[str, Any] = {"config_hash": key, "epoch": 0, "best_auc": -1.0, "best_epoch": 0, "history": []}
     if (partial / "state.json").is_file():
         saved = json.loads((partial / "state.json").read_text())
@@ -154,13 +155,14 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
                                     "seconds": round(time.perf_counter() - t0, 2)})
         if auc > progress["best_auc"]:
             progress.update(best_auc=auc, best_epoch=epoch)
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = _cpu_state(model)
         progress["epoch"] = epoch
         if epoch < cfg.epochs:
             _save_partial(partial, model, best_state, optimizer, progress)
         monitor.log(f"epoch {epoch}/{cfg.epochs}: loss {loss:.4f}, val AUC {auc:.4f} "
                     f"({progress['history'][-1]['seconds']:.1f} s)")
 
+    model = model.cpu()
     model.load_state_dict(best_state)
     model.eval()
     p_val = model.probabilities(val_set.tensor()).numpy()
@@ -182,6 +184,10 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
     return model, meta
 
 
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def _train_epoch(model: MedicalClassifier, optimizer, recipe: Recipe, data: ImageSet, cfg: TrainConfig,
                  modality: str, epoch: int, step0: int, total_steps: int, monitor: Monitor) -> float:
     epoch_seed = cfg.seed * 100_003 + epoch  # everything random in this epoch derives from (seed, epoch)
@@ -198,6 +204,7 @@ def _train_epoch(model: MedicalClassifier, optimizer, recipe: Recipe, data: Imag
             x, target = augment(x, y)
         else:
             target = F.one_hot(y, 2).float()
+        x, target = x.to(model.device, non_blocking=True), target.to(model.device, non_blocking=True)
         for group in optimizer.param_groups:
             group["lr"] = recipe.lr_at(step, total_steps)
         optimizer.zero_grad(set_to_none=True)
