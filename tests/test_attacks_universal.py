@@ -210,13 +210,13 @@ def test_uap_and_patch_flip_unseen_chest_xrays_far_more_than_random(chest_model,
     print(f"uap toward healthy: {flip_uap:.2f} of {away.sum()} flipped; random sign noise {flip_noise:.2f}")
     assert flip_uap >= 0.45 and flip_uap >= flip_noise + 0.15  # measured 0.64 vs 0.36
 
-    # the patch toward "disease": a random patch flips none; the trained one must
-    sick, threat = 1, ThreatModel(target="disease")
-    healthy_now = ~toward(model, x, sick)
+    # the patch toward "healthy" (as in the battery: a small square cannot paint diffuse pneumonia),
+    # judged against a random patch of the same size, which already hides some of the lesion
+    threat = ThreatModel(target="healthy")
     patch = AdversarialPatch(threat, 0, steps=60, batch_size=32).fit(model, x_fit, y_fit)
-    flip_patch = toward(model, patch(model, x, y).x_adv, sick)[healthy_now].mean()
+    flip_patch = toward(model, patch(model, x, y).x_adv, healthy)[away].mean()
     noise = torch.rand(patch.state()["patch"].shape, generator=torch.Generator().manual_seed(0))
     flip_random = toward(model, AdversarialPatch.from_state(threat, {"patch": noise})(model, x, y).x_adv,
-                         sick)[healthy_now].mean()
-    print(f"patch toward disease: {flip_patch:.2f} of {healthy_now.sum()} flipped; random patch {flip_random:.2f}")
-    assert flip_patch >= flip_random + 0.08  # measured 0.17 (17 of 103) vs 0.00
+                         healthy)[away].mean()
+    print(f"patch toward healthy: {flip_patch:.2f} of {away.sum()} flipped; random patch {flip_random:.2f}")
+    assert flip_patch >= 0.5 and flip_patch >= flip_random + 0.1  # measured 0.65 vs 0.46 (3-epoch model)

@@ -95,8 +95,9 @@ def test_continuous_output_respects_eps(case, kind):
     assert out.min() >= 0 and out.max() <= 1
     if attack.threat.norm == "linf":
         assert delta.abs().max() <= threat.eps + 1e-7
-    else:
-        assert (delta.flatten(1).norm(dim=1) <= threat.eps * (1 + 1e-5) + 1e-9).all()
+    else:  # storing x + delta in float32 rounds each pixel by up to 2^-24: sqrt(n) of that in L2
+        slack = 2.0**-24 * delta[0].numel() ** 0.5
+        assert (delta.flatten(1).norm(dim=1) <= threat.eps * (1 + 1e-5) + slack).all()
 
 
 @FAST
@@ -199,12 +200,28 @@ def test_accelerate_folds_batchnorm_and_matches_in_fp32():
     net = tiny_net(3)
     x = torch.rand(5, 3, 9, 9)
     fast = accelerate(net, "fp32")
-    assert fast.info["folded_batchnorms"] == 1 and not fast.training
+    assert fast.info["folded_batchnorms"] == 1 and fast.info["gray_stems"] == 0 and not fast.training
     assert not any(p.requires_grad for p in fast.parameters())
     with torch.no_grad():
         assert (fast(x) - net(x)).abs().max() <= 1e-4
         assert (accelerate(net, "bf16")(x) - net(x)).abs().max() <= 0.1
         assert accelerate(net, "bf16")(x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (7, 1, 3), (7, 2, 3), (3, 2, 0)])
+def test_the_gray_stem_gives_the_same_input_gradient(kernel, stride, padding):
+    torch.manual_seed(kernel + stride)
+    net = nn.Sequential(nn.Conv2d(1, 8, kernel, stride, padding), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.rand(3, 1, 14, 14)  # strided cases where the kernel does not tile the image exactly
+    net(x)  # materialize the lazy layer
+    fast = accelerate(net.eval(), "fp32")
+    assert fast.info["gray_stems"] == 1
+
+    def grad(model):
+        xr = x.clone().requires_grad_(True)
+        return torch.autograd.grad(model(xr)[:, 1].sum(), xr)[0]
+
+    assert torch.allclose(grad(fast), grad(net), atol=1e-6, rtol=1e-5)
 
 
 def test_accelerated_is_cached_until_the_weights_change():

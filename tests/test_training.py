@@ -20,4 +20,4 @@ def test_resnet18_on_pneumoniamnist_reaches_auc_090(chest_model, data_root, tmp_
     assert meta["training"]["recipe"]["name"] == "scratch" and meta["seed"] == 0
     assert meta["data"]["source"] == "medmnist:pneumoniamnist" and len(meta["data"]["train"]["checksum"]) == 64
     assert "torch" in meta["environment"]["versions"]
-    assert meta["training"]["best_epoch"] in (1, 2) and 0 < meta["spec"]["threshold"] < 1
+    assert 1 <= meta["training"]["best_epoch"] <= meta["training"]["epochs"] and 0 < meta["spec"]["threshold"] < 1
