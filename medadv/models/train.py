@@ -130,6 +130,9 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
     monitor.log(f"{task.name}: {train_set.counts()} train, {val_set.counts()} val from {cfg.source}; recipe {recipe.name}")
 
     model = build_classifier(cfg, train_set.channels, task.class_names, monitor).to(device)
+    # NHWC weights make oneDNN pick its faster kernels: 1.4x per EfficientNet-Lite0 step at 128 px on
+    # 2 cores (0.41 vs 0.59 s per batch of 32); the checkpoint is written back in the default layout
+    model.network.to(memory_format=torch.channels_last)
     optimizer = recipe.make_optimizer(model.parameters())
     key = config_hash({**asdict(cfg), "recipe": recipe.to_json(), "data": [train_set.checksum, val_set.checksum]})
     partial = _partial_dir(out)
@@ -164,6 +167,7 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
 
     model = model.cpu()
     model.load_state_dict(best_state)
+    model.network.to(memory_format=torch.contiguous_format)
     model.eval()
     p_val = model.probabilities(val_set.tensor()).numpy()
     model.spec.threshold = youden_threshold(val_set.labels, p_val)
@@ -185,7 +189,7 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
 def _train_epoch(model: MedicalClassifier, optimizer, recipe: Recipe, data: ImageSet, cfg: TrainConfig,
