@@ -103,6 +103,7 @@ def train(
     out: Annotated[Path, typer.Option(help="Checkpoint folder to write (model.safetensors + medadv.json).")],
     arch: Annotated[str, typer.Option(help="resnet18, resnet50, densenet121, efficientnet-lite0/1/2.")] = "resnet18",
     size: Annotated[int, typer.Option(help="Network input size in px (the data is pre-resized to it).")] = 28,
+    data_size: Annotated[int | None, typer.Option(help="MedMNIST file resolution to read (28, 64, 128, 224; default: the smallest >= --size), upsampled to --size.")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
     recipe: Annotated[str, typer.Option(help="auto (paper for pretrained, else scratch), paper, scratch.")] = "auto",
@@ -125,7 +126,7 @@ def train(
 
     cfg = TrainConfig(task=task, arch=arch, size=size, epochs=epochs, batch_size=batch_size, seed=seed,
                       recipe=recipe, pretrained=pretrained, source=source, split_seed=split_seed,
-                      augment=not no_augment, max_train=max_train)
+                      augment=not no_augment, max_train=max_train, data_size=data_size)
     model, meta = run_training(cfg, out, data_root=data_root, monitor=RichMonitor(quiet), device=check_device(device))
     val = meta["validation"]
     out_table("Validation (model selected on AUC; threshold by Youden's J)", val)
@@ -208,6 +209,7 @@ def attack(
     grid: Annotated[str, typer.Option(help="Storage grid of the output: 'data' (the images' own 8/16-bit), or 'none' (continuous; nothing is saved).")] = "data",
     max_queries: Annotated[int | None, typer.Option(help="Query budget per image (nes, square, hsja).")] = None,
     patch_fraction: Annotated[float | None, typer.Option(help="Patch area as a fraction of the image (patch).")] = None,
+    fast: Annotated[str | None, typer.Option(help="fgsm/pgd: craft on an accelerated copy: fp32 (BatchNorm folded; same result up to rounding) or bf16 (faster on AMX CPUs, other numerics).")] = None,
     split: Annotated[str, typer.Option(help="Split to attack.")] = "test",
     limit: Annotated[int | None, typer.Option(help="Attack a seeded, class-stratified subset of this many images.")] = None,
     save_images: Annotated[bool, typer.Option("--save-images/--no-save-images", help="Write the adversarial images (PNG, or DICOM for DICOM sources).")] = True,
@@ -256,6 +258,11 @@ def attack(
         if not 0 < patch_fraction < 1:
             raise MedadvError(f"--patch-fraction {patch_fraction} is not between 0 and 1.", "pass e.g. --patch-fraction 0.1.")
         params["patch_fraction"] = patch_fraction
+    if fast is not None:
+        if attack not in ("fgsm", "pgd", "pgd-l2") or fast not in ("fp32", "bf16"):
+            raise MedadvError(f"--fast {fast} with --attack {attack}: the fast path is fp32 or bf16, for fgsm and pgd.",
+                              "pass --fast fp32 or --fast bf16 with a gradient attack, or leave --fast out.")
+        params["fast"] = fast
     if attack in ("patch", "uap") and steps is not None:
         params["steps"] = steps  # optimization steps of the fitted perturbation
     fit = model_split(meta, "train", data_root=data_root, source=source, image_size=image_size) \

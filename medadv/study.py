@@ -48,14 +48,14 @@ def _lite(task: str, size: int, epochs: int, **kw) -> TrainConfig:
 
 
 LOW_RES = ("The data are the 28 px MedMNIST files (the paper used 224-299 px photographs); the network sees them "
-           "upsampled to its input size, and the attack perturbs the 28 px stored pixels. MedMNIST+ 64-224 px files "
-           "are used when present on a user's machine (--size).")
+           "upsampled to its input size, and the attack perturbs the 28 px stored pixels.")
+
 REPRODUCE_PLANS: dict[str, TaskPlan] = {
     "fundus-dr": TaskPlan(_lite("fundus-dr", 64, 6), BatteryConfig(), caveats=(
-        LOW_RES, "RetinaMNIST (DeepDRiD, 1,600 images) stands in for the paper's Kaggle EyePACS photographs.")),
+        "RetinaMNIST (DeepDRiD, 1,600 images) stands in for the paper's Kaggle EyePACS photographs.",)),
     "chest-xray": TaskPlan(_lite("chest-xray", 64, 3), BatteryConfig(), caveats=(
-        LOW_RES, "PneumoniaMNIST (pediatric pneumonia) stands in for the paper's adult pneumothorax (ChestX-ray14).")),
-    "derm-melanoma": TaskPlan(_lite("derm-melanoma", 128, 4), BatteryConfig(), caveats=(
+        "PneumoniaMNIST (pediatric pneumonia) stands in for the paper's adult pneumothorax (ChestX-ray14).",)),
+    "derm-melanoma": TaskPlan(_lite("derm-melanoma", 128, 10), BatteryConfig(), caveats=(
         "ISIC 2017 challenge images resized to 256 px by the source repository; the network sees 128 px.",)),
 }
 
@@ -87,6 +87,35 @@ def trained_model(cfg: TrainConfig, cache: StageCache, data_root: Path, monitor:
     return folder
 
 
+def fit_to_data(plan: TaskPlan, data_root: Path, monitor: Monitor = SILENT) -> TaskPlan:
+    """``plan`` reading the best MedMNIST file it can get: the plan's resolution (downloaded when missing),
+    else the largest smaller official file already in the data root, upsampled to the network's size and
+    said in a caveat. Non-MedMNIST sources and plans that fix ``data_size`` are returned unchanged."""
+    from medadv.data import medmnist
+    from medadv.data import _medmnist_size
+
+    cfg = replace(plan.train, source=resolve_source(get_task(plan.train.task), plan.train.source, data_root))
+    kind, _, flag = cfg.source.partition(":")
+    if kind != "medmnist" or cfg.data_size:
+        return replace(plan, train=cfg)
+    want = _medmnist_size(cfg.size)
+    try:
+        medmnist.locate(flag, want, data_root)
+        note = () if want == 28 else (f"MedMNIST+ {want} px files (the paper used 224-299 px photographs).",)
+        return replace(plan, train=cfg, caveats=(*plan.caveats, *note))
+    except MedadvError as err:
+        have = [s for s in medmnist.SIZES if s < want and (data_root / "medmnist" / medmnist.file_name(flag, s)).is_file()]
+        if not have:
+            raise
+        size = max(have)
+        monitor.log(f"{medmnist.file_name(flag, want)} is not available ({err.what}); reading the {size} px file, "
+                    f"upsampled to the network's {cfg.size} px")
+        caveat = LOW_RES.replace("28 px", f"{size} px") + (
+            f" The {want} px MedMNIST+ file this plan asks for was not available here; on a machine that can download "
+            "it, the study reads it.")
+        return replace(plan, train=replace(cfg, data_size=size), caveats=(*plan.caveats, caveat))
+
+
 def surrogate_config(plan: TaskPlan) -> TrainConfig:
     """The black-box attacker's own model: another seed (so another initialization and data order)."""
     return replace(plan.train, seed=plan.train.seed + 1, arch=plan.surrogate_arch or plan.train.arch)
@@ -116,8 +145,8 @@ def _load_battery(folder: Path) -> BatteryOutput:
 def run_task(plan: TaskPlan, cache: StageCache, data_root: Path, seed: int, monitor: Monitor = SILENT,
              device: str = "cpu") -> dict[str, Any]:
     """Victim, surrogate, Table 1 and the battery for one task; returns its study record and examples."""
-    cfg = replace(plan.train, seed=seed)
-    plan = replace(plan, train=cfg)
+    plan = fit_to_data(replace(plan, train=replace(plan.train, seed=seed)), data_root, monitor)
+    cfg = plan.train
     victim_dir = trained_model(cfg, cache, data_root, monitor, device)
     surrogate_dir = trained_model(surrogate_config(plan), cache, data_root, monitor, device)
     victim, meta = load_checkpoint(victim_dir, device)

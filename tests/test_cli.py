@@ -108,3 +108,37 @@ def test_console_script_exits_nonzero_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "medadv.cli", "evaluate", "--model", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "medadv: error:" in proc.stderr
+
+
+def test_fast_path_flag(tiny_model, data_root, tmp_path, capsys):
+    args = ["attack", "--model", str(tiny_model), "--eps", "2/255", "--steps", "3", "--limit", "8",
+            "--data-root", str(data_root), "-q", "--no-save-images"]
+    code, _, err = run([*args, "--attack", "square", "--fast", "fp32", "--out", str(tmp_path / "x")], capsys)
+    assert_one_line_error(code, err, "--fast fp32 with --attack square")
+    code, _, err = run([*args, "--attack", "pgd", "--fast", "fp16", "--out", str(tmp_path / "x")], capsys)
+    assert_one_line_error(code, err, "--fast fp16")
+    assert not (tmp_path / "x").exists()
+    for fast, out in ((None, "plain"), ("fp32", "fast")):
+        code, _, _ = run([*args, "--attack", "pgd", "--out", str(tmp_path / out), *(["--fast", fast] if fast else [])],
+                         capsys)
+        assert code in (0, None)
+    plain, fast = (json.loads((tmp_path / o / "results.json").read_text()) for o in ("plain", "fast"))
+    assert fast["attack"]["params"]["fast"] == "fp32"
+    # the fp32 fast path is the same model up to rounding: the same images flip
+    assert fast["adversarial"]["accuracy"] == pytest.approx(plain["adversarial"]["accuracy"], abs=1 / 8)
+
+
+def test_train_reads_a_smaller_medmnist_file_and_the_wrapper_upsamples(data_root, tmp_path, capsys):
+    base = ["train", "--task", "chest-xray", "--size", "32", "--epochs", "1", "--max-train", "64",
+            "--batch-size", "32", "--data-root", str(data_root), "-q"]
+    code, _, err = run([*base, "--data-size", "50", "--out", str(tmp_path / "bad")], capsys)
+    assert_one_line_error(code, err, "data size 50")
+    assert not (tmp_path / "bad").exists()
+    code, _, _ = run([*base, "--data-size", "28", "--out", str(tmp_path / "m")], capsys)
+    assert code in (0, None)
+    meta = json.loads((tmp_path / "m" / "medadv.json").read_text())
+    assert meta["spec"]["input_size"] == 32 and meta["data"]["image_size"] == 28
+    code, _, _ = run(["evaluate", "--model", str(tmp_path / "m"), "--split", "val", "--out", str(tmp_path / "v.json"),
+                      "--data-root", str(data_root)], capsys)
+    assert code in (0, None)
+    assert json.loads((tmp_path / "v.json").read_text())["image_size"] == [28, 28]  # stored pixels, not upsampled

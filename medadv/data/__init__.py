@@ -66,8 +66,12 @@ def load_split(
     size: int | None = None,
     split_seed: int = 0,
     download: bool = True,
+    file_size: int | None = None,
 ) -> ImageSet:
     """Load one split of a task's images at ``size``×``size`` (None: as stored) with binary labels.
+
+    file_size: for MedMNIST sources, the official resolution to read (default: the smallest one >=
+    ``size``); the images are then resized to ``size`` (e.g. 28 px files upsampled for a 64 px network).
 
     MedMNIST files keep their official split; folders use their ``split`` column, else a seeded,
     stratified, patient-level 70/10/20 split (``split_seed``, independent of any training seed).
@@ -79,7 +83,7 @@ def load_split(
     spec = resolve_source(task, source, root)
     kind, _, name = spec.partition(":")
     if kind == "medmnist" and name:
-        path = medmnist.locate(name, _medmnist_size(size), root, download=download)
+        path = medmnist.locate(name, file_size or _medmnist_size(size), root, download=download)
         out = _from_npz(task, split, path, size)
     elif kind == "folder" and name:
         out = _from_folder(task, split, root / name, size, split_seed)

@@ -48,6 +48,8 @@ class TrainConfig:
     split_seed: int = 0  # folder sources without a split column: the split, independent of `seed`
     augment: bool = True
     max_train: int | None = None  # use only the first N training images (seeded subset), for quick runs
+    data_size: int | None = None  # MedMNIST file resolution to read (default: the smallest >= size); the
+    # images are upsampled to `size`, so attacks later perturb the data_size pixels the file stores
 
 
 def build_classifier(cfg: TrainConfig, data_channels: int, class_names: tuple[str, str],
@@ -112,6 +114,11 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
     metadata. ``device`` (cpu, cuda) only places the work: it is not part of the configuration."""
     if cfg.epochs < 1 or cfg.batch_size < 2:
         raise MedadvError("epochs must be >= 1 and batch size >= 2.", "fix --epochs / --batch-size.")
+    from medadv.data.medmnist import SIZES
+
+    if cfg.data_size is not None and cfg.data_size not in SIZES:
+        raise MedadvError(f"data size {cfg.data_size} is not a MedMNIST resolution.",
+                          f"pass --data-size one of {', '.join(map(str, SIZES))}, or leave it out.")
     out = Path(out)
     task = get_task(cfg.task)
     root = resolve_data_root(data_root)
@@ -119,8 +126,9 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
     recipe = pick_recipe(cfg.recipe, cfg.pretrained is not None)
     seed_everything(cfg.seed)
 
-    train_set = load_split(task, "train", data_root=root, source=cfg.source, size=cfg.size, split_seed=cfg.split_seed)
-    val_set = load_split(task, "val", data_root=root, source=cfg.source, size=cfg.size, split_seed=cfg.split_seed)
+    read = dict(data_root=root, source=cfg.source, size=cfg.size, split_seed=cfg.split_seed, file_size=cfg.data_size)
+    train_set = load_split(task, "train", **read)
+    val_set = load_split(task, "val", **read)
     if cfg.max_train and cfg.max_train < len(train_set):
         pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(train_set))[: cfg.max_train])
         train_set = train_set.subset(pick)
@@ -179,7 +187,7 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
                      "best_epoch": progress["best_epoch"], "best_val_auc": progress["best_auc"],
                      "history": progress["history"], "config_hash": key},
         "validation": val_metrics,
-        "data": {"source": cfg.source, "image_size": cfg.size, "train": {**train_set.counts(), "checksum": train_set.checksum},
+        "data": {"source": cfg.source, "image_size": cfg.data_size or cfg.size, "train": {**train_set.counts(), "checksum": train_set.checksum},
                  "val": {**val_set.counts(), "checksum": val_set.checksum}, "split_seed": cfg.split_seed},
         "environment": environment(),
     }
