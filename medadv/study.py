@@ -50,12 +50,17 @@ def _lite(task: str, size: int, epochs: int, **kw) -> TrainConfig:
 LOW_RES = ("The data are the 28 px MedMNIST files (the paper used 224-299 px photographs); the network sees them "
            "upsampled to its input size, and the attack perturbs the 28 px stored pixels.")
 
+# The full study's budget on 2 CPU cores (all three tasks in about 25 minutes, see BENCHMARKS.md): the paper
+# rows on up to 400 test images, query attacks on 32 with 500 queries each, curves on 128 images.
+REPRODUCE_BATTERY = BatteryConfig(n_images=400, n_query_images=32, max_queries=500, n_fit_images=256,
+                                  curve_images=128, curve_steps=20)
+
 REPRODUCE_PLANS: dict[str, TaskPlan] = {
-    "fundus-dr": TaskPlan(_lite("fundus-dr", 64, 6), BatteryConfig(), caveats=(
+    "fundus-dr": TaskPlan(_lite("fundus-dr", 64, 6), REPRODUCE_BATTERY, caveats=(
         "RetinaMNIST (DeepDRiD, 1,600 images) stands in for the paper's Kaggle EyePACS photographs.",)),
-    "chest-xray": TaskPlan(_lite("chest-xray", 64, 3), BatteryConfig(), caveats=(
+    "chest-xray": TaskPlan(_lite("chest-xray", 64, 3), REPRODUCE_BATTERY, caveats=(
         "PneumoniaMNIST (pediatric pneumonia) stands in for the paper's adult pneumothorax (ChestX-ray14).",)),
-    "derm-melanoma": TaskPlan(_lite("derm-melanoma", 128, 10), BatteryConfig(), caveats=(
+    "derm-melanoma": TaskPlan(_lite("derm-melanoma", 128, 6), REPRODUCE_BATTERY, caveats=(
         "ISIC 2017 challenge images resized to 256 px by the source repository; the network sees 128 px.",)),
 }
 

@@ -301,3 +301,17 @@ def test_the_fp32_fast_path_matches_the_model_on_real_images(real):
     quick = PGD(threat, seed=0, fast="fp32")(model, x[:32], y[:32]).x_adv
     # the same attack up to float rounding: a pixel may differ where a gradient is ~0 and flips sign
     assert (eager != quick).float().mean() <= 0.01
+
+
+def test_depthwise_networks_go_channels_last_and_keep_their_gradient():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 2)).eval()
+    fast = accelerate(net, "fp32")
+    assert fast.info["channels_last"] and fast.info["folded_batchnorms"] == 1
+    assert not accelerate(tiny_net(3), "fp32").info["channels_last"]  # plain convolutions stay NCHW in fp32
+    x = torch.rand(4, 3, 12, 12, requires_grad=True)
+    g_fast = torch.autograd.grad(fast(x)[:, 1].sum(), x)[0]
+    g_net = torch.autograd.grad(net(x)[:, 1].sum(), x)[0]
+    assert torch.allclose(g_fast, g_net, atol=1e-5, rtol=1e-4)

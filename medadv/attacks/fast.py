@@ -123,7 +123,8 @@ def accelerate(model: nn.Module, precision: Precision = "fp32", *, fold: bool = 
     the original's) or ``bf16`` (the network in bfloat16: about 2× faster on CPUs with AMX/AVX512-BF16,
     logits within ~0.1; opt-in). fold: fuse Conv→BatchNorm pairs. channels_last: NHWC weights and
     activations; None picks what measured faster on a 2-core AVX-512/AMX Xeon: on for bf16 (oneDNN's
-    AMX kernels want NHWC), off for fp32 (NHWC was up to ~30% slower there). gray_stem (fp32): give
+    AMX kernels want NHWC) and for networks with depthwise convolutions (EfficientNet-Lite0 PGD: 1.3-1.5x
+    at 64-128 px), off for other fp32 networks (a ResNet-18 was up to ~30% slower NHWC). gray_stem (fp32): give
     1-input-channel convolutions a GEMM + col2im input gradient (4× faster than oneDNN's there; 8% of
     a 64 px ResNet-18 pass). compile: ``torch.compile`` the network (off by default: on that CPU it
     compiled for ~80 s and then ran slower than eager).
@@ -135,11 +136,13 @@ def accelerate(model: nn.Module, precision: Precision = "fp32", *, fold: bool = 
         raise MedadvError(f"unknown precision '{precision}'.", "use fp32 or bf16.")
     wrapper = model if isinstance(model, MedicalClassifier) else None
     network = copy.deepcopy(wrapper.network if wrapper is not None else model).eval()
+    depthwise = any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in network.modules())  # before fx inlines them
     folded = 0
     if fold:
         network, folded = fold_batchnorm(network)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    channels_last = precision == "bf16" if channels_last is None else channels_last
+    if channels_last is None:  # depthwise convolutions (EfficientNet) run faster NHWC in fp32 too
+        channels_last = precision == "bf16" or depthwise
     network = network.to(dtype=dtype)
     if channels_last:
         network = network.to(memory_format=torch.channels_last)

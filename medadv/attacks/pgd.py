@@ -17,8 +17,8 @@ from medadv.errors import MedadvError
 
 def crafting_model(model: nn.Module, fast: str | None) -> nn.Module:
     """The model gradients are taken on: ``model`` itself, or its cached accelerated copy (fast.py)."""
-    if fast is None:
-        return model
+    if fast is None or isinstance(getattr(model, "network", model), torch.jit.ScriptModule):
+        return model  # a TorchScript export is run as given: its graph cannot be rewritten here
     if fast not in PRECISIONS:
         raise MedadvError(f"unknown fast path '{fast}'.", "use fast=None, 'fp32' or 'bf16'.")
     return accelerated(model, fast)

@@ -51,6 +51,8 @@ class BatteryConfig:
     curve_steps: int = 40  # curves and the breaking eps bound robustness from above: a stronger PGD than the paper's
     break_search: tuple[float, ...] = (12 / 255, 16 / 255, 24 / 255, 32 / 255, 48 / 255, 64 / 255)
     examples_per_class: int = 3
+    fast: str | None = "fp32"  # FGSM/PGD craft on the accelerated copy (medadv.attacks.fast): same model up to
+    # rounding; None crafts on the model as given
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,10 +116,12 @@ def run_battery(victim: MedicalClassifier, test: ImageSet, *, surrogate: Medical
     queries = stratified_subset(test, cfg.n_query_images, seed + 1)
     fit = stratified_subset(train, cfg.n_fit_images, seed + 2) if train is not None else None
     query_threat = paper.with_(eps=cfg.query_eps, step_size=None)
+    grad = {"fast": cfg.fast} if cfg.fast else {}
+    curve_params = {**CURVE_PARAMS, **grad}
     plan = {
-        "pgd_white": ("pgd", paper, main, None, {}),
-        "pgd_black": ("pgd", paper, main, surrogate, {}),
-        "fgsm": ("fgsm", paper.with_(random_start=False), main, None, {}),
+        "pgd_white": ("pgd", paper, main, None, grad),
+        "pgd_black": ("pgd", paper, main, surrogate, grad),
+        "fgsm": ("fgsm", paper.with_(random_start=False), main, None, grad),
         "square": ("square", query_threat, queries, None, {"max_queries": cfg.max_queries}),
         "hsja": ("hsja", query_threat, queries, None, {"max_queries": cfg.max_queries}),
         "patch": ("patch", paper.with_(target="healthy"), main, None, {"patch_fraction": cfg.patch_fraction}),
@@ -152,16 +156,16 @@ def run_battery(victim: MedicalClassifier, test: ImageSet, *, surrogate: Medical
         crafter = surrogate if kind == "black" else None
         for eps in monitor.track(cfg.curve_eps, f"robustness curve ({kind} box)"):
             run = None if eps == 0 else run_attack("pgd", victim, curve_data, _curve_threat(eps, cfg.curve_steps, levels),
-                                                   seed=seed, surrogate=crafter, params=CURVE_PARAMS)
+                                                   seed=seed, surrogate=crafter, params=curve_params)
             curves[kind].append(_point(eps, run, curve_data, victim, p_curve))
     results["curves"] = curves
     results["curve_images"] = len(curve_data)
-    results["breaking_eps"] = _breaking_eps(victim, curve_data, curves["white"], cfg, levels, seed, surrogate,
+    results["breaking_eps"] = _breaking_eps(victim, curve_data, curves["white"], cfg, levels, seed, curve_params,
                                             differentiable, monitor)
     return BatteryOutput(results, examples)
 
 
-def _breaking_eps(victim, data, white_curve, cfg, levels, seed, surrogate, differentiable, monitor) -> dict:
+def _breaking_eps(victim, data, white_curve, cfg, levels, seed, params, differentiable, monitor) -> dict:
     """The smallest eps (on the curve, then on a coarser extension) that brings white-box accuracy <= 1%."""
     for point in white_curve:
         if point["eps"] > 0 and point["accuracy"] <= 0.01:
@@ -171,7 +175,7 @@ def _breaking_eps(victim, data, white_curve, cfg, levels, seed, surrogate, diffe
     last = None
     for eps in monitor.track(cfg.break_search, "smallest eps to <= 1% accuracy"):
         run = run_attack("pgd", victim, data, _curve_threat(eps, cfg.curve_steps, levels), seed=seed,
-                         params=CURVE_PARAMS)
+                         params=params)
         last = (eps, run.results["adversarial"]["accuracy"])
         white_curve.append(_point(eps, run, data, victim, run.p_clean))
         if last[1] <= 0.01:
