@@ -46,6 +46,7 @@ class BatteryConfig:
     query_eps: float = 8 / 255  # eps of the Square, HopSkipJump and universal-perturbation rows
     max_queries: int = 1000
     patch_fraction: float = 0.1
+    fit_steps: int | None = None  # optimization steps of the patch and the universal perturbation (None: theirs)
     curve_eps: tuple[float, ...] = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255)
     curve_images: int = 256
     curve_steps: int = 40  # curves and the breaking eps bound robustness from above: a stronger PGD than the paper's
@@ -117,6 +118,7 @@ def run_battery(victim: MedicalClassifier, test: ImageSet, *, surrogate: Medical
     fit = stratified_subset(train, cfg.n_fit_images, seed + 2) if train is not None else None
     query_threat = paper.with_(eps=cfg.query_eps, step_size=None)
     grad = {"fast": cfg.fast} if cfg.fast else {}
+    fit = {"steps": cfg.fit_steps} if cfg.fit_steps else {}
     curve_params = {**CURVE_PARAMS, **grad}
     plan = {
         "pgd_white": ("pgd", paper, main, None, grad),
@@ -124,8 +126,8 @@ def run_battery(victim: MedicalClassifier, test: ImageSet, *, surrogate: Medical
         "fgsm": ("fgsm", paper.with_(random_start=False), main, None, grad),
         "square": ("square", query_threat, queries, None, {"max_queries": cfg.max_queries}),
         "hsja": ("hsja", query_threat, queries, None, {"max_queries": cfg.max_queries}),
-        "patch": ("patch", paper.with_(target="healthy"), main, None, {"patch_fraction": cfg.patch_fraction}),
-        "uap": ("uap", query_threat, main, None, {}),
+        "patch": ("patch", paper.with_(target="healthy"), main, None, {"patch_fraction": cfg.patch_fraction, **fit}),
+        "uap": ("uap", query_threat, main, None, fit),
     }
     examples: list[dict[str, Any]] = []
     for row in cfg.rows:
