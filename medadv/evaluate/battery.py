@@ -118,7 +118,7 @@ def run_battery(victim: MedicalClassifier, test: ImageSet, *, surrogate: Medical
     fit = stratified_subset(train, cfg.n_fit_images, seed + 2) if train is not None else None
     query_threat = paper.with_(eps=cfg.query_eps, step_size=None)
     grad = {"fast": cfg.fast} if cfg.fast else {}
-    fit = {"steps": cfg.fit_steps} if cfg.fit_steps else {}
+    fit_params = {"steps": cfg.fit_steps} if cfg.fit_steps else {}
     curve_params = {**CURVE_PARAMS, **grad}
     plan = {
         "pgd_white": ("pgd", paper, main, None, grad),
@@ -126,8 +126,8 @@ def run_battery(victim: MedicalClassifier, test: ImageSet, *, surrogate: Medical
         "fgsm": ("fgsm", paper.with_(random_start=False), main, None, grad),
         "square": ("square", query_threat, queries, None, {"max_queries": cfg.max_queries}),
         "hsja": ("hsja", query_threat, queries, None, {"max_queries": cfg.max_queries}),
-        "patch": ("patch", paper.with_(target="healthy"), main, None, {"patch_fraction": cfg.patch_fraction, **fit}),
-        "uap": ("uap", query_threat, main, None, fit),
+        "patch": ("patch", paper.with_(target="healthy"), main, None, {"patch_fraction": cfg.patch_fraction, **fit_params}),
+        "uap": ("uap", query_threat, main, None, fit_params),
     }
     examples: list[dict[str, Any]] = []
     for row in cfg.rows:
