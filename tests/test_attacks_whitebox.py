@@ -23,7 +23,18 @@ from medadv.attacks import FGSM, PAPER, PGD, ThreatModel
 from medadv.attacks.fast import accelerate, accelerated
 from medadv.errors import MedadvError
 
-torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These property tests are tiny: one thread avoids pool overhead. Scoped to this module and
+    restored after it, so the rest of the suite keeps every core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KINDS = ("fgsm", "pgd", "pgd-l2")
 

@@ -83,9 +83,19 @@ def test_mask_of_the_wrong_shape(tiny_model, data_root, tmp_path, capsys):
 
 
 def test_checkpoint_that_does_not_match_the_data(tiny_model, data_root, tmp_path, capsys):
+    # RetinaMNIST's DR grades 0-4 are not chest X-ray labels: refused at the door, naming the source
     code, _, err = run(["evaluate", "--model", str(tiny_model), "--source", "medmnist:retinamnist",
                         "--data-root", str(data_root)], capsys)
-    assert_one_line_error(code, err, "1-channel", "retinamnist")
+    assert_one_line_error(code, err, "out of range", "retinamnist")
+    # binary labels, but colour images for a grey model
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split in ("train", "val", "test"):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (8, 28, 28, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(8) % 2).astype(np.uint8).reshape(-1, 1)
+    np.savez(tmp_path / "rgb.npz", **arrays)
+    code, _, err = run(["evaluate", "--model", str(tiny_model), "--source", str(tmp_path / "rgb.npz")], capsys)
+    assert_one_line_error(code, err, "1-channel", "rgb")
 
 
 def test_evaluate_writes_json_and_attack_writes_results(tiny_model, data_root, tmp_path, capsys):
@@ -128,6 +138,7 @@ def test_fast_path_flag(tiny_model, data_root, tmp_path, capsys):
     assert fast["adversarial"]["accuracy"] == pytest.approx(plain["adversarial"]["accuracy"], abs=1 / 8)
 
 
+@pytest.mark.slow
 def test_train_reads_a_smaller_medmnist_file_and_the_wrapper_upsamples(data_root, tmp_path, capsys):
     base = ["train", "--task", "chest-xray", "--size", "32", "--epochs", "1", "--max-train", "64",
             "--batch-size", "32", "--data-root", str(data_root), "-q"]

@@ -97,6 +97,7 @@ class _Kill(Monitor):
             raise KeyboardInterrupt  # killed right after the first epoch
 
 
+@pytest.mark.slow
 def test_training_resumes_to_the_same_weights(data_root, tmp_path):
     cfg = dict(task="chest-xray", arch="resnet18", size=28, epochs=2, seed=5, max_train=192, batch_size=64)
     full, _ = train(TrainConfig(**cfg), tmp_path / "full", data_root=data_root)
@@ -120,6 +121,7 @@ def test_training_resumes_to_the_same_weights(data_root, tmp_path):
     assert saved["data"]["train"]["checksum"] and 0 < saved["spec"]["threshold"] < 1
 
 
+@pytest.mark.slow
 def test_surrogate_differs_from_victim(data_root, tmp_path):
     cfg = dict(task="chest-xray", arch="resnet18", size=28, epochs=1, max_train=128, batch_size=64)
     a, _ = train(TrainConfig(**cfg, seed=0), tmp_path / "a", data_root=data_root)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from provenance_support import ledger_where, make_device, medadv_cli, pg_url, save_png  # noqa: F401
+from provenance_support import ledger_where, make_device, medadv_cli, pg_url, save_png, trust  # noqa: F401
 
 from medadv.provenance.digest import digest_array, digest_npz
 from medadv.provenance.ledger import open_ledger
@@ -49,10 +49,11 @@ def test_concurrent_writers_never_fork_the_chain(ledger_where: str, tmp_path: Pa
         assert p.returncode == 0, err
         assert json.loads(out)["added"] == PER_WRITER
     with open_ledger(ledger_where) as ledger:
-        rows = list(ledger.iter_records())
-        report = ledger.check()
+        everything = list(ledger.iter_records())
+        report = ledger.check(trust(ledger_where))
     assert report.ok, report.problems[:3]
-    assert [r.seq for r in rows] == list(range(1, WRITERS * PER_WRITER + 1))
+    rows = [r for r in everything if r.kind == "image"]  # after the log-key entry and the 8 enrollments
+    assert [r.seq for r in everything] == list(range(1, WRITERS * PER_WRITER + WRITERS + 2))
     assert {r.digest: r.device for r in rows} == expected  # none lost, none duplicated, each by its device
     switches = sum(a.device != b.device for a, b in zip(rows, rows[1:], strict=False))
     # the writers really did take turns on the chain (one after the other would switch 7 times)
@@ -76,14 +77,14 @@ def test_a_writer_killed_mid_run_leaves_a_ledger_that_checks(ledger_where: str, 
     proc = medadv_cli(*args)
     with open_ledger(ledger_where) as ledger:
         deadline = time.monotonic() + 120
-        while ledger.count() < 5 * batch and proc.poll() is None and time.monotonic() < deadline:
+        while ledger.count() < 5 * batch + 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the writer finished before it could be killed"
     with open_ledger(ledger_where) as ledger:
-        kept = ledger.count()
-        report = ledger.check()
+        kept = ledger.count() - 2  # the log-key and enrollment entries
+        report = ledger.check(trust(ledger_where))
     assert report.ok, report.problems[:3]
     assert 0 < kept < n and kept % batch == 0  # whole transactions only
     again = medadv_cli(*args)
@@ -92,5 +93,6 @@ def test_a_writer_killed_mid_run_leaves_a_ledger_that_checks(ledger_where: str, 
     summary = json.loads(out)
     assert (summary["added"], summary["skipped"]) == (n - kept, kept)
     with open_ledger(ledger_where) as ledger:
-        assert ledger.check().ok
-        assert sorted(r.digest for r in ledger.iter_records()) == sorted(d.digest for d in digest_npz(npz))
+        assert ledger.check(trust(ledger_where)).ok
+        assert sorted(r.digest for r in ledger.iter_records() if r.kind == "image") == \
+            sorted(d.digest for d in digest_npz(npz))

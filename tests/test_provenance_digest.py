@@ -139,8 +139,7 @@ def test_dicom_transfer_syntaxes_share_one_digest(tmp_path: Path) -> None:
 def test_dicom_allowed_metadata_changes_keep_the_digest(tmp_path: Path) -> None:
     base = digest_file(get_testdata_file(MR)).digest
     ds = dicom()
-    ds.PatientName = "Anonymous^Patient"
-    ds.PatientID = "ANON-0001"
+    ds.PatientName = "Anonymous^Patient"  # descriptive; PatientID is identity (issue 9) and is not allowed
     ds.InstitutionName = "Elsewhere"
     ds.PatientBirthDate = ""
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -150,7 +149,9 @@ def test_dicom_allowed_metadata_changes_keep_the_digest(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("tag, value", [
-    ("StudyInstanceUID", "1.2.3.4.5"), ("SeriesInstanceUID", "1.2.3.4.6"), ("WindowCenter", "601"),
+    ("StudyInstanceUID", "1.2.3.4.5"), ("SeriesInstanceUID", "1.2.3.4.6"), ("PatientID", "OTHER-1"),
+    ("Laterality", "L"), ("ImageLaterality", "R"), ("ViewPosition", "PA"), ("BodyPartExamined", "KNEE"),
+    ("PixelSpacing", [0.5, 0.5]), ("WindowCenter", "601"),
     ("WindowWidth", "1200"), ("RescaleIntercept", "-1024"), ("PhotometricInterpretation", "MONOCHROME1"),
 ])
 def test_dicom_identity_and_display_changes_change_the_digest(tmp_path: Path, tag: str, value: str) -> None:

@@ -14,13 +14,21 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PrivateKey
-from provenance_support import drop_guards, ledger_where, make_device, pg_url, raw_sql, save_png  # noqa: F401
-from sqlalchemy import insert
+from provenance_support import (  # noqa: F401
+    drop_guards,
+    ledger_where,
+    log_key,
+    make_device,
+    pg_url,
+    raw_sql,
+    save_png,
+    trust,
+)
 
 from medadv.errors import MedadvError
 from medadv.provenance.digest import ImageDigest, digest_array
-from medadv.provenance.keys import DeviceKey, generate_key, load_private_key, load_trusted_keys
-from medadv.provenance.ledger import GENESIS, Record, name_stem, open_ledger, records, utc_now
+from medadv.provenance.keys import DeviceKey, generate_key, load_private_key
+from medadv.provenance.ledger import GENESIS, Entry, open_ledger
 from medadv.provenance.register import register_paths
 from medadv.provenance.verify import Status, verify_digests
 
@@ -34,14 +42,14 @@ def filled(where: str, tmp_path: Path, n: int = 6) -> tuple[DeviceKey, list[Imag
     key = make_device(where, tmp_path / "keys")
     its = items(n)
     with open_ledger(where) as ledger:
-        res = ledger.append(its, key, batch_size=4)
-    assert (res.added, res.first_seq, res.last_seq) == (n, 1, n)
+        res = ledger.append(its, key, log_key(where), batch_size=4)
+    assert (res.added, res.first_seq, res.last_seq) == (n, 3, n + 2)  # after the log-key and enroll entries
     return key, its
 
 
 def problems(where: str, **kw: object) -> list[tuple[int | None, str]]:
     with open_ledger(where) as ledger:
-        return [(p.seq, p.reason) for p in ledger.check(**kw).problems]
+        return [(p.seq, p.reason) for p in ledger.check(trust(where), **kw).problems]
 
 
 def state(where: str) -> tuple[int, tuple[int, str]]:
@@ -100,21 +108,22 @@ def test_bad_private_keys_are_refused(tmp_path: Path) -> None:
 def test_append_check_and_idempotent_reappend(ledger_where: str, tmp_path: Path) -> None:
     key, its = filled(ledger_where, tmp_path)
     with open_ledger(ledger_where) as ledger:
-        report = ledger.check()
-        assert report.ok and report.records == 6 and report.head_seq == 6
-        again = ledger.append(its + items(2, start=100), key)
-        assert (again.added, again.skipped, again.first_seq) == (2, 6, 7)
+        report = ledger.check(trust(ledger_where))
+        assert report.ok and report.records == 8 and report.head_seq == 8 and report.integrity.startswith(("ok", "not"))
+        assert report.signed_head is not None and report.signed_head["size"] == 8
+        again = ledger.append(its + items(2, start=100), key, log_key(ledger_where))
+        assert (again.added, again.skipped, again.first_seq) == (2, 6, 9)
         rows = list(ledger.iter_records())
-        assert [r.seq for r in rows] == list(range(1, 9))
+        assert [r.seq for r in rows] == list(range(1, 11))
         assert rows[0].prev_hash == GENESIS
         assert all(b.prev_hash == a.record_hash for a, b in zip(rows, rows[1:], strict=False))
-        assert ledger.check().ok
+        assert ledger.check(trust(ledger_where)).ok
 
 
 def test_the_database_itself_refuses_edits_and_deletes(ledger_where: str, tmp_path: Path) -> None:
     filled(ledger_where, tmp_path, n=2)
     for sql in ("UPDATE records SET name = 'x' WHERE seq = 1", "DELETE FROM records WHERE seq = 2",
-                "DELETE FROM devices"):
+                "DELETE FROM nodes", "UPDATE heads SET body = 'x'"):
         with pytest.raises(Exception, match="append-only"):
             raw_sql(ledger_where, sql)
     assert problems(ledger_where) == []
@@ -140,29 +149,29 @@ def test_check_ledger_finds_tampered_rows(ledger_where: str, tmp_path: Path, tam
         forged = replace(rec, name="someone-else.png")
         raw_sql(ledger_where, f"UPDATE records SET name = 'someone-else.png', record_hash = '{forged.compute_hash()}' "
                               "WHERE seq = 3")
-        expect = {3, 4}
+        expect = {3, 4, None}
     elif tamper == "delete":
         raw_sql(ledger_where, "DELETE FROM records WHERE seq = 3")
-        expect = {4}
+        expect = {4, None}
     else:
         _swap_rows(ledger_where, 3, 4)
-        expect = {3, 4, 5}  # 5 no longer follows what now stands at 4
+        expect = {3, 4, 5, None}  # 5 no longer follows what now stands at 4
     found = problems(ledger_where)
     assert found, "tampering went unnoticed"
     assert {seq for seq, _ in found} == expect, found
-    assert found[0][0] == min(expect)
+    assert found[0][0] == min(s for s in expect if s is not None)
     words = {"edit": "edited", "edit-and-rehash": "signature", "delete": "missing", "reorder": "prev_hash"}
     assert any(words[tamper] in reason for _, reason in found), found
 
 
-def test_truncation_is_found_with_an_anchor(ledger_where: str, tmp_path: Path) -> None:
+def test_truncation_is_found_with_a_kept_head(ledger_where: str, tmp_path: Path) -> None:
     filled(ledger_where, tmp_path)
-    _, (_, head) = state(ledger_where)
-    assert problems(ledger_where, anchor=head) == []
+    with open_ledger(ledger_where) as ledger:
+        kept = ledger.check(trust(ledger_where)).signed_head
+    assert kept is not None and problems(ledger_where, old_head=kept) == []
     drop_guards(ledger_where)
-    raw_sql(ledger_where, "DELETE FROM records WHERE seq >= 5")
-    assert problems(ledger_where) == []  # a shorter chain is still a valid chain...
-    assert problems(ledger_where, anchor=head)[0][1].startswith(f"anchor {head} is not in the chain")  # ...but not ours
+    raw_sql(ledger_where, "DELETE FROM records WHERE seq >= 5", "DELETE FROM heads WHERE size >= 5")
+    assert any("truncated" in r for _, r in problems(ledger_where, old_head=kept))
 
 
 def _insert(where: str, rec: Record) -> None:
@@ -171,41 +180,35 @@ def _insert(where: str, rec: Record) -> None:
 
 
 def test_forged_signature_is_rejected(ledger_where: str, tmp_path: Path) -> None:
-    """Someone with database access but not the device key appends a record claiming the device."""
+    """Someone with database access but not the device key appends a record claiming the device's key."""
+    from dataclasses import replace
+
     real, _ = filled(ledger_where, tmp_path)
     attacker = generate_key("ct-1", tmp_path / "attacker")  # same name, different key
     fake = items(1, start=50)[0]
-    count, (seq, prev) = state(ledger_where)
-    claim = Record(seq + 1, prev, fake.digest, fake.name, name_stem(fake.name), None, None, real.device, real.key_id,
-                   utc_now(), fake.meta)
-    from dataclasses import replace
-
-    claim = replace(claim, signature=attacker.sign(claim.signed_bytes()).hex())
-    claim = replace(claim, record_hash=claim.compute_hash())  # the chain itself is extended correctly
-    _insert(ledger_where, claim)
     with open_ledger(ledger_where) as ledger:
-        (verdict,) = verify_digests(ledger, [("fake.png", fake)])
-    assert verdict.status is Status.BAD_SIGNATURE and verdict.seq == seq + 1
-    assert problems(ledger_where) == [(seq + 1, f"its signature does not verify with device {real.device}'s key "
-                                                "(forged or edited)")]
+        ledger.append_entries([Entry.image(fake, "ct-1")], replace(attacker, device="ct-1"), log_key(ledger_where))
+        rec = list(ledger.iter_records())[-1]
+    drop_guards(ledger_where)
+    rehashed = replace(rec, key_id=real.key_id).compute_hash()  # claim the real key, keep the row self-consistent
+    raw_sql(ledger_where, f"UPDATE records SET key_id = '{real.key_id}', record_hash = '{rehashed}' WHERE seq = {rec.seq}")
+    with open_ledger(ledger_where) as ledger:
+        (verdict,) = verify_digests(ledger, [("fake.png", fake)], trust(ledger_where))
+    assert verdict.status is Status.BAD_SIGNATURE and verdict.seq == rec.seq
+    found = problems(ledger_where)
+    assert (rec.seq, "its signature does not verify with device ct-1's key (forged or edited)") in found
 
 
 def test_unknown_device_is_rejected(ledger_where: str, tmp_path: Path) -> None:
-    real, _ = filled(ledger_where, tmp_path)
+    filled(ledger_where, tmp_path)
     rogue = generate_key("rogue", tmp_path / "rogue")
     fake = items(1, start=60)[0]
-    _, (seq, prev) = state(ledger_where)
-    _insert(ledger_where, Record.signed(seq + 1, prev, fake, rogue, utc_now()))  # its key is in no devices table
     with open_ledger(ledger_where) as ledger:
-        (verdict,) = verify_digests(ledger, [("fake.png", fake)])
+        ledger.add_device("rogue", rogue.public.public_key)  # the devices table confers nothing
+        ledger.append_entries([Entry.image(fake, "rogue")], rogue, log_key(ledger_where))
+        (verdict,) = verify_digests(ledger, [("fake.png", fake)], trust(ledger_where))
         assert verdict.status is Status.UNKNOWN_DEVICE
-        assert any("unknown device rogue" in p.reason for p in ledger.check().problems)
-        # an attacker who also adds the rogue key to the devices table fools the table, not trusted keys
-        ledger.add_device("rogue", rogue.public.public_key)
-        assert verify_digests(ledger, [("fake.png", fake)])[0].status is Status.VERIFIED
-        trusted = load_trusted_keys(real.path.parent)  # type: ignore[union-attr]
-        assert verify_digests(ledger, [("fake.png", fake)], trusted=trusted)[0].status is Status.UNKNOWN_DEVICE
-        assert not ledger.check(trusted=trusted).ok
+        assert any("never enrolled" in p.reason for p in ledger.check(trust(ledger_where)).problems)
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -217,11 +220,11 @@ def test_wrong_key_or_bad_image_leaves_the_ledger_untouched(ledger_where: str, t
     stranger = generate_key("ct-9", tmp_path / "other")
     good = save_png(tmp_path / "in" / "good.png", np.full((8, 8), 7, np.uint8))
     with open_ledger(ledger_where) as ledger:
-        with pytest.raises(MedadvError, match="not registered in ledger"):
-            register_paths([good], ledger, stranger)
+        with pytest.raises(MedadvError, match="not enrolled in ledger"):
+            register_paths([good], ledger, stranger, log_key(ledger_where))
         (tmp_path / "in" / "zz-corrupt.png").write_bytes(good.read_bytes()[:30])
         with pytest.raises(MedadvError, match="zz-corrupt.png"):
-            register_paths([tmp_path / "in"], ledger, load_private_key("ct-1", tmp_path / "keys"))
+            register_paths([tmp_path / "in"], ledger, load_private_key("ct-1", tmp_path / "keys"), log_key(ledger_where))
     assert state(ledger_where) == before
 
 

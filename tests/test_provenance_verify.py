@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from provenance_support import isic_jpegs, make_device, save_png, small_npz
+from provenance_support import isic_jpegs, log_key, make_device, save_png, small_npz, trust
 from pydicom.data import get_testdata_file
 from pydicom.uid import RLELossless
 
@@ -33,12 +33,12 @@ def setup(tmp_path: Path) -> tuple[str, DeviceKey]:
 
 def register(where: str, key: DeviceKey, *paths: Path) -> None:
     with open_ledger(where) as ledger:
-        register_paths(paths, ledger, key)
+        register_paths(paths, ledger, key, log_key(where))
 
 
 def statuses(where: str, *paths: Path) -> list[Status]:
     with open_ledger(where) as ledger:
-        return [v.status for v in verify_paths(paths, ledger)]
+        return [v.status for v in verify_paths(paths, ledger, trust(where))]
 
 
 def test_png_one_grey_level_is_modified(setup: tuple[str, DeviceKey], tmp_path: Path) -> None:
@@ -72,13 +72,20 @@ def test_dicom_16_bit_one_level_is_modified_reencodings_verify(setup: tuple[str,
     ds.save_as(out / "mr.dcm")
     ds = pydicom.dcmread(src)
     ds.compress(RLELossless)  # new SOPInstanceUID, new transfer syntax, same image
-    ds.save_as(out / "mr_rle.dcm")
+    (out / "rle").mkdir()
+    ds.save_as(out / "rle" / "mr.dcm")  # same name: verified
+    ds.save_as(out / "mr_rle.dcm")  # another name and another SOPInstanceUID: not bound to the record
     ds = pydicom.dcmread(src)
-    ds.PatientName, ds.PatientID = "Anon", "X1"
-    ds.save_as(out / "mr_anon.dcm")
-    got = statuses(where, out / "mr.dcm", out / "mr_rle.dcm", out / "mr_anon.dcm",
-                   Path(get_testdata_file("MR_small_jp2klossless.dcm")), Path(get_testdata_file("CT_small.dcm")))
-    assert got == [Status.MODIFIED, Status.VERIFIED, Status.VERIFIED, Status.VERIFIED, Status.UNREGISTERED]
+    ds.PatientName = "Anon"
+    (out / "anon").mkdir()
+    ds.save_as(out / "anon" / "mr.dcm")  # the name is descriptive: verified
+    ds.PatientID = "X1"
+    ds.save_as(out / "anon" / "mr_x1.dcm")  # the patient is identity: another image (issue 9)
+    got = statuses(where, out / "mr.dcm", out / "rle" / "mr.dcm", out / "mr_rle.dcm", out / "anon" / "mr.dcm",
+                   out / "anon" / "mr_x1.dcm", Path(get_testdata_file("MR_small_jp2klossless.dcm")),
+                   Path(get_testdata_file("CT_small.dcm")))
+    assert got == [Status.MODIFIED, Status.VERIFIED, Status.NAME_MISMATCH, Status.VERIFIED, Status.MODIFIED,
+                   Status.VERIFIED, Status.UNREGISTERED]
 
 
 def test_every_adversarial_copy_is_modified(setup: tuple[str, DeviceKey], tmp_path: Path) -> None:
@@ -131,8 +138,8 @@ def test_npz_members_register_and_verify_one_by_one(setup: tuple[str, DeviceKey]
     npz = small_npz(tmp_path / "acq", per_split=4)
     register(where, key, npz)
     with open_ledger(where) as ledger:
-        assert ledger.count() == 12
-        ok = verify_paths([npz], ledger)
+        assert ledger.count() == 14  # 12 members after the log-key and enrollment entries
+        ok = verify_paths([npz], ledger, trust(where))
     assert [v.id.split("#")[1] for v in ok][:5] == ["train/0", "train/1", "train/2", "train/3", "val/0"]
     assert all(v.status is Status.VERIFIED for v in ok)
     with np.load(npz) as z:
@@ -142,7 +149,7 @@ def test_npz_members_register_and_verify_one_by_one(setup: tuple[str, DeviceKey]
     tampered.parent.mkdir()
     np.savez(tampered, **arrays)
     with open_ledger(where) as ledger:
-        bad = [v.id.split("#")[1] for v in verify_paths([tampered], ledger) if not v.ok]
+        bad = [v.id.split("#")[1] for v in verify_paths([tampered], ledger, trust(where)) if not v.ok]
     assert bad == ["test/2"]
 
 
@@ -161,39 +168,48 @@ def _folder_imageset(folder: Path, n: int):
 
 
 def test_gate_refuses_or_flags_a_folder_imageset(setup: tuple[str, DeviceKey], tmp_path: Path) -> None:
+    from medadv.data import load_split
+
     where, key = setup
     folder = tmp_path / "site"
     folder.mkdir()
     images = _folder_imageset(folder, 8)
     register(where, key, *images.files)
-    report = check_imageset(images, where, only_flag=False)
+    report = check_imageset(images, where, only_flag=False, trust_root=trust(where))
     assert report.ok and report.counts["verified"] == 8 and report.statuses == ["verified"] * 8
     victim = images.files[3]
     with Image.open(victim) as im:
         arr = np.asarray(im).copy()
     arr[0, 0, 0] = int(arr[0, 0, 0]) ^ 1
     Image.fromarray(arr).save(victim, format="JPEG", quality=100)  # overwritten in place, same name
+    # the gate judges the pixels handed to the model: those loaded before the swap still verify...
+    assert check_imageset(images, where, only_flag=False, trust_root=trust(where)).ok
+    # ...and once the swapped file is loaded, it is refused
+    images = load_split("derm-melanoma", "test", source=str(folder))
     with pytest.raises(MedadvError, match=rf"1 of 8 images .* {victim.name} \(modified\)"):
-        check_imageset(images, where, only_flag=False)
-    flagged = check_imageset(images, where, only_flag=True)
+        check_imageset(images, where, only_flag=False, trust_root=trust(where))
+    flagged = check_imageset(images, where, only_flag=True, trust_root=trust(where))
     assert flagged.failing == [images.ids[3]] and flagged.counts["modified"] == 1 and flagged.counts["verified"] == 7
     assert flagged.to_dict()["failing"][0]["status"] == "modified"
 
 
-def test_gate_on_an_npz_imageset_and_trusted_keys(setup: tuple[str, DeviceKey], tmp_path: Path) -> None:
+def test_gate_on_an_npz_imageset_and_another_root(setup: tuple[str, DeviceKey], tmp_path: Path) -> None:
     from medadv.data import load_split
-    from medadv.provenance.keys import generate_key
+    from medadv.provenance.keys import PublicKey
+    from medadv.provenance.trust import TrustRoot, init_root
 
     where, key = setup
     npz = small_npz(tmp_path / "acq", per_split=5)
     images = load_split("chest-xray", "test", source=str(npz), size=64)  # resized in memory: gate re-reads the npz
     with pytest.raises(MedadvError, match="5 of 5 images .*unregistered"):
-        check_imageset(images, where, only_flag=False)
+        check_imageset(images, where, only_flag=False, trust_root=trust(where))
     register(where, key, npz)
-    assert check_imageset(images, where, only_flag=False).counts["verified"] == 5
-    other = tmp_path / "trusted"
-    generate_key("somebody-else", other)
-    report = check_imageset(images, where, only_flag=True, trusted_keys=other)
+    assert check_imageset(images, where, only_flag=False, trust_root=trust(where)).counts["verified"] == 5
+    native = load_split("chest-xray", "test", source=str(npz))  # as stored: judged in memory
+    assert check_imageset(native, where, only_flag=False, trust_root=trust(where)).counts["verified"] == 5
+    other, _, _ = init_root("other-org", tmp_path / "other")
+    foreign = TrustRoot(PublicKey("other-org", other.private_key.public_key()), "other")
+    report = check_imageset(images, where, only_flag=True, trust_root=foreign)
     assert report.counts["unknown-device"] == 5
     with pytest.raises(MedadvError, match="does not exist"):
-        check_imageset(images, tmp_path / "missing.sqlite", only_flag=True)
+        check_imageset(images, tmp_path / "missing.sqlite", only_flag=True, trust_root=trust(where))

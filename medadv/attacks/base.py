@@ -8,8 +8,9 @@ black-box attack cannot use gradients by accident and its query budget is audita
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,9 +32,12 @@ class AttackResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def check_logits(logits: torch.Tensor, n: int) -> torch.Tensor:
-    if logits.ndim != 2 or logits.shape != (n, 2):
-        raise MedadvError(f"the model returned shape {tuple(logits.shape)} for {n} images; medadv needs N×2 logits.",
+def check_logits(logits: torch.Tensor, n: int, classes: int | None = 2) -> torch.Tensor:
+    """``logits`` if it is N×``classes`` (``classes=None``: N×K for any K >= 2), else a MedadvError."""
+    ok = logits.ndim == 2 and logits.shape[0] == n and (logits.shape[1] == classes if classes else logits.shape[1] >= 2)
+    if not ok:
+        want = f"N×{classes}" if classes else "N×K (K >= 2)"
+        raise MedadvError(f"the model returned shape {tuple(logits.shape)} for {n} images; medadv needs {want} logits.",
                           "wrap the network so it returns two logits (healthy, disease) per image.")
     return logits
 
@@ -91,14 +95,43 @@ class Attack(ABC):
     """
 
     name: ClassVar[str]
-    access: ClassVar[str]  # white-box | score | label
+    access: ClassVar[str]  # what the victim is handed: white-box (the model) | score | label (an oracle)
     bounded: ClassVar[bool] = True  # False for region attacks (a patch): eps does not bound them
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")  # the balls the attack is defined for
 
     def __init__(self, threat: ThreatModel, seed: int = 0) -> None:
+        if self.bounded and threat.norm not in self.norms:
+            title = getattr(type(self), "title", None) or type(self).__name__
+            raise MedadvError(f"{title} is defined for {' and '.join(self.norms)} only; the threat model is {threat.norm}.",
+                              f"use --norm {' or --norm '.join(self.norms)}.")
         self.threat = threat
         self.seed = seed
 
-    def __call__(self, victim, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
+    def at_eps(self, eps: float) -> Attack:
+        """A copy of this attack (same seed, parameters and fitted state) under the budget ``eps``."""
+        clone = copy.copy(self)
+        clone.threat = self.threat.with_(eps=float(eps))
+        return clone
+
+    def set_random_state(self, seed: int) -> Attack:
+        """Seed the attack's random stream (MONAI's ``Randomizable`` form); returns self."""
+        self.seed = int(seed)
+        return self
+
+    @classmethod
+    def describe(cls, threat: dict[str, Any], params: dict[str, Any]) -> list[str]:
+        """Short phrases for a report row's title beyond the name, access, budget and target (e.g.
+        "20 steps", "1000 queries"), from the row's threat model record and its params."""
+        return []
+
+    def __call__(self, victim, x: torch.Tensor, y: torch.Tensor, *, eps: float | Sequence[float] | None = None):
+        """Attack x (labels y) under the threat model; ``eps`` (Foolbox style) overrides its budget: one
+        number gives one :class:`AttackResult`, a list gives one per eps, in order (each run from the same
+        seed, the step size following eps where the attack's schedule leaves it to the threat model)."""
+        if eps is not None and not isinstance(eps, (int, float)):
+            return [self.at_eps(e)(victim, x, y) for e in eps]
+        if eps is not None:
+            return self.at_eps(eps)(victim, x, y)
         self.threat.check_input(x)
         if y.shape != (len(x),):
             raise MedadvError(f"{len(x)} images but labels of shape {tuple(y.shape)}.", "give one label per image.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -9,22 +11,27 @@ from medadv.attacks.base import Attack, AttackResult
 from medadv.attacks.fast import PRECISIONS
 from medadv.attacks.gradient import ascend, autograd_gradient, frozen
 from medadv.attacks.pgd import crafting_model
+from medadv.attacks.registry import Access, register
 from medadv.errors import MedadvError
 
 
+@register("fgsm", kind=Access.WHITE_BOX, title="FGSM", norm="linf")
 class FGSM(Attack):
     """``fast``: None, ``fp32`` or ``bf16``, as for :class:`~medadv.attacks.pgd.PGD`."""
 
     name = "fgsm"
     access = "white-box"
+    norms = ("linf",)
 
     def __init__(self, threat, seed: int = 0, fast: str | None = None) -> None:
-        if threat.norm != "linf":
-            raise MedadvError("FGSM is an L-inf attack.", "use --norm linf, or pgd-l2 for an L2 budget.")
         if fast is not None and fast not in PRECISIONS:
             raise MedadvError(f"unknown fast path '{fast}'.", "use fast=None, 'fp32' or 'bf16'.")
         super().__init__(threat, seed)
         self.fast = fast
+
+    @classmethod
+    def describe(cls, threat: dict[str, Any], params: dict[str, Any]) -> list[str]:
+        return ["one step"]
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> AttackResult:
         crafter = crafting_model(model, self.fast)

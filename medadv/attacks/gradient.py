@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medadv.attacks.base import check_logits
+from medadv.attacks.geometry import LINF, geometry
 from medadv.attacks.threat_model import ThreatModel
 
 # (x_adv, goal) -> per-image gradient of the objective to ASCEND, same shape as x_adv.
@@ -69,21 +70,12 @@ def autograd_gradient(model: nn.Module, targeted: bool, loss: str = "ce") -> Gra
 
 def normalize(grad: torch.Tensor, norm: str) -> torch.Tensor:
     """Steepest-ascent direction of unit size in ``norm``: sign(g) for L-inf, g/||g||_2 for L2."""
-    if norm == "linf":
-        return grad.sign()
-    return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return geometry(norm).normalize(grad)
 
 
 def random_start(x: torch.Tensor, threat: ThreatModel, generator: torch.Generator) -> torch.Tensor:
     """A uniform point of the L-inf ball, or a uniformly random direction and radius in the L2 ball."""
-    eps = threat.radius
-    if threat.norm == "linf":
-        delta = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
-    else:
-        delta = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        delta = normalize(delta, "l2")
-        delta = delta * eps * torch.rand((len(x), 1, 1, 1), generator=generator, device=x.device, dtype=x.dtype)
-    return delta
+    return threat.geometry.random_start(x, threat.radius, generator)
 
 
 StopFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -95,12 +87,7 @@ def box(x: torch.Tensor, threat: ThreatModel, mask: torch.Tensor | None = None) 
     Projection onto that set is one clamp: ``x_adv.clamp_(lo, hi)``. Pixels outside the mask get
     lo = hi = x, so they never move whatever the gradient says.
     """
-    r = threat.radius
-    lo, hi = (x - r).clamp_(min=0.0), (x + r).clamp_(max=1.0)
-    if mask is not None:
-        keep = mask == 0
-        lo, hi = torch.where(keep, x, lo), torch.where(keep, x, hi)
-    return lo, hi
+    return LINF.box(x, threat.radius, mask)
 
 
 def ascend(x: torch.Tensor, goal: torch.Tensor, gradient: GradientFn, threat: ThreatModel,
@@ -114,6 +101,7 @@ def ascend(x: torch.Tensor, goal: torch.Tensor, gradient: GradientFn, threat: Th
     is the caller's) and the number of gradient calls each image received.
     """
     mask = threat.mask_for(x)
+    geo = threat.geometry
     steps = threat.steps if steps is None else steps
     alpha = threat.alpha if step_size is None else step_size
     x_adv = x.clone()
@@ -121,22 +109,22 @@ def ascend(x: torch.Tensor, goal: torch.Tensor, gradient: GradientFn, threat: Th
         delta = random_start(x, threat, generator)
         x_adv = threat.project(x + (delta if mask is None else delta * mask), x, mask)
     calls = torch.zeros(len(x), dtype=torch.long, device=x.device)
-    if stop is None and threat.norm == "linf":
+    if stop is None and geo.per_pixel_box:
         # the white-box hot path: whole batch, in place, one preallocated step buffer; the projection
         # is a clamp to precomputed per-pixel bounds (the mask is in the bounds, so no gradient masking)
-        lo, hi = box(x, threat, mask)
+        lo, hi = geo.box(x, threat.radius, mask)
         x_adv.clamp_(lo, hi)
         direction = torch.empty_like(x)
         for _ in range(steps):
             torch.sign(gradient(x_adv, goal), out=direction)
             x_adv.add_(direction, alpha=alpha).clamp_(lo, hi)
         return x_adv, calls + steps
-    if stop is None:  # L2: whole batch, no indexing
+    if stop is None:  # other balls (L2): whole batch, no indexing
         for _ in range(steps):
             grad = gradient(x_adv, goal)
             if mask is not None:
                 grad = grad * mask  # normalize over the pixels that may change only
-            x_adv = threat.project(x_adv + alpha * normalize(grad, threat.norm), x, mask)
+            x_adv = threat.project(x_adv + alpha * geo.normalize(grad), x, mask)
         return x_adv, calls + steps
     active = torch.arange(len(x), device=x.device)
     for _ in range(steps):
@@ -145,7 +133,7 @@ def ascend(x: torch.Tensor, goal: torch.Tensor, gradient: GradientFn, threat: Th
         grad = gradient(xa, goal[active])
         if m is not None:
             grad = grad * m
-        x_adv[active] = xa = threat.project(xa + alpha * normalize(grad, threat.norm), x0, m)
+        x_adv[active] = xa = threat.project(xa + alpha * geo.normalize(grad), x0, m)
         calls[active] += 1
         active = active[~stop(xa, active)]
         if len(active) == 0:

@@ -19,17 +19,21 @@ random images (the reference's init); one label query each, ``init_tries`` at mo
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from medadv.attacks._query import QueryBudget, check_budget, wanted_class
 from medadv.attacks.base import Attack, AttackResult, LabelOracle
+from medadv.attacks.geometry import L2_BALL
+from medadv.attacks.registry import Access, register
 from medadv.errors import MedadvError
 
 _HALVINGS = 30  # step-size search: at most this many halvings before the point stays where it is
 _CHUNK = 1 << 24  # gradient-estimate probes held in memory at once (elements)
 
 
+@register("hsja", kind=Access.LABEL, title="HopSkipJump")
 class HopSkipJump(Attack):
     """Label-only HopSkipJump. ``max_queries`` per image (the clean image's query included);
     ``init_evals``/``max_evals``: probes per gradient estimate at the first iteration / at most;
@@ -52,14 +56,19 @@ class HopSkipJump(Attack):
         self.max_queries, self.init_evals, self.max_evals = max_queries, init_evals, max_evals
         self.gamma, self.init_tries = gamma, init_tries
 
+    @classmethod
+    def describe(cls, threat: dict[str, Any], params: dict[str, Any]) -> list[str]:
+        q = params.get("max_queries")
+        return [f"{q} queries" if q else "1000 queries"]
+
     def run(self, oracle: LabelOracle, x: torch.Tensor, y: torch.Tensor,
             generator: torch.Generator) -> AttackResult:
         threat, n, dev = self.threat, len(x), x.device
-        linf = threat.norm == "linf"
+        geo = threat.geometry
         mask = threat.mask_for(x)
         mask = torch.ones_like(x) if mask is None else mask
         d = mask.flatten(1).sum(1).clamp_min(1)
-        theta = self.gamma / (d ** 2 if linf else d ** 1.5)
+        theta = self.gamma / (d * geo.dual_of_ones(d))  # the reference's gamma/d² (L-inf), gamma/d^1.5 (L2)
         budget = QueryBudget(oracle, n, self.max_queries, dev)
         want = wanted_class(threat, y)
         shape = (-1,) + (1,) * (x.ndim - 1)
@@ -71,31 +80,25 @@ class HopSkipJump(Attack):
             return budget.left(idx) - 1
 
         def dist(p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            delta = (p - x[idx]).flatten(1)
-            return delta.abs().amax(1) if linf else delta.norm(dim=1)
-
-        def toward(p: torch.Tensor, idx: torch.Tensor, a: torch.Tensor, norm_linf: bool) -> torch.Tensor:
-            """The point a of the way from x to p: a box of radius a (L-inf) or the blend (L2)."""
-            x0, a = x[idx], a.view(shape)
-            return torch.minimum(torch.maximum(p, x0 - a), x0 + a) if norm_linf else x0 + a * (p - x0)
+            return geo.distance(p - x[idx])
 
         def boundary(p: torch.Tensor, idx: torch.Tensor, blend: bool = False) -> torch.Tensor:
-            """Binary search from adversarial p toward x; returns points on the adversarial side."""
-            box = linf and not blend
-            hi = dist(p, idx) if box else torch.ones(len(idx), device=dev, dtype=x.dtype)
+            """Binary search from adversarial p toward x; returns points on the adversarial side. The line is
+            the norm's (a shrinking box for L-inf, the blend for L2), or the blend when ``blend``."""
+            line = L2_BALL if blend else geo
+            hi = line.span(p, x[idx])
             lo = torch.zeros_like(hi)
-            thr = torch.full_like(hi, 1e-3) if blend else (torch.minimum(hi * theta[idx], theta[idx]) if box
-                                                           else theta[idx])
+            thr = torch.full_like(hi, 1e-3) if blend else torch.minimum(hi * theta[idx], theta[idx])
             while True:
                 act = ((hi - lo) > thr) & (spare(idx) > 0)
                 if not bool(act.any()):
                     break
                 a = act.nonzero()[:, 0]
                 mid = (hi[a] + lo[a]) / 2
-                ok = adversarial(toward(p[a], idx[a], mid, box), idx[a])
+                ok = adversarial(line.toward(p[a], x[idx[a]], mid), idx[a])
                 hi[a] = torch.where(ok, mid, hi[a])
                 lo[a] = torch.where(ok, lo[a], mid)
-            return toward(p, idx, hi, box)
+            return line.toward(p, x[idx], hi)
 
         x_out = x.clone()
         everyone = torch.arange(n, device=dev)
@@ -139,13 +142,11 @@ class HopSkipJump(Attack):
                 break
             # gradient-direction estimate at the boundary point
             delta = (torch.full((len(idx),), 0.1, device=dev, dtype=x.dtype) if it == 0
-                     else (d[idx] * theta[idx] * dist_post[idx] if linf
-                           else d[idx].sqrt() * theta[idx] * dist_post[idx]))
+                     else geo.dual_of_ones(d[idx]) * theta[idx] * dist_post[idx])
             evals = min(int(self.init_evals * math.sqrt(it + 1)), self.max_evals)
             update = self._direction(cur, idx, mask, delta, torch.clamp(spare(idx), max=evals), adversarial,
                                      generator)
-            if linf:
-                update = update.sign()
+            update = geo.normalize(update)  # the reference's sign step for L-inf (the L2 estimate is unit already)
             # geometric step-size search: the largest dist/sqrt(t)·2^-k step that stays adversarial
             step = dist(cur[idx], idx) / math.sqrt(it + 1)
             moved = torch.zeros(len(idx), dtype=torch.bool, device=dev)
@@ -189,7 +190,7 @@ class HopSkipJump(Attack):
         far = far.masked_fill(clean_label[None, :] != want[idx][:, None], float("inf"))
         near = torch.full((n,), -1, dtype=torch.long, device=dev)
         near[idx] = torch.where(torch.isfinite(far.amin(1)), far.argmin(1), -1)
-        scale = self.threat.radius if self.threat.norm == "linf" else self.threat.eps / math.sqrt(x[0].numel())
+        scale = self.threat.geometry.per_pixel(self.threat.radius, x[0].numel())
         for t in range(self.init_tries):
             idx = idx[spare(idx) > 0]
             if len(idx) == 0:
@@ -219,9 +220,7 @@ class HopSkipJump(Attack):
             ids, p, m, dl, e = idx[sl], cur[idx[sl]], mask[idx[sl]], delta[sl], evals[sl]
             tail = (1,) * (p.ndim - 1)  # broadcasts a per-image or per-probe scalar over C×H×W
             shape = (len(ids), k, *p.shape[1:])
-            rv = (torch.randn(shape, generator=generator, device=p.device, dtype=p.dtype)
-                  if self.threat.norm == "l2"
-                  else torch.rand(shape, generator=generator, device=p.device, dtype=p.dtype) * 2 - 1)
+            rv = self.threat.geometry.noise(shape, generator, p.device, p.dtype)
             rv = rv * m[:, None]
             rv = rv / rv.flatten(2).norm(dim=2).clamp_min(1e-12).view(len(ids), k, *tail)
             probes = (p[:, None] + dl.view(-1, 1, *tail) * rv).clamp(0.0, 1.0)

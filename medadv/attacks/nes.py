@@ -9,14 +9,18 @@ an image stops at its first success.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from medadv.attacks._query import QueryBudget, check_budget, margin, score_success, wanted_class
 from medadv.attacks.base import Attack, AttackResult, ProbabilityOracle
+from medadv.attacks.registry import Access, register
 from medadv.attacks.gradient import ascend
 from medadv.errors import MedadvError
 
 
+@register("nes", kind=Access.SCORE, title="NES")
 class NES(Attack):
     """Score-based NES. ``samples`` (even) antithetic samples per gradient estimate; as many steps of
     ``threat.alpha`` as fit in ``max_queries`` per image (the first query scores the clean image);
@@ -34,6 +38,11 @@ class NES(Attack):
         check_budget(max_queries, samples + 2, "NES")
         super().__init__(threat, seed)
         self.max_queries, self.samples, self.sigma, self.threshold = max_queries, samples, sigma, threshold
+
+    @classmethod
+    def describe(cls, threat: dict[str, Any], params: dict[str, Any]) -> list[str]:
+        q = params.get("max_queries")
+        return [f"{q} queries" if q else "1000 queries"]
 
     def run(self, oracle: ProbabilityOracle, x: torch.Tensor, y: torch.Tensor,
             generator: torch.Generator) -> AttackResult:

@@ -10,6 +10,7 @@ location, upright and at its own size, pixel for pixel. A region attack: eps doe
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from torch import nn
 
 from medadv.attacks.base import AttackResult, check_logits
 from medadv.attacks.gradient import objective
+from medadv.attacks.registry import Access, register
 from medadv.attacks.threat_model import ThreatModel
 from medadv.attacks.universal import UniversalAttack, minibatches
 from medadv.errors import MedadvError
@@ -51,6 +53,7 @@ def place(patch: torch.Tensor, shape: torch.Size, center: torch.Tensor, side: to
     return image, coverage
 
 
+@register("patch", kind=Access.UNIVERSAL, title="Adversarial patch")
 class AdversarialPatch(UniversalAttack):
     """One square patch (C×s×s, s² ≈ patch_fraction·H·W) pushing images toward ``threat.goal(y)``.
 
@@ -81,6 +84,10 @@ class AdversarialPatch(UniversalAttack):
         self.steps = steps
         self.batch_size = batch_size
         self.lr = lr
+
+    @classmethod
+    def describe(cls, threat: dict[str, Any], params: dict[str, Any]) -> list[str]:
+        return [f"{params.get('patch_fraction', 0.1):.0%} of the image"]
 
     def _fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
              monitor: Monitor) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from medadv.attacks.geometry import GEOMETRIES, Geometry, geometry
 from medadv.errors import MedadvError
 
 Norm = Literal["linf", "l2"]
@@ -53,13 +54,12 @@ class ThreatModel:
     levels: int | None = 255
 
     def __post_init__(self) -> None:
-        if self.norm not in ("linf", "l2"):
-            raise MedadvError(f"unknown norm '{self.norm}'.", "use linf or l2.")
+        if self.norm not in GEOMETRIES:
+            raise MedadvError(f"unknown norm '{self.norm}'.", f"use {' or '.join(GEOMETRIES)}.")
         if not isinstance(self.eps, (int, float)) or math.isnan(self.eps) or self.eps < 0 or math.isinf(self.eps):
             raise MedadvError(f"eps must be a finite number >= 0 in [0, 1] pixel units; got {self.eps}.",
                               "pass e.g. --eps 0.01 (or --eps 4/255).")
-        if self.norm == "linf" and self.eps > 1:
-            raise MedadvError(f"an L-inf eps of {self.eps} exceeds the pixel range [0, 1].", "pass eps <= 1.")
+        self.geometry.check_eps(self.eps)
         if self.step_size is not None and (math.isnan(self.step_size) or self.step_size <= 0):
             raise MedadvError(f"step size must be > 0; got {self.step_size}.", "pass a positive --step-size.")
         if self.steps < 1:
@@ -70,17 +70,20 @@ class ThreatModel:
             raise MedadvError(f"storage grid of {self.levels} levels is not supported.", "use 255 or 65535.")
 
     @property
+    def geometry(self) -> Geometry:
+        """The norm's geometry (:mod:`medadv.attacks.geometry`): projection, steps, random start, grid."""
+        return geometry(self.norm)
+
+    @property
     def alpha(self) -> float:
-        """The step size actually used."""
-        return self.step_size if self.step_size is not None else self.eps / (4 if self.norm == "linf" else 5)
+        """The step size actually used (default: eps/4 L-inf, eps/5 L2)."""
+        return self.step_size if self.step_size is not None else self.geometry.default_step(self.eps)
 
     @property
     def radius(self) -> float:
         """The ball the attack searches: eps, or for L-inf on a storage grid the largest whole number of
         levels within eps (floor(eps·levels)/levels), so that rounding never has to cut the change."""
-        if self.norm == "linf" and self.levels is not None:
-            return math.floor(self.eps * self.levels + 1e-6) / self.levels
-        return self.eps
+        return self.geometry.radius(self.eps, self.levels)
 
     @property
     def targeted(self) -> bool:
@@ -131,16 +134,7 @@ class ThreatModel:
 
     def project(self, x_adv: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Closest point to ``x_adv`` inside the eps-ball around ``x``, the mask and [0, 1]."""
-        delta = x_adv - x
-        if mask is not None:
-            delta = delta * mask
-        eps = self.radius
-        if self.norm == "linf":
-            delta = delta.clamp(-eps, eps)
-        else:
-            norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-            delta = delta * torch.clamp(eps / norms, max=1.0)
-        return (x + delta).clamp(0.0, 1.0)
+        return self.geometry.project(x_adv, x, self.radius, mask)
 
     def snap(self, x: torch.Tensor) -> torch.Tensor:
         """Images clipped to [0, 1] and rounded to the nearest storage level (no eps: region attacks)."""
@@ -154,18 +148,7 @@ class ThreatModel:
         L2: changes are rounded to the nearest level; an image whose norm then exceeds eps has its
         changes rounded toward zero instead (never larger than before rounding).
         """
-        if self.levels is None:
-            return x_adv
-        L = self.levels
-        steps = torch.round((x_adv - x) * L)
-        if self.norm == "linf":
-            cap = math.floor(self.eps * L + 1e-6)
-            steps = steps.clamp(-cap, cap)
-        else:
-            too_long = (steps.flatten(1).norm(dim=1) / L > self.eps).view(-1, 1, 1, 1)
-            steps = torch.where(too_long, torch.trunc((x_adv - x) * L), steps)
-        base = torch.round(x * L)
-        return ((base + steps).clamp(0, L) / L).to(x.dtype)
+        return self.geometry.to_grid(x_adv, x, self.eps, self.levels)
 
 
 # The paper's setting (Finlayson et al. 2018): eps 0.02 and step 0.01 in [-1, 1] pixel space,

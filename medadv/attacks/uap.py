@@ -13,13 +13,15 @@ import torch
 from torch import nn
 
 from medadv.attacks.base import AttackResult, check_logits
-from medadv.attacks.gradient import normalize, objective
+from medadv.attacks.gradient import objective
+from medadv.attacks.registry import Access, register
 from medadv.attacks.threat_model import ThreatModel
 from medadv.attacks.universal import UniversalAttack, minibatches
 from medadv.errors import MedadvError
 from medadv.progress import Monitor
 
 
+@register("uap", kind=Access.UNIVERSAL, title="Universal adversarial perturbation")
 class UniversalPerturbation(UniversalAttack):
     """One delta (C×H×W, at the stored image size) within eps and the mask, applied as clip(x + delta).
 
@@ -61,7 +63,7 @@ class UniversalPerturbation(UniversalAttack):
             with torch.no_grad():
                 if mask is not None:
                     grad = grad * mask  # normalize over the pixels that may change only
-                delta = self._project(delta + self.alpha * normalize(grad, self.threat.norm), mask)
+                delta = self._project(delta + self.alpha * self.threat.geometry.normalize(grad), mask)
                 success = 0.9 * success + 0.1 * self._success(model, logits, y[idx]).mean()
         self.fit_success = float(success / (1 - 0.9 ** self.steps))  # bias-corrected running mean
         return {"delta": self._quantize(delta)[0]}
@@ -81,9 +83,7 @@ class UniversalPerturbation(UniversalAttack):
         """The closest delta inside the mask and the eps-ball (L-inf: the radius on the grid)."""
         if mask is not None:
             delta = delta * mask
-        if self.threat.norm == "linf":
-            return delta.clamp(-self.threat.radius, self.threat.radius)
-        return delta * torch.clamp(self.threat.eps / delta.norm().clamp_min(1e-12), max=1.0)
+        return self.threat.geometry.project_delta(delta, self.threat.radius)
 
     def _quantize(self, delta: torch.Tensor) -> torch.Tensor:
         """Delta in whole storage levels, so every image gets exactly the same change before clipping.
@@ -94,10 +94,7 @@ class UniversalPerturbation(UniversalAttack):
         L = self.threat.levels
         if L is None:
             return delta
-        steps = torch.round(delta * L)
-        if self.threat.norm == "l2" and steps.norm() / L > self.threat.eps * (1 - 1e-6):
-            steps = torch.trunc(delta * L)
-        return steps / L
+        return self.threat.geometry.grid_steps(delta, self.threat.eps, L, slack=1e-6) / L
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:
         super()._check_state(state)

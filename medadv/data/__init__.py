@@ -5,7 +5,12 @@ Sources are named by a string:
 
 * ``medmnist:<flag>``: ``<data root>/medmnist/<flag>[_<size>].npz``, downloaded when missing;
 * ``folder:<name>``: ``<data root>/<name>/labels.csv`` and its images;
-* a path to a ``.npz`` file with MedMNIST's keys, or to a folder with a ``labels.csv``.
+* a path to a ``.npz`` file with MedMNIST's keys, or to a folder with a ``labels.csv``;
+* ``resplit:<any of the above>``: the same images re-split 70/10/20 by patient (``--resplit-by-patient``;
+  recorded in a checkpoint's source, so evaluate and attack read the same split).
+
+Every load checks the splits for patient leakage when patient ids are known (:mod:`medadv.data.leakage`)
+and records the result in ``ImageSet.meta["leakage"]``.
 """
 
 from __future__ import annotations
@@ -16,15 +21,18 @@ from pathlib import Path
 import numpy as np
 
 from medadv.data import medmnist
-from medadv.data.checksums import sha256_file, sha256_files
-from medadv.data.folder import load_images, read_labels
-from medadv.data.imageset import ImageSet, to_storage
+from medadv.data import leakage
+from medadv.data.checksums import sha256_arrays, sha256_file, sha256_files
+from medadv.data.folder import FITS, Layout, load_images_full, read_labels, resize
+from medadv.data.imageset import ImageSet, apply_window, to_storage
 from medadv.data.splits import patient_split
 from medadv.data.tasks import EXCLUDED, TASKS, Task, get_task
 from medadv.errors import MedadvError
 
-__all__ = ["ImageSet", "Task", "TASKS", "get_task", "load_split", "resolve_data_root", "resolve_source",
-           "to_storage"]
+__all__ = ["ImageSet", "Task", "TASKS", "apply_window", "get_task", "load_split", "resolve_data_root",
+           "resolve_source", "to_storage"]
+
+RESPLIT = "resplit:"
 
 
 def resolve_data_root(data_root: str | os.PathLike[str] | None = None) -> Path:
@@ -67,32 +75,47 @@ def load_split(
     split_seed: int = 0,
     download: bool = True,
     file_size: int | None = None,
+    resplit_by_patient: bool = False,
+    patient_pattern: str | None = None,
+    allow_outside_paths: bool = False,
+    fit: str = "letterbox",
+    fit_size: int | None = None,
 ) -> ImageSet:
     """Load one split of a task's images at ``size``×``size`` (None: as stored) with binary labels.
 
     file_size: for MedMNIST sources, the official resolution to read (default: the smallest one >=
     ``size``); the images are then resized to ``size`` (e.g. 28 px files upsampled for a 64 px network).
+    Non-square images are letterboxed (``fit='crop'``: centre-cropped) into the square, never squashed.
 
     MedMNIST files keep their official split; folders use their ``split`` column, else a seeded,
     stratified, patient-level 70/10/20 split (``split_seed``, independent of any training seed).
+    ``resplit_by_patient`` (or a ``resplit:`` source) pools the given splits and makes that patient-level
+    split instead. ``patient_pattern``: how an npz's image ids name the patient (see :mod:`.leakage`).
+    ``allow_outside_paths``: let labels.csv name images outside its folder. ``fit_size`` (with
+    ``size`` None): the size to fit images to when they are not all one square size (a model's input).
     """
     task = get_task(task) if isinstance(task, str) else task
     if split not in medmnist.SPLITS:
         raise MedadvError(f"unknown split '{split}'.", f"use one of {', '.join(medmnist.SPLITS)}.")
+    if fit not in FITS:
+        raise MedadvError(f"--fit {fit!r} is not letterbox or crop.", "pass --fit letterbox or --fit crop.")
     root = resolve_data_root(data_root)
     spec = resolve_source(task, source, root)
+    if spec.startswith(RESPLIT):
+        spec, resplit_by_patient = spec[len(RESPLIT):], True
+    opts = dict(resplit=resplit_by_patient, split_seed=split_seed, pattern=patient_pattern, fit=fit, fit_size=fit_size)
     kind, _, name = spec.partition(":")
     if kind == "medmnist" and name:
         path = medmnist.locate(name, file_size or _medmnist_size(size), root, download=download)
-        out = _from_npz(task, split, path, size)
+        out = _from_npz(task, split, path, size, **opts)
     elif kind == "folder" and name:
-        out = _from_folder(task, split, root / name, size, split_seed)
+        out = _from_folder(task, split, root / name, size, allow_outside=allow_outside_paths, **opts)
     else:
         path = Path(spec).expanduser()
         if path.suffix == ".npz":
-            out = _from_npz(task, split, path, size)
+            out = _from_npz(task, split, path, size, **opts)
         elif path.is_dir():
-            out = _from_folder(task, split, path, size, split_seed)
+            out = _from_folder(task, split, path, size, allow_outside=allow_outside_paths, **opts)
         else:
             raise MedadvError(f"data source '{spec}' is neither a .npz file nor a folder.",
                               "pass medmnist:<flag>, folder:<name>, a .npz path or a folder with labels.csv.")
@@ -102,47 +125,186 @@ def load_split(
     return out
 
 
-def _from_npz(task: Task, split: str, path: Path, size: int | None) -> ImageSet:
+def split_leakage(task: str | Task, source: str | None = None, *, data_root: str | os.PathLike[str] | None = None,
+                  split_seed: int = 0, patient_pattern: str | None = None, allow_outside_paths: bool = False) -> dict:
+    """The patient-leakage record of a source's splits, from ids alone (no image is decoded)."""
+    task = get_task(task) if isinstance(task, str) else task
+    root = resolve_data_root(data_root)
+    spec = resolve_source(task, source, root)
+    resplit = spec.startswith(RESPLIT)
+    spec = spec[len(RESPLIT):] if resplit else spec
+    kind, _, name = spec.partition(":")
+    if kind == "medmnist":
+        return leakage.unchecked("MedMNIST files carry no patient ids")
+    path = root / name if kind == "folder" else Path(spec).expanduser()
+    if path.suffix == ".npz":
+        if resplit:
+            return leakage.unchecked("re-split by patient: no patient is in two splits")
+        patients, how, _ = _npz_patients(path, patient_pattern)
+        return leakage.split_overlap(patients, how) if patients else leakage.unchecked("no patient ids")
+    rows = read_labels(path, allow_outside_paths)
+    if resplit or all(r.split is None for r in rows):
+        return leakage.unchecked("split by medadv at patient level: no patient is in two splits")
+    if not any(r.patient_id for r in rows):
+        return leakage.unchecked("labels.csv has no patient_id column")
+    return leakage.split_overlap({s: [r.patient_id for r in rows if r.split == s] for s in medmnist.SPLITS},
+                                 "labels.csv's patient_id column")
+
+
+def data_class_names(task: str | Task, source: str | None = None, *,
+                     data_root: str | os.PathLike[str] | None = None) -> tuple[str, str] | None:
+    """The names the data itself gives its two classes, or None: an npz's ``class_names`` array (two
+    strings, for labels 0 and 1) or labels.csv's optional ``class_name`` column (one name per label)."""
+    task = get_task(task) if isinstance(task, str) else task
+    root = resolve_data_root(data_root)
+    spec = resolve_source(task, source, root)
+    spec = spec[len(RESPLIT):] if spec.startswith(RESPLIT) else spec
+    kind, _, name = spec.partition(":")
+    if kind == "medmnist":
+        return None
+    path = root / name if kind == "folder" else Path(spec).expanduser()
+    if path.suffix == ".npz" and path.is_file():
+        names = medmnist.read_npz_extra(path, "class", "names")
+        if names is not None and len(names) != 2:
+            raise MedadvError(f"{path}: class_names holds {len(names)} names; a binary task needs 2 (label 0, label 1).",
+                              "store class_names as two strings.")
+        return None if names is None else (names[0], names[1])
+    if path.is_dir():
+        import csv
+
+        with open(path / "labels.csv", newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+        named = {(r.get("label") or "").strip(): (r.get("class_name") or "").strip() for r in rows if r.get("class_name")}
+        if {"0", "1"} <= set(named):
+            return named["0"], named["1"]
+    return None
+
+
+def _binary(task: Task, raw: np.ndarray, where: str) -> np.ndarray:
+    """The task's labels for ``raw``, refused when a raw class falls outside what the task knows."""
+    labels = task.binarize(raw)
+    bad = ~np.isin(labels, (0, 1, EXCLUDED))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise MedadvError(f"{where}: label {raw[row].tolist()} at row {row} is out of range for task {task.name} "
+                          f"({int(bad.sum())} such rows); labels are 0 ({task.class_names[0]}) or 1 ({task.class_names[1]}).",
+                          "fix the labels, or pick the task these labels belong to.")
+    return labels
+
+
+def _npz_patients(path: Path, pattern: str | None) -> tuple[dict[str, list[str | None]] | None, str, dict]:
+    """Patient ids of every split of an npz (from ``*_patient_ids``, else ``*_image_ids`` by pattern)."""
+    names = {s: medmnist.read_npz_extra(path, s, "image_ids") for s in medmnist.SPLITS}
+    given = {s: medmnist.read_npz_extra(path, s, "patient_ids") for s in medmnist.SPLITS}
+    if all(v is not None for v in given.values()):
+        return given, "the npz's *_patient_ids arrays", names
+    if all(v is not None for v in names.values()):
+        found = {s: leakage.patients_from_names(v, pattern) for s, v in names.items()}
+        if all(ids is not None for ids, _ in found.values()):
+            how = {how for _, how in found.values()}.pop()
+            return {s: ids for s, (ids, _) in found.items()}, f"image ids by pattern {how}", names
+    elif pattern is not None:
+        raise MedadvError(f"{path} has no *_image_ids arrays for --patient-pattern to read.",
+                          "store train_/val_/test_image_ids string arrays in the npz, or drop --patient-pattern.")
+    return None, "", names
+
+
+def _fit_square(images: np.ndarray, size: int | None, fit: str) -> np.ndarray:
+    if size is None or images.shape[-2:] == (size, size):
+        return images
+    import torch
+
+    x = torch.from_numpy(images).float().div_(255)
+    h, w = images.shape[-2:]
+    x = resize(x, size) if h == w else Layout.of((h, w), size, fit).to_square(x)
+    return to_storage(x, 255)
+
+
+def _from_npz(task: Task, split: str, path: Path, size: int | None, *, resplit: bool, split_seed: int,
+              pattern: str | None, fit: str, fit_size: int | None = None) -> ImageSet:
     if not path.is_file():
         raise MedadvError(f"{path} does not exist.", "check the path, or use medmnist:<flag> to download it.")
-    images, raw = medmnist.read_npz(path, split)
-    labels = task.binarize(raw)
-    keep = np.flatnonzero(labels != EXCLUDED)
-    images, labels = images[keep], labels[keep]
-    if size is not None and images.shape[-1] != size:
-        import torch
-
-        from medadv.data.folder import resize
-
-        images = to_storage(resize(torch.from_numpy(images).float().div_(255), size), 255)
+    patients, how, names = _npz_patients(path, pattern)
+    if resplit:
+        if patients is None:
+            raise MedadvError(f"--resplit-by-patient: {path} does not say which patient each image is from.",
+                              "add *_patient_ids arrays, or *_image_ids with --patient-pattern.")
+        parts = [medmnist.read_npz(path, s) for s in medmnist.SPLITS]
+        images = np.concatenate([im for im, _ in parts])
+        raw = np.concatenate([r for _, r in parts])
+        all_patients = [p for s in medmnist.SPLITS for p in patients[s]]
+        all_names = None if any(names[s] is None for s in medmnist.SPLITS) else [n for s in medmnist.SPLITS for n in names[s]]
+        labels = _binary(task, raw, f"{path}")
+        assigned = patient_split(labels, all_patients, split_seed)
+        record = leakage.split_overlap({s: [p for p, a in zip(all_patients, assigned) if a == s]
+                                        for s in medmnist.SPLITS}, how)
+        pick = np.flatnonzero((assigned == split) & (labels != EXCLUDED))
+        # ids keep each image's place in the file (split and index), which provenance checks re-read
+        members = [(s, i) for s, (im, _) in zip(medmnist.SPLITS, parts) for i in range(len(im))]
+        ids = [f"{path.name}#{members[i][0]}/{members[i][1]}" for i in pick]
+        split_from = f"patient-level 70/10/20 resplit of all splits, seed {split_seed}"
+        names_out = None if all_names is None else [all_names[i] for i in pick]
+        pids = [all_patients[i] for i in pick]
+    else:
+        images, raw = medmnist.read_npz(path, split)
+        labels = _binary(task, raw, f"{path}: {split}_labels")
+        if names[split] is not None and len(names[split]) != len(images):
+            raise MedadvError(f"{path}: {len(images)} {split} images but {len(names[split])} {split}_image_ids.",
+                              "store one id per image.")
+        record = leakage.split_overlap(patients, how) if patients else leakage.unchecked(
+            "no patient ids (no *_patient_ids arrays, and *_image_ids match no known pattern)")
+        pick = np.flatnonzero(labels != EXCLUDED)
+        ids = [f"{path.name}#{split}/{i}" for i in pick]
+        split_from = "the npz's own splits"
+        names_out = None if names[split] is None else [names[split][i] for i in pick]
+        pids = None if not patients else [patients[split][i] for i in pick]
+    if size is None and fit_size is not None and images.shape[-2] != images.shape[-1]:
+        size = fit_size  # non-square arrays are fitted to the model's input, never squashed by it
+    images, labels = _fit_square(images[pick], size, fit), labels[pick]
     return ImageSet(
-        pixels=np.ascontiguousarray(images), labels=labels, ids=[f"{path.name}#{split}/{i}" for i in keep],
-        task=task.name, split=split, source=str(path), checksum=sha256_file(path),
-        meta={"kind": "npz", "excluded": int(len(raw) - len(keep))},
+        pixels=np.ascontiguousarray(images), labels=labels, ids=ids, task=task.name, split=split, source=str(path),
+        checksum=sha256_arrays(images, labels, names_out or []), patient_ids=pids, names=names_out,
+        meta={"kind": "npz", "excluded": int(len(raw) - len(pick)) if not resplit else None,
+              "checksum_of": f"the {split} split's arrays (images, labels, ids)", "file_checksum": sha256_file(path),
+              "split_from": split_from, "leakage": record, "fit": fit},
     )
 
 
-def _from_folder(task: Task, split: str, folder: Path, size: int | None, split_seed: int) -> ImageSet:
-    rows = read_labels(folder)
+def _from_folder(task: Task, split: str, folder: Path, size: int | None, *, resplit: bool, split_seed: int,
+                 pattern: str | None, fit: str, allow_outside: bool = False, fit_size: int | None = None) -> ImageSet:
+    rows = read_labels(folder, allow_outside)
     given = [r.split for r in rows]
-    if all(s is None for s in given):
+    has_patients = any(r.patient_id for r in rows)
+    if resplit and not has_patients:
+        raise MedadvError(f"--resplit-by-patient: {folder / 'labels.csv'} has no patient_id column values.",
+                          "add a patient_id column, or drop --resplit-by-patient.")
+    if resplit or all(s is None for s in given):
         splits = patient_split(np.array([r.label for r in rows]), [r.patient_id for r in rows], split_seed)
-        how = f"patient-level 70/10/20, seed {split_seed}"
+        how = f"patient-level 70/10/20, seed {split_seed}" + (" (resplit of labels.csv)" if resplit else "")
     elif any(s is None for s in given):
         raise MedadvError(f"{folder / 'labels.csv'} gives a split for some rows but not all.",
                           "fill the split column for every row, or leave it empty everywhere.")
     else:
         splits, how = np.array(given), "labels.csv"
+    record = leakage.unchecked("labels.csv has no patient_id column") if not has_patients else \
+        leakage.split_overlap({s: [r.patient_id for r, a in zip(rows, splits) if a == s] for s in medmnist.SPLITS},
+                              "labels.csv's patient_id column")
     picked = [r for r, s in zip(rows, splits) if s == split]
     if not picked:
         return ImageSet(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64), [], task.name, split,
                         str(folder), "")
     files = [r.path for r in picked]
-    pixels, _ = load_images(files, size, str(folder))
+    loaded = load_images_full(files, size, str(folder), fit, fit_size)
+    grids = loaded.stored_levels
     return ImageSet(
-        pixels=pixels, labels=np.array([r.label for r in picked], dtype=np.int64),
-        ids=[f.relative_to(folder).as_posix() for f in files], task=task.name, split=split, source=str(folder),
+        pixels=loaded.pixels, labels=np.array([r.label for r in picked], dtype=np.int64),
+        ids=[f.relative_to(folder).as_posix() if f.is_relative_to(folder) else f.as_posix() for f in files],
+        task=task.name, split=split, source=str(folder),
         checksum=sha256_files([folder / "labels.csv", *files], folder),
         patient_ids=[r.patient_id for r in picked] if any(r.patient_id for r in picked) else None,
-        files=files, meta={"kind": "folder", "split_from": how},
+        files=files, window=loaded.window,
+        stored_levels=None if all(g is None for g in grids) else np.array([g or 0 for g in grids], dtype=np.int64),
+        meta={"kind": "folder", "split_from": how, "leakage": record, "fit": fit,
+              "bits_stored": sorted({int(g).bit_length() for g in grids if g}) or None,
+              "stored_shapes": sorted({f"{h}x{w}" for h, w in loaded.shapes})},
     )

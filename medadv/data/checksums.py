@@ -25,3 +25,16 @@ def sha256_files(paths: Iterable[Path], root: Path) -> str:
         h.update(sha256_file(p).encode())
         h.update(b"\n")
     return h.hexdigest()
+
+
+def sha256_arrays(*arrays) -> str:
+    """One checksum over arrays (dtype, shape and bytes of each): a split of an npz, not the whole file,
+    so two files that share a test split share its checksum."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a if not isinstance(a, list) else np.array(a, dtype=str))
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()

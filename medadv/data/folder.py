@@ -3,6 +3,10 @@ PNG, JPEG or DICOM files of any size, grey or colour.
 
 ``label`` is the binary task label (0 healthy, 1 disease). Without a ``split`` column the folder is split
 70/10/20 by :func:`medadv.data.splits.patient_split`, seeded, stratified and patient-level.
+
+Paths are relative to the folder and must stay inside it: ``..`` that climbs out, or an absolute path,
+is refused unless the caller allows outside paths (``--allow-outside-paths``), so a labels.csv from
+elsewhere cannot make medadv read (and report on) arbitrary files.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medadv.data.dicom import read_dicom
+from medadv.data.dicom import read_dicom, read_dicom_stored
 from medadv.errors import MedadvError
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -30,7 +34,24 @@ class Row:
     split: str | None
 
 
-def read_labels(folder: Path) -> list[Row]:
+def _inside(folder: Path, text: str, csv_path: Path, line: int, allow_outside: bool) -> Path:
+    """The image path of one row, refused when it leaves ``folder`` (unless ``allow_outside``)."""
+    if not text:
+        raise MedadvError(f"{csv_path} line {line}: the path is empty.", "give every row an image path.")
+    raw = Path(text)
+    path = raw if raw.is_absolute() else folder / raw
+    if allow_outside:
+        return path
+    if raw.is_absolute():
+        raise MedadvError(f"{csv_path} line {line}: path '{text}' is absolute; paths must be relative to {folder}.",
+                          "make the path relative to the dataset folder, or pass --allow-outside-paths.")
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise MedadvError(f"{csv_path} line {line}: path '{text}' resolves outside the dataset folder {folder}.",
+                          "move the image into the dataset folder, or pass --allow-outside-paths.")
+    return path
+
+
+def read_labels(folder: Path, allow_outside: bool = False) -> list[Row]:
     csv_path = folder / "labels.csv"
     if not csv_path.is_file():
         raise MedadvError(f"{csv_path} does not exist.", "give the folder a labels.csv with columns path,label.")
@@ -53,15 +74,36 @@ def read_labels(folder: Path) -> list[Row]:
         split = (r.get("split") or "").strip().lower() or None
         if split is not None and split not in SPLIT_NAMES:
             raise MedadvError(f"{csv_path} line {line}: split '{split}' is not train, val or test.", "fix the split column.")
-        rows.append(Row(folder / r["path"].strip(), int(label), (r.get("patient_id") or "").strip() or None,
+        rows.append(Row(_inside(folder, (r.get("path") or "").strip(), csv_path, line, allow_outside), int(label), (r.get("patient_id") or "").strip() or None,
                         SPLIT_NAMES.get(split) if split else None))
     if not rows:
         raise MedadvError(f"{csv_path} lists no images.", "add one row per image.")
     return rows
 
 
+@dataclass
+class Decoded:
+    """One decoded image: ``x`` C×H×W in [0, 1] as stored, its storage grid (255 or 65535) and, for
+    DICOM, the VOI window (a, b) and the stored values' own grid (2**BitsStored - 1)."""
+
+    x: np.ndarray
+    levels: int
+    window: tuple[float, float] | None = None
+    stored_levels: int | None = None
+
+
+def decode(path: Path) -> Decoded:
+    """One image file; DICOM in its stored values (one-to-one) with its window kept aside."""
+    if not path.is_file():
+        raise MedadvError(f"image {path} does not exist.", "fix its row in labels.csv or add the file.")
+    if path.suffix.lower() in DICOM_SUFFIXES or _is_dicom(path):
+        d = read_dicom_stored(path)
+        return Decoded(d.x, 65535, d.window, d.levels)
+    return Decoded(*read_image(path))
+
+
 def read_image(path: Path) -> tuple[np.ndarray, int]:
-    """One image file as float64 C×H×W in [0, 1] and its storage levels (255 or 65535)."""
+    """One image file as float64 C×H×W in [0, 1] and its storage levels (255 or 65535); DICOM windowed."""
     if not path.is_file():
         raise MedadvError(f"image {path} does not exist.", "fix its row in labels.csv or add the file.")
     if path.suffix.lower() in DICOM_SUFFIXES or _is_dicom(path):
@@ -98,27 +140,114 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp_(0, 1)
 
 
-def load_images(paths: list[Path], size: int | None, source: str) -> tuple[np.ndarray, int]:
+FITS = ("letterbox", "crop")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where an H×W image sits in a size×size square: scaled to ``inner`` (h, w), its top-left at
+    ``offset`` (negative: cropped). Letterbox keeps all of the image (padding with 0 = black); crop
+    fills the square and cuts the longer side's ends."""
+
+    inner: tuple[int, int]
+    offset: tuple[int, int]
+    size: int
+
+    @classmethod
+    def of(cls, hw: tuple[int, int], size: int, fit: str = "letterbox") -> Layout:
+        if fit not in FITS:
+            raise MedadvError(f"fit '{fit}' is not letterbox or crop.", "pass --fit letterbox or --fit crop.")
+        h, w = hw
+        scale = size / (max(h, w) if fit == "letterbox" else min(h, w))
+        ih, iw = max(1, round(h * scale)), max(1, round(w * scale))
+        return cls((ih, iw), ((size - ih) // 2, (size - iw) // 2), size)
+
+    def _scaled(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == hw:
+            return x
+        return F.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
+
+    def to_square(self, x: torch.Tensor) -> torch.Tensor:
+        """N×C×H×W -> N×C×size×size (aspect ratio kept)."""
+        t = self._scaled(x, self.inner)
+        out = t.new_zeros((*t.shape[:2], self.size, self.size))
+        (top, left), (ih, iw) = self.offset, self.inner
+        src = t[..., max(0, -top):max(0, -top) + min(ih, self.size), max(0, -left):max(0, -left) + min(iw, self.size)]
+        out[..., max(0, top):max(0, top) + src.shape[-2], max(0, left):max(0, left) + src.shape[-1]] = src
+        return out.clamp_(0, 1)
+
+    def from_square(self, delta: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """A change made on the square (N×C×size×size) mapped back onto the original H×W geometry.
+
+        Bilinear weights are non-negative and sum to one, so the mapped change is nowhere larger than
+        the largest change on the square: an L-inf eps survives the mapping (an L2 one scales with area).
+        Pixels a crop cut off are not changed."""
+        (top, left), (ih, iw) = self.offset, self.inner
+        full = delta.new_zeros((*delta.shape[:2], ih, iw))
+        src = delta[..., max(0, top):max(0, top) + min(ih, self.size), max(0, left):max(0, left) + min(iw, self.size)]
+        full[..., max(0, -top):max(0, -top) + src.shape[-2], max(0, -left):max(0, -left) + src.shape[-1]] = src
+        if (ih, iw) == tuple(hw):
+            return full
+        return F.interpolate(full, size=tuple(hw), mode="bilinear", align_corners=False, antialias=True)
+
+
+@dataclass
+class Loaded:
+    """Images on one storage grid with, for DICOM, their windows and stored grids (None when absent)."""
+
+    pixels: np.ndarray
+    levels: int
+    window: np.ndarray | None
+    stored_levels: list[int | None]
+    shapes: list[tuple[int, int]]  # each image's stored H×W before fitting to ``size``
+
+
+def load_images(paths: list[Path], size: int | None, source: str, fit: str = "letterbox") -> tuple[np.ndarray, int]:
+    """Decode, unify channels and size, and quantize to one storage grid: N×C×H×W uint8 or uint16."""
+    out = load_images_full(paths, size, source, fit)
+    return out.pixels, out.levels
+
+
+def load_images_full(paths: list[Path], size: int | None, source: str, fit: str = "letterbox",
+                     fit_size: int | None = None) -> Loaded:
     """Decode, unify channels and size, and quantize to one storage grid: N×C×H×W uint8 or uint16.
 
     Images are quantized one at a time (memory stays at the stored size); grey images among colour
     ones get their channel repeated, and 8-bit images among 16-bit ones are scaled by 257 (exact).
+    With ``size``, a square image is resized and a non-square one letterboxed (``fit='crop'``: centre-
+    cropped) into size×size, never squashed. Without ``size``, images stay at their stored size when they
+    all share one square size (attacks then perturb the stored pixels themselves), and are fitted to
+    ``fit_size`` (a model's input) when their sizes differ or are not square. DICOM images come in their
+    stored values (one-to-one) with their VOI windows aside.
     """
-    stored = []
+    stored, windows, grids, shapes = [], [], [], []
     for p in paths:
-        x, levels = read_image(p)
-        t = torch.from_numpy(x)[None].float()
+        d = decode(p)
+        t = torch.from_numpy(d.x)[None].float()
+        shapes.append(tuple(d.x.shape[-2:]))
         if size is not None:
-            t = resize(t, size)
-        dtype = np.uint8 if levels == 255 else np.uint16
-        stored.append(torch.round(t[0] * levels).numpy().astype(dtype))
+            t = Layout.of(shapes[-1], size, fit).to_square(t) if shapes[-1][0] != shapes[-1][1] else resize(t, size)
+        dtype = np.uint8 if d.levels == 255 else np.uint16
+        stored.append(torch.round(t[0] * d.levels).numpy().astype(dtype))
+        windows.append(d.window)
+        grids.append(d.stored_levels)
+    uneven = len({a.shape[1:] for a in stored}) > 1 or any(h != w for h, w in shapes)
+    if size is None and fit_size is not None and uneven:
+        for i, a in enumerate(stored):  # from the quantized arrays: the stored values, exactly
+            levels = int(np.iinfo(a.dtype).max)
+            t = torch.from_numpy(a.astype(np.float32) / levels)[None]
+            t = Layout.of(shapes[i], fit_size, fit).to_square(t) if shapes[i][0] != shapes[i][1] else resize(t, fit_size)
+            stored[i] = torch.round(t[0] * levels).numpy().astype(a.dtype)
     if size is None and len({a.shape[1:] for a in stored}) > 1:
         raise MedadvError(f"images in {source} come in {len({a.shape[1:] for a in stored})} different sizes.",
-                          "pass --image-size N to resize them on load.")
+                          "pass --image-size N to fit them to one size on load (models default to their input size).")
     channels = 3 if any(a.shape[0] == 3 for a in stored) else 1
     wide = any(a.dtype == np.uint16 for a in stored)
     out = np.empty((len(stored), channels, *stored[0].shape[1:]), dtype=np.uint16 if wide else np.uint8)
     for i, a in enumerate(stored):
         a = a.astype(out.dtype) * (257 if wide and a.dtype == np.uint8 else 1)
         out[i] = np.repeat(a, channels, axis=0) if a.shape[0] != channels else a
-    return out, 65535 if wide else 255
+    window = None
+    if any(w is not None for w in windows):
+        window = np.array([w if w is not None else (1.0, 0.0) for w in windows], dtype=np.float64)
+    return Loaded(out, 65535 if wide else 255, window, grids, shapes)

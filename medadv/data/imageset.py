@@ -15,8 +15,9 @@ from medadv.errors import MedadvError
 class ImageSet:
     """Images as stored, with binary task labels.
 
-    ``pixels`` is N×C×H×W, ``uint8`` (8-bit PNG/JPEG/npz) or ``uint16`` (16-bit PNG, DICOM after
-    windowing); :meth:`tensor` maps it to float32 in [0, 1], the unit every attack's eps is in.
+    ``pixels`` is N×C×H×W, ``uint8`` (8-bit PNG/JPEG/npz) or ``uint16`` (16-bit PNG, DICOM's stored
+    values over their full BitsStored range); :meth:`stored` maps it to float32 in [0, 1], the unit every
+    attack's eps is in, and :meth:`tensor` to what the model sees (DICOM through its VOI ``window``).
     ``labels`` is N ``int64`` in {0, 1}: 0 is the task's healthy class, 1 its disease class.
     """
 
@@ -30,6 +31,15 @@ class ImageSet:
     patient_ids: list[str] | None = None
     files: list[Path] | None = None
     meta: dict = field(default_factory=dict)
+    # The source's own image names (an npz's ``<split>_image_ids``); ``ids`` keep medadv's stable form.
+    names: list[str] | None = None
+    # DICOM: N×2 (a, b) of each file's VOI window, ``model input = clip(a * x + b, 0, 1)``. ``pixels`` then
+    # hold the stored values one-to-one (after rescale), so an attack's eps bounds the change a radiologist
+    # sees under any window; the window is only the model's (and the display's) view. None: no window.
+    window: np.ndarray | None = None
+    # DICOM: each image's stored grid, 2**BitsStored - 1 (0: not DICOM); attacks' outputs are snapped to it
+    # so the file written back holds exactly what was measured.
+    stored_levels: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.pixels.ndim != 4:
@@ -38,6 +48,8 @@ class ImageSet:
             raise MedadvError(f"images from {self.source} are {self.pixels.dtype}; expected uint8 or uint16.")
         if len(self.labels) != len(self.pixels) or len(self.ids) != len(self.pixels):
             raise MedadvError(f"{self.source}: {len(self.pixels)} images but {len(self.labels)} labels.")
+        if self.window is not None and self.window.shape != (len(self.pixels), 2):
+            raise MedadvError(f"{self.source}: window of shape {self.window.shape} for {len(self.pixels)} images.")
 
     def __len__(self) -> int:
         return len(self.pixels)
@@ -55,10 +67,21 @@ class ImageSet:
     def size(self) -> tuple[int, int]:
         return int(self.pixels.shape[2]), int(self.pixels.shape[3])
 
-    def tensor(self, index: slice | np.ndarray | list[int] | None = None) -> torch.Tensor:
-        """Float32 N×C×H×W in [0, 1] for ``index`` (all images by default)."""
+    def stored(self, index: slice | np.ndarray | list[int] | None = None) -> torch.Tensor:
+        """Float32 N×C×H×W in [0, 1]: the stored pixels, the space attacks perturb and eps is measured in."""
         arr = self.pixels if index is None else self.pixels[index]
         return torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float32).div_(self.levels)
+
+    def window_for(self, index: slice | np.ndarray | list[int] | None = None) -> torch.Tensor | None:
+        """N×2 float32 (a, b) of the images' VOI windows, or None when the images have none."""
+        if self.window is None:
+            return None
+        w = self.window if index is None else self.window[index]
+        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).reshape(-1, 2)
+
+    def tensor(self, index: slice | np.ndarray | list[int] | None = None) -> torch.Tensor:
+        """Float32 N×C×H×W in [0, 1] as the model sees it: the stored pixels through their VOI window."""
+        return apply_window(self.stored(index), self.window_for(index))
 
     def subset(self, index: np.ndarray | list[int]) -> ImageSet:
         index = np.asarray(index, dtype=np.int64)
@@ -70,10 +93,21 @@ class ImageSet:
             ids=pick(self.ids),
             patient_ids=pick(self.patient_ids),
             files=pick(self.files),
+            names=pick(self.names),
+            window=None if self.window is None else self.window[index],
+            stored_levels=None if self.stored_levels is None else self.stored_levels[index],
         )
 
     def counts(self) -> dict[str, int]:
         return {"n": len(self), "healthy": int((self.labels == 0).sum()), "disease": int((self.labels == 1).sum())}
+
+
+def apply_window(x: torch.Tensor, window: torch.Tensor | None) -> torch.Tensor:
+    """``clip(a * x + b, 0, 1)`` per image (``window`` N×2), differentiable; x unchanged without a window."""
+    if window is None:
+        return x
+    w = window.to(device=x.device, dtype=x.dtype)
+    return (w[:, :1, None, None] * x + w[:, 1:, None, None]).clamp(0, 1)
 
 
 def to_storage(x: torch.Tensor, levels: int) -> np.ndarray:
@@ -81,3 +115,20 @@ def to_storage(x: torch.Tensor, levels: int) -> np.ndarray:
     dtype = np.uint8 if levels == 255 else np.uint16
     q = torch.round(x.detach().clamp(0, 1) * levels).to(torch.int64).cpu().numpy()
     return q.astype(dtype)
+
+
+def snap_to_stored(adv: np.ndarray, clean: np.ndarray, stored_levels: np.ndarray | None) -> np.ndarray:
+    """``adv`` (N×C×H×W on the 16-bit grid) moved onto each image's own stored grid (2**BitsStored - 1
+    steps; 0: leave as is), each change rounded toward the clean value, so the change never grows and
+    the DICOM written back holds exactly these values."""
+    if stored_levels is None or adv.dtype != np.uint16:
+        return adv
+    out = adv.copy()
+    for i, L in enumerate(np.asarray(stored_levels)):
+        if not L or L == 65535:
+            continue
+        s0 = np.rint(clean[i].astype(np.float64) * L / 65535)
+        k = (adv[i].astype(np.float64) - clean[i].astype(np.float64)) * L / 65535
+        s1 = s0 + np.sign(k) * np.floor(np.abs(k) + 1e-6)
+        out[i] = np.where(adv[i] == clean[i], clean[i], np.rint(np.clip(s1, 0, L) * 65535 / L)).astype(np.uint16)
+    return out

@@ -109,4 +109,39 @@ def read_npz(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         labels = labels[:, None]
     if len(labels) != len(images):
         raise MedadvError(f"{path}: {len(images)} {split} images but {len(labels)} labels.", "use an official file.")
-    return np.ascontiguousarray(images), labels.astype(np.int64)
+    return np.ascontiguousarray(images), check_labels(labels, f"{path}: {split}_labels")
+
+
+def check_labels(labels: np.ndarray, where: str) -> np.ndarray:
+    """Raw class labels as int64, refused unless they are finite, whole and >= 0: a NaN cast to an
+    integer becomes a huge negative number and would be counted as a class."""
+    if labels.dtype.kind not in "biuf":
+        raise MedadvError(f"{where} are {labels.dtype}, not numbers.", "store integer class labels.")
+    if labels.dtype.kind == "f":
+        bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0])
+            raise MedadvError(f"{where} hold {int(bad.sum())} NaN, infinite or fractional values (first at row {row}: "
+                              f"{labels.reshape(len(labels), -1)[row].tolist()}).",
+                              "store whole-number class labels; drop or relabel those images.")
+    if (labels < 0).any():
+        row = int(np.argwhere(labels < 0)[0][0])
+        raise MedadvError(f"{where} hold negative labels (first at row {row}).", "store class labels >= 0.")
+    return labels.astype(np.int64)
+
+
+def read_npz_extra(path: Path, split: str, key: str) -> list[str] | None:
+    """An optional per-image string array ``<split>_<key>`` (``image_ids``, ``patient_ids``), or None."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if f"{split}_{key}" not in z.files:
+                return None
+            arr = z[f"{split}_{key}"]
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return None  # an unreadable file: read_npz says so, with its fix
+    except ValueError as exc:  # an object array would need pickle: refuse rather than run code
+        raise MedadvError(f"{path}: {split}_{key} is not a plain string array ({exc}).",
+                          f"save {split}_{key} as a numpy string array (dtype str), not objects.") from exc
+    if arr.dtype.kind not in "USiu":
+        raise MedadvError(f"{path}: {split}_{key} is {arr.dtype}; expected strings.", f"save {split}_{key} as strings.")
+    return [str(v) for v in arr.ravel()]

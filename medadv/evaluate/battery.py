@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from medadv.attacks import PAPER, ThreatModel
+from medadv.attacks import PAPER, REGISTRY, Access, ThreatModel, row_title
 from medadv.data import ImageSet
+from medadv.errors import MedadvError
 from medadv.evaluate.metrics import clinical_metrics
 from medadv.evaluate.runner import AttackRun, run_attack
 from medadv.models.wrapper import MedicalClassifier
@@ -39,7 +40,7 @@ def stratified_subset(data: ImageSet, n: int, seed: int) -> ImageSet:
 class BatteryConfig:
     """What the battery runs, and on how many images (budgets chosen for 2 CPU cores; see BENCHMARKS.md)."""
 
-    rows: tuple[str, ...] = ("pgd_white", "pgd_black", "fgsm", "square", "hsja", "patch", "uap")
+    rows: tuple[str, ...] = field(default_factory=lambda: default_rows())
     n_images: int = 10_000  # test images for the paper rows (capped at the split)
     n_query_images: int = 64  # Square and HopSkipJump are query-bound: a subset
     n_fit_images: int = 512  # training images the patch and the universal perturbation are fitted on
@@ -63,6 +64,91 @@ class BatteryConfig:
 class BatteryOutput:
     results: dict[str, Any]
     examples: list[dict[str, Any]] = field(default_factory=list)  # for the figures (arrays, not JSON)
+
+
+PAPER_ROWS = ("pgd_white", "pgd_black", "fgsm", "square", "hsja", "patch", "uap")
+
+
+def default_rows() -> tuple[str, ...]:
+    """The paper's and the talks' rows, then every registered attack marked ``battery=True``."""
+    extra = tuple(name for name, s in REGISTRY.items() if s.battery and name not in PAPER_ROWS)
+    return PAPER_ROWS + extra
+
+
+@dataclass(frozen=True)
+class PlannedRow:
+    """One battery row before it runs: which attack, under which threat model, on which images
+    (``main`` or the ``queries`` subset), crafted on the ``victim`` or the ``surrogate``."""
+
+    key: str
+    attack: str
+    threat: ThreatModel
+    images: str  # main | queries
+    crafter: str  # victim | surrogate
+    params: dict[str, Any]
+    skip: str | None = None  # why it will not run
+
+    @property
+    def title(self) -> str:
+        """The report's title for this row, derived from the attack and its own threat model."""
+        return row_title(self.attack, self.threat, access="transfer" if self.crafter == "surrogate" else None,
+                         params=self.params)
+
+
+def plan_battery(cfg: BatteryConfig, levels: int, *, surrogate: bool, fit: bool,
+                 differentiable: bool) -> list[PlannedRow]:
+    """What :func:`run_battery` runs for ``cfg.rows``: the paper's rows (fixed settings) and, for any other
+    registered attack name, a row built from its access kind (white-box and universal rows on the main
+    images under the paper's threat model; score and label rows on the query subset at the query eps,
+    with ``cfg.max_queries`` when the attack takes it)."""
+    paper = PAPER.with_(levels=levels)
+    query_threat = paper.with_(eps=cfg.query_eps, step_size=None)
+    grad = {"fast": cfg.fast} if cfg.fast else {}
+    fit_params = {"steps": cfg.fit_steps} if cfg.fit_steps else {}
+    special = {
+        "pgd_white": ("pgd", paper, "main", "victim", grad),
+        "pgd_black": ("pgd", paper, "main", "surrogate", grad),
+        "fgsm": ("fgsm", paper.with_(random_start=False), "main", "victim", grad),
+        "square": ("square", query_threat, "queries", "victim", {"max_queries": cfg.max_queries}),
+        "hsja": ("hsja", query_threat, "queries", "victim", {"max_queries": cfg.max_queries}),
+        "patch": ("patch", paper.with_(target="healthy"), "main", "victim",
+                  {"patch_fraction": cfg.patch_fraction, **fit_params}),
+        "uap": ("uap", query_threat, "main", "victim", fit_params),
+    }
+    plan = []
+    for key in cfg.rows:
+        if key in special:
+            name, threat, images, crafter, params = special[key]
+        elif key in REGISTRY:
+            name, kind, takes = key, REGISTRY[key].kind, REGISTRY[key].params
+            params, crafter = {}, "victim"
+            if kind in (Access.SCORE, Access.LABEL):
+                threat, images = query_threat, "queries"
+                if "max_queries" in takes:
+                    params["max_queries"] = cfg.max_queries
+            else:
+                threat, images = paper, "main"
+                if kind is Access.UNIVERSAL:
+                    params.update({k: v for k, v in fit_params.items() if k in takes})
+        else:
+            raise MedadvError(f"unknown battery row '{key}'.",
+                              f"use {', '.join(PAPER_ROWS)} or a registered attack ({', '.join(REGISTRY)}).")
+        spec = REGISTRY[name]
+        if spec.norm is not None:
+            threat = threat.with_(norm=spec.norm)
+        universal = spec.kind is Access.UNIVERSAL
+        skip = None
+        if crafter == "surrogate" and not surrogate:
+            skip = "no surrogate"
+        elif (spec.kind is Access.WHITE_BOX or universal) and not differentiable:
+            if surrogate:
+                crafter = "surrogate"  # transfer instead of white box
+            else:
+                skip = "the victim has no gradients (ONNX) and no surrogate was given"
+        if skip is None and universal and not fit:
+            skip = "no training images to fit on"
+        plan.append(PlannedRow(key, name, threat, images, crafter, dict(params), skip))
+    return plan
 
 
 CURVE_PARAMS = {"loss": "margin"}  # the logit margin does not saturate on confident images as cross-entropy does
@@ -107,7 +193,6 @@ def run_battery(victim: MedicalClassifier, test: ImageSet, *, surrogate: Medical
     """Run the battery on ``test`` and return the ``rows``, ``curves`` and ``breaking_eps`` records."""
     cfg = config or BatteryConfig()
     levels = test.levels
-    paper = PAPER.with_(levels=levels)
     from medadv.evaluate.clean import predict
 
     p_test = predict(victim, test)
@@ -116,38 +201,23 @@ def run_battery(victim: MedicalClassifier, test: ImageSet, *, surrogate: Medical
     main = stratified_subset(test, cfg.n_images, seed)
     queries = stratified_subset(test, cfg.n_query_images, seed + 1)
     fit = stratified_subset(train, cfg.n_fit_images, seed + 2) if train is not None else None
-    query_threat = paper.with_(eps=cfg.query_eps, step_size=None)
     grad = {"fast": cfg.fast} if cfg.fast else {}
-    fit_params = {"steps": cfg.fit_steps} if cfg.fit_steps else {}
     curve_params = {**CURVE_PARAMS, **grad}
-    plan = {
-        "pgd_white": ("pgd", paper, main, None, grad),
-        "pgd_black": ("pgd", paper, main, surrogate, grad),
-        "fgsm": ("fgsm", paper.with_(random_start=False), main, None, grad),
-        "square": ("square", query_threat, queries, None, {"max_queries": cfg.max_queries}),
-        "hsja": ("hsja", query_threat, queries, None, {"max_queries": cfg.max_queries}),
-        "patch": ("patch", paper.with_(target="healthy"), main, None, {"patch_fraction": cfg.patch_fraction, **fit_params}),
-        "uap": ("uap", query_threat, main, None, fit_params),
-    }
+    subsets = {"main": main, "queries": queries}
+    plan = plan_battery(cfg, levels, surrogate=surrogate is not None, fit=fit is not None,
+                        differentiable=differentiable)
     examples: list[dict[str, Any]] = []
-    for row in cfg.rows:
-        name, threat, data, crafter, params = plan[row]
-        if row == "pgd_black" and surrogate is None:
-            results["skipped"][row] = "no surrogate"
+    for row in plan:
+        if row.skip is not None:
+            results["skipped"][row.key] = row.skip
             continue
-        if row in ("pgd_white", "fgsm", "patch", "uap") and not differentiable:
-            if surrogate is None:
-                results["skipped"][row] = "the victim has no gradients (ONNX) and no surrogate was given"
-                continue
-            crafter = surrogate  # transfer instead of white box
-        if row in ("patch", "uap") and fit is None:
-            results["skipped"][row] = "no training images to fit on"
-            continue
-        monitor.log(f"{row}: {name} on {len(data)} images")
-        run = run_attack(name, victim, data, threat, seed=seed, surrogate=crafter, fit_data=fit, params=params,
-                         monitor=monitor)
-        results["rows"][row] = run.results
-        if row == "pgd_white" or (row == "pgd_black" and not examples):
+        data = subsets[row.images]
+        crafter = surrogate if row.crafter == "surrogate" else None
+        monitor.log(f"{row.key}: {row.attack} on {len(data)} images")
+        run = run_attack(row.attack, victim, data, row.threat, seed=seed, surrogate=crafter, fit_data=fit,
+                         params=dict(row.params), monitor=monitor)
+        results["rows"][row.key] = run.results
+        if row.key == "pgd_white" or (row.key == "pgd_black" and not examples):
             examples = pick_examples(run, data, cfg.examples_per_class)
 
     curve_data = stratified_subset(test, cfg.curve_images, seed + 3)

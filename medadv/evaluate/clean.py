@@ -15,17 +15,25 @@ from medadv.models.wrapper import MedicalClassifier
 
 
 def model_split(meta: dict[str, Any], split: str, *, data_root: str | Path | None = None, source: str | None = None,
-                image_size: int | None = None) -> ImageSet:
-    """The ``split`` of the data a checkpoint was trained on, as stored.
+                image_size: int | None = None, fit_to_model: bool = False, **options: Any) -> ImageSet:
+    """The ``split`` of the data a checkpoint was trained on.
 
-    MedMNIST sources are read from the file of the model's resolution; folders at their stored size
-    (the model wrapper resizes), unless ``image_size`` says otherwise.
+    MedMNIST sources are read from the file of the model's resolution. Other sources are read as stored
+    (the model wrapper resizes, and attacks perturb the stored pixels themselves); with ``fit_to_model``,
+    images that are not all one square size are fitted to the input size the checkpoint records
+    (non-square ones letterboxed, see :func:`medadv.data.load_split`), so a folder of mixed sizes needs
+    no ``--image-size``; ``image_size`` fits every image to that size. ``options`` go to :func:`~medadv.data.load_split`
+    (resplit_by_patient, patient_pattern, allow_outside_paths, fit).
     """
-    source = source or meta.get("data", {}).get("source")
-    if image_size is None and source and source.startswith("medmnist:"):
-        image_size = meta.get("data", {}).get("image_size")
+    data_meta = meta.get("data") or {}
+    source = source or data_meta.get("source")
+    medmnist_source = bool(source) and source.removeprefix("resplit:").startswith("medmnist:")
+    if image_size is None and medmnist_source:
+        image_size = data_meta.get("image_size")
+    if image_size is None and fit_to_model:
+        options["fit_size"] = (meta.get("spec") or {}).get("input_size") or data_meta.get("image_size")
     return load_split(meta["task"], split, data_root=data_root, source=source, size=image_size,
-                      split_seed=meta.get("data", {}).get("split_seed", 0))
+                      split_seed=data_meta.get("split_seed", 0), **options)
 
 
 def check_fit(model: MedicalClassifier, data: ImageSet) -> None:
@@ -44,6 +52,7 @@ def predict(model: MedicalClassifier, data: ImageSet, batch_size: int = 256) -> 
     """P(disease) for every image of ``data`` (float64, N)."""
     check_fit(model, data)
     device = model.device
+    # tensor(): the stored pixels through each image's VOI window, as the model was trained to see them
     out = [model.probabilities(data.tensor(slice(i, i + batch_size)).to(device), batch_size)
            for i in range(0, len(data), batch_size)]
     return torch.cat(out).double().numpy()
@@ -55,5 +64,5 @@ def evaluate_model(model: MedicalClassifier, data: ImageSet, batch_size: int = 2
     return {
         **clinical_metrics(data.labels, p, model.threshold),
         "task": data.task, "split": data.split, "source": data.source, "data_checksum": data.checksum,
-        "image_size": list(data.size),
+        "image_size": list(data.size), "leakage": data.meta.get("leakage"),
     }

@@ -6,12 +6,18 @@ attack's access (the model for white-box attacks, a probability oracle for score
 oracle for label-only ones). With a surrogate, the attack is crafted on the surrogate and evaluated on
 the victim (the paper's "black box": transfer). Universal attacks (patch, UAP) are first fitted on
 training images.
+
+DICOM images are attacked in their stored values (one-to-one with the file's integers); each file's VOI
+window is the model's input transform (:class:`medadv.models.wrapper.Windowed`), so images are batched
+by window and eps bounds the change a reader sees under any window. Success is counted over the images
+the victim classified correctly before the attack; the flips are counts.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,11 +25,14 @@ import torch
 
 from medadv.attacks import ATTACKS, LabelOracle, ProbabilityOracle, ThreatModel
 from medadv.attacks.base import Attack
-from medadv.data import ImageSet, to_storage
+from medadv.data import ImageSet, apply_window, to_storage
+from medadv.data.imageset import snap_to_stored
+from medadv.dist import BatchStore, Shard, run_batches
+from medadv.dist import current as current_shard
 from medadv.errors import MedadvError
 from medadv.evaluate.metrics import clinical_metrics
 from medadv.evaluate.perceptibility import flips, perturbation_stats
-from medadv.models.wrapper import MedicalClassifier
+from medadv.models.wrapper import MedicalClassifier, Windowed
 from medadv.progress import SILENT, Monitor
 
 SCHEMA = "medadv-results/1"
@@ -61,13 +70,48 @@ def victim_for(attack: Attack, model: MedicalClassifier):
     return oracle if attack.access == "score" else LabelOracle(oracle, model.threshold)
 
 
-def _probabilities(model: MedicalClassifier, pixels: np.ndarray, levels: int, batch_size: int) -> np.ndarray:
+def _probabilities(model: MedicalClassifier, pixels: np.ndarray, levels: int, batch_size: int,
+                   window: np.ndarray | None = None) -> np.ndarray:
     device = model.device
     out = []
     for i in range(0, len(pixels), batch_size):
         x = torch.from_numpy(pixels[i:i + batch_size]).to(device=device, dtype=torch.float32).div_(levels)
-        out.append(model.probabilities(x, batch_size))
+        w = None if window is None else torch.from_numpy(window[i:i + batch_size]).float()
+        out.append(model.probabilities(apply_window(x, w), batch_size))
     return torch.cat(out).double().numpy()
+
+
+def window_batches(data: ImageSet, batch_size: int) -> list[np.ndarray]:
+    """Index batches of at most ``batch_size`` images that share one VOI window (all, without windows)."""
+    if data.window is None:
+        return [np.arange(i, min(i + batch_size, len(data))) for i in range(0, len(data), batch_size)]
+    _, group = np.unique(data.window, axis=0, return_inverse=True)
+    out = []
+    for g in np.unique(group):
+        idx = np.flatnonzero(group.ravel() == g)
+        out += [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    return out
+
+
+def _through_window(model, data: ImageSet, idx: np.ndarray):
+    return model if data.window is None else Windowed(model, tuple(data.window[idx[0]]))
+
+
+def stored_record(data: ImageSet, eps: float | None, x_clean: np.ndarray, x_adv: np.ndarray) -> dict | None:
+    """eps and the L-inf change in the file's own stored units (DICOM: 2**BitsStored - 1 steps over the
+    full stored range), beside the [0, 1] units they are the same fraction of."""
+    if data.stored_levels is None:
+        return None
+    L = np.asarray(data.stored_levels, dtype=np.float64)
+    delta = np.abs(x_adv.astype(np.float64) - x_clean.astype(np.float64)).reshape(len(L), -1).max(axis=1) / data.levels
+    bits = sorted({int(v).bit_length() for v in L if v})
+    return {"bits_stored": bits, "stored_levels": sorted({int(v) for v in L if v}),
+            "eps_stored": None if eps is None else [round(eps * v, 6) for v in sorted({float(v) for v in L if v})],
+            # the largest whole change of a stored value within eps: what the written files can differ by
+            "max_change_stored": None if eps is None else [int(np.floor(eps * v + 1e-6)) for v in sorted({float(v) for v in L if v})],
+            "linf_max_stored": float(np.rint(delta * L).max()) if len(L) else 0.0,
+            "linf_max": float(delta.max()) if len(L) else 0.0,
+            "units": "stored values after rescale (eps_stored: per bit depth present, eps × (2**BitsStored - 1))"}
 
 
 def run_attack(
@@ -82,8 +126,15 @@ def run_attack(
     params: dict[str, Any] | None = None,
     batch_size: int = 128,
     monitor: Monitor = SILENT,
+    shard: Shard | None = None,
+    resume_dir: str | Path | None = None,
 ) -> AttackRun:
-    """Attack every image of ``data`` and return the results record (schema ``medadv-results/1``)."""
+    """Attack every image of ``data`` and return the results record (schema ``medadv-results/1``).
+
+    ``shard`` (default: the torchrun job this process belongs to, see :mod:`medadv.dist`) splits the
+    batches across processes; every rank returns the same record. ``resume_dir`` keeps finished batches,
+    so a killed run resumes; the caller keys it by the job's configuration."""
+    shard = shard if shard is not None else current_shard()
     params = dict(params or {})
     if threat.levels is not None and threat.levels != data.levels:
         raise MedadvError(f"the threat model's storage grid has {threat.levels} levels but {data.source} stores "
@@ -99,32 +150,55 @@ def run_attack(
     device = victim.device
     t0 = time.perf_counter()
     universal: dict[str, torch.Tensor] = {}
+    fast = params.get("fast")
+    if data.window is not None and fast:
+        # the accelerated copy is built once here, under the window wrapper (accelerate() would drop it)
+        from medadv.attacks.fast import accelerated
+
+        crafter = accelerated(crafter, fast)
+        attack = make_attack(name, threat, seed, **{k: v for k, v in params.items() if k != "fast"})
     if hasattr(attack, "fit"):
         if fit_data is None:
             raise MedadvError(f"the {name} attack is fitted on training images.", "pass the training split.")
-        attack.fit(crafter, fit_data.tensor().to(device), torch.from_numpy(fit_data.labels).to(device),
+        fit_model = crafter
+        if fit_data.window is not None:
+            if len(np.unique(fit_data.window, axis=0)) > 1:
+                raise MedadvError(f"the {name} attack fits one perturbation, but the training DICOMs of {fit_data.source} "
+                                  "come with different VOI windows.",
+                                  "use a per-image attack (fgsm, pgd, square, hsja) on these files.")
+            fit_model = Windowed(crafter, tuple(fit_data.window[0]))
+        attack.fit(fit_model, fit_data.stored().to(device), torch.from_numpy(fit_data.labels).to(device),
                    monitor=monitor)
         universal = attack.state()
         params["fit_images"] = len(fit_data)
     if surrogate is not None and attack.access != "white-box" and not hasattr(attack, "fit"):
         raise MedadvError(f"{name} is a query attack; transfer needs a white-box or universal attack.",
                           "drop --surrogate or pick fgsm, pgd, pgd-l2, patch or uap.")
-    target = victim_for(attack, crafter)
     adversarial = np.empty_like(data.pixels)
     queries: list[torch.Tensor] = []
-    batches = [np.arange(i, min(i + batch_size, len(data))) for i in range(0, len(data), batch_size)]
-    for b, idx in enumerate(monitor.track(batches, f"{name} on {len(data)} images")):
-        x = data.tensor(idx).to(device)
+    batches = window_batches(data, batch_size)
+
+    def attack_batch(b: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        x = data.stored(idx).to(device)
         y = torch.from_numpy(data.labels[idx]).to(device)
         attack.seed = seed * 1_000_003 + b  # each batch its own stream, reproducible per (seed, batch)
-        result = attack(target, x, y)
-        adversarial[idx] = to_storage(result.x_adv, data.levels)
-        if result.queries is not None:
-            queries.append(result.queries.cpu())
+        result = attack(victim_for(attack, _through_window(crafter, data, idx)), x, y)
+        q = None if result.queries is None else result.queries.cpu().numpy()
+        return to_storage(result.x_adv, data.levels), q
+
+    # under torchrun each rank attacks every world_size-th batch; every rank then holds all of them
+    track = (lambda mine: monitor.track(mine, f"{name} on {len(data)} images"
+                                        + (f" (rank {shard.rank}/{shard.world_size})" if shard.distributed else "")))
+    for _, idx, adv, q in run_batches(batches, attack_batch, shard, BatchStore(resume_dir), track):
+        adversarial[idx] = adv
+        if q is not None:
+            queries.append(torch.from_numpy(q))
+    # DICOM: onto each file's own stored grid, so what is measured is what the written file holds
+    adversarial = snap_to_stored(adversarial, data.pixels, data.stored_levels)
     seconds = time.perf_counter() - t0
 
-    p_clean = _probabilities(victim, data.pixels, data.levels, 256)
-    p_adv = _probabilities(victim, adversarial, data.levels, 256)
+    p_clean = _probabilities(victim, data.pixels, data.levels, 256, data.window)
+    p_adv = _probabilities(victim, adversarial, data.levels, 256, data.window)
     pred_clean, pred_adv = victim.predict(p_clean), victim.predict(p_adv)
     y = torch.from_numpy(data.labels)
     success = threat.succeeded(torch.from_numpy(pred_adv), y).numpy()
@@ -132,25 +206,39 @@ def run_attack(
     q = torch.cat(queries).double().numpy() if queries else None
     x_clean = torch.from_numpy(data.pixels.astype(np.float32) / data.levels)
     x_adv = torch.from_numpy(adversarial.astype(np.float32) / data.levels)
+    record = threat_record(threat, attack)
+    stored = stored_record(data, record["eps"] if threat.norm == "linf" else None, data.pixels, adversarial)
+    if stored is not None:
+        record["stored"] = stored
     results = {
         "schema": SCHEMA,
         "attack": {
             "name": name, "access": "transfer" if surrogate is not None else attack.access,
-            "threat_model": threat_record(threat, attack), "params": params, "seed": seed,
+            "threat_model": record, "params": params, "seed": seed,
+            # AutoAttack's checks (randomness, zero gradients, Square stronger than the white box), per rank
+            "flags": getattr(attack, "flags", None),
         },
         "n_images": len(data),
+        # clean and adversarial are measured on the same images: the ones attacked here
         "clean": clinical_metrics(data.labels, p_clean, victim.threshold),
         "adversarial": clinical_metrics(data.labels, p_adv, victim.threshold),
-        "perturbation": perturbation_stats(x_clean, x_adv, data.levels),
+        "perturbation": {**perturbation_stats(x_clean, x_adv, data.levels), **({"stored": stored} if stored else {})},
         "flips": flips(pred_clean, pred_adv),
-        "success_rate": float(success.mean()),
+        # an image the victim already got wrong is no success of the attack's: the rate is over correct ones
+        "success_rate": float(success[correct].mean()) if correct.any() else None,
+        "success": {"correct_before": int(correct.sum()), "succeeded": int(success[correct].sum()),
+                    "wrong_before": int((~correct).sum()), "n": len(data),
+                    "definition": "images correctly classified before the attack whose decision reached the "
+                                  "attack's goal after it"},
         "success_rate_on_correct": float(success[correct].mean()) if correct.any() else None,
         "queries": None if q is None else {"median": float(np.median(q)), "mean": float(q.mean()),
                                            "max": float(q.max()), "total": float(q.sum())},
         "fit_success_rate": getattr(attack, "fit_success", None),  # universal attacks: on the training images
         "seconds": round(seconds, 3),
         "data": {"task": data.task, "split": data.split, "source": data.source, "checksum": data.checksum,
-                 "image_size": list(data.size), "levels": data.levels, "counts": data.counts()},
+                 "image_size": list(data.size), "levels": data.levels, "counts": data.counts(),
+                 "bits_stored": data.meta.get("bits_stored"), "leakage": data.meta.get("leakage"),
+                 "fit": data.meta.get("fit"), "stored_shapes": data.meta.get("stored_shapes")},
     }
     return AttackRun(results, adversarial, p_clean, p_adv, universal)
 

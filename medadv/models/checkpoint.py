@@ -72,3 +72,15 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MedicalClass
                           "train the model again or copy the checkpoint folder intact.") from exc
     model = MedicalClassifier(network, spec).to(device).eval()
     return model, meta
+
+
+def set_class_names(path: str | Path, names: tuple[str, str]) -> None:
+    """Rename a checkpoint's two classes (label 0, label 1) in its metadata, atomically: the task's
+    defaults ("normal", "pneumonia") are wrong for data that calls them e.g. normal/abnormal."""
+    from medadv.io import write_json
+
+    if len(names) != 2 or not all(isinstance(n, str) and n.strip() for n in names):
+        raise MedadvError(f"class names {names!r} are not two non-empty names.", "pass e.g. --class-names normal,abnormal.")
+    meta = read_metadata(path)
+    meta["spec"]["class_names"] = [n.strip() for n in names]
+    write_json(Path(path) / META, meta)

@@ -105,3 +105,40 @@ class MedicalClassifier(nn.Module):
     def predict(self, p_disease: torch.Tensor | np.ndarray) -> np.ndarray:
         """Labels at the operating threshold: 1 (disease) where P(disease) >= threshold."""
         return (np.asarray(p_disease) >= self.spec.threshold).astype(np.int64)
+
+
+class Windowed(nn.Module):
+    """``model`` seen through one VOI window: ``model(clip(a * x + b, 0, 1))``.
+
+    DICOM images are attacked in their stored values (so eps bounds the change in the file); the window
+    a radiologist's display and the model's training applied is this fixed, differentiable input
+    transform. One window per wrapper: callers group images by window.
+    """
+
+    def __init__(self, model: nn.Module, window: tuple[float, float]) -> None:
+        super().__init__()
+        self.model = model
+        self.a, self.b = float(window[0]), float(window[1])
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.model.spec
+
+    @property
+    def threshold(self) -> float:
+        return self.model.spec.threshold
+
+    @property
+    def device(self) -> torch.device:
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    @property
+    def differentiable(self) -> bool:
+        return getattr(self.model, "differentiable", True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((self.a * x + self.b).clamp(0, 1))
+
+    def predict(self, p_disease: torch.Tensor | np.ndarray) -> np.ndarray:
+        return (np.asarray(p_disease) >= self.spec.threshold).astype(np.int64)

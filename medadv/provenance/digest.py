@@ -24,18 +24,20 @@ DICOM attributes in the digest, and why:
   WindowCenter/Width, VOILUTFunction, PresentationLUTShape and the Modality/VOI LUT sequences' data.
   medadv's reader renders stored values through exactly this chain, so changing a window or a rescale
   changes what the model sees as surely as editing a pixel.
-* *identity*: StudyInstanceUID and SeriesInstanceUID. They bind the pixels to one study of one
-  patient, so a signed image moved into another patient's study no longer verifies. They survive a
-  lossless re-encoding and de-identification under DICOM PS3.15's "Retain UIDs" option.
+* *identity and acquisition* (issue 9): PatientID, StudyInstanceUID, SeriesInstanceUID, Laterality,
+  ImageLaterality, ViewPosition, BodyPartExamined and PixelSpacing. They bind the pixels to one
+  patient, one study, one side, one view and one scale, so a signed image moved into another
+  patient's study, relabelled left for right or given another pixel spacing no longer verifies.
 
-Deliberately left out: SOPInstanceUID (lossless re-encoders, pydicom's ``compress``/``decompress`` by
-default, assign a new one, and a copy of a signed image inside its own series shows nothing new);
-PatientID, PatientName and every other descriptive tag (PHI that every de-identification profile
-replaces and that routine patient merges rewrite; a study keeps its patient through the Study UID).
-Residual risk, documented: rewriting PatientID while keeping the Study UID is not caught by the
-digest; systems should key patients on the Study UID they verified. De-identification that replaces
-the UIDs breaks verification by design: the de-identification service registers its output with its
-own device key.
+Not in the digest but in the signed record: SOPInstanceUID (lossless re-encoders, pydicom's
+``compress``/``decompress`` by default, assign a new one); the record binds the file's name *or* its
+SOPInstanceUID, and verification checks that binding. PatientName and other descriptive tags are
+left out (PHI that de-identification replaces). De-identification that replaces PatientID or the UIDs
+breaks verification by design: the de-identification service registers its output with its own
+enrolled device key.
+
+Decompression bombs: an image whose pixel count exceeds :func:`max_pixels` (``$MEDADV_MAX_PIXELS``,
+default 100 million) is refused before it is decoded.
 
 Caveats: JPEG digests are over Pillow's decoded pixels (libjpeg-turbo's integer IDCT); a different
 JPEG decoder may differ by a grey level, which reads as "modified" (fail safe). 16-bit colour PNGs are
@@ -57,9 +59,30 @@ import numpy as np
 
 from medadv.errors import MedadvError
 
-FORMAT = "medadv-digest/1"
+FORMAT = "medadv-digest/2"
+VIEW_FORMAT = "medadv-view/1"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 NPZ_SPLITS = ("train", "val", "test")
+IDENTITY_TAGS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Laterality", "ImageLaterality", "ViewPosition",
+                 "BodyPartExamined", "PixelSpacing")
+
+
+def max_pixels() -> int:
+    """The largest image (pixels × frames) medadv decodes: ``$MEDADV_MAX_PIXELS``, default 100 million."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("MEDADV_MAX_PIXELS", "100000000")))
+    except ValueError:
+        return 100_000_000
+
+
+def _check_pixels(path: Path, count: int) -> None:
+    if count > max_pixels():
+        raise MedadvError(f"image {path} would decode to {count} pixels, over the limit of {max_pixels()} "
+                          "(a decompression bomb?).", "set MEDADV_MAX_PIXELS higher if the image is genuine.")
+
+
 _MEMBER = re.compile(r"^(?P<file>.+\.npz)#(?P<split>[A-Za-z0-9_]+)/(?P<index>\d+)$")
 
 
@@ -78,6 +101,7 @@ class ImageDigest:
     uid: str | None = None
     series_uid: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    view: str | None = None  # view_digest of the pixels as medadv's readers load them (C×H×W), when known
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -137,6 +161,59 @@ def digest_array(pixels: np.ndarray, name: str, *, photometric: str | None = Non
     return ImageDigest(pixel_digest(arr, photometric), name, meta=meta)
 
 
+def view_digest(chw: np.ndarray, window: Any = None) -> str:
+    """Digest of an image as medadv hands it to a model: C×H×W uint8/uint16 on its storage grid.
+
+    Canonical form first, so the same model input always has the same view digest: a colour image whose
+    three channels are equal is its grey image (readers repeat grey among colour), and a 16-bit image
+    whose values are all multiples of 257 is its 8-bit image (readers scale 8-bit among 16-bit by 257).
+    ``window``: the DICOM VOI window (a, b) the model applies (``clip(a * x + b, 0, 1)``); part of the
+    view, so a changed window is another view. None and (1, 0) are no window.
+    """
+    arr = np.asarray(chw)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.dtype not in (np.uint8, np.uint16):
+        raise MedadvError(f"cannot take the view digest of pixels of dtype {arr.dtype} and shape {arr.shape}.",
+                          "pass C×H×W uint8 or uint16 pixels.")
+    if arr.shape[0] == 3 and np.array_equal(arr[0], arr[1]) and np.array_equal(arr[0], arr[2]):
+        arr = arr[:1]
+    if arr.dtype == np.uint16 and not np.any(arr % 257):
+        arr = (arr // 257).astype(np.uint8)
+    ident: dict[str, Any] = {}
+    if window is not None:
+        a, b = (float(v) for v in np.asarray(window, dtype=np.float64).reshape(-1)[:2])
+        if (a, b) != (1.0, 0.0):
+            ident["window"] = [repr(a), repr(b)]
+    return pixel_digest(np.moveaxis(arr, 0, -1), VIEW_FORMAT, identity=ident)
+
+
+def loaded_view(path: Path, size: int | None = None, fit: str = "letterbox") -> tuple[np.ndarray, str]:
+    """(pixels C×H×W, view digest) of a file as medadv's folder reader loads it, at ``size`` (None: stored)."""
+    from medadv.data import folder
+
+    if hasattr(folder, "load_images_full"):
+        out = folder.load_images_full([path], size, str(path), fit)
+        window = None if out.window is None else out.window[0]
+        return out.pixels[0], view_digest(out.pixels[0], window)
+    pixels, _ = folder.load_images([path], size, str(path))
+    return pixels[0], view_digest(pixels[0])
+
+
+def file_view(path: Path) -> str | None:
+    """The view digest of a file as medadv's folder reader loads it at its stored size (None if it cannot)."""
+    try:
+        return loaded_view(path)[1]
+    except Exception:  # the content digest already vouches for the file; the view is an extra binding
+        return None
+
+
+def member_view(image: np.ndarray) -> str:
+    """The view digest of an npz member as medadv's npz reader loads it (H×W -> 1×H×W, H×W×C -> C×H×W)."""
+    arr = np.asarray(image)
+    return view_digest(arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0))
+
+
 # ---------------------------------------------------------------------------------------------- files
 
 
@@ -181,6 +258,7 @@ def _digest_pillow(path: Path) -> ImageDigest:
                                       "store it as 16-bit greyscale PNG or as DICOM.")
                 if getattr(im, "n_frames", 1) > 1:
                     raise MedadvError(f"image {path} is an animated PNG.", "save the frame you mean as its own PNG.")
+            _check_pixels(path, im.size[0] * im.size[1])
             im.load()
             mode = im.mode
             decoded: Image.Image = im
@@ -192,7 +270,8 @@ def _digest_pillow(path: Path) -> ImageDigest:
             arr = np.asarray(decoded)
     except MedadvError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError,
+            Image.DecompressionBombError) as exc:
         raise MedadvError(f"image {path} is corrupt or not an image ({type(exc).__name__}: {str(exc)[:80]}).",
                           "replace the file with an intact copy.") from exc
     if mode.startswith("I;16") or (mode == "I" and fmt == "PNG"):
@@ -242,9 +321,19 @@ def dicom_interpretation(ds: Any) -> dict[str, Any]:
     }
 
 
-def dicom_identity(ds: Any) -> dict[str, str]:
-    """The identity tags in the digest: the study and series the image belongs to."""
-    return {k: str(ds.get(k, "") or "").strip() for k in ("StudyInstanceUID", "SeriesInstanceUID")}
+def dicom_identity(ds: Any) -> dict[str, Any]:
+    """The identity and acquisition tags in the digest: patient, study, series, side, view, body part, scale."""
+    out: dict[str, Any] = {}
+    for k in IDENTITY_TAGS:
+        v = ds.get(k, "")
+        if k == "PixelSpacing":
+            try:
+                out[k] = _ds_floats(v)
+            except (TypeError, ValueError):
+                out[k] = str(v)[:64]
+        else:
+            out[k] = str(v or "").strip()
+    return out
 
 
 def _digest_dicom(path: Path) -> ImageDigest:
@@ -258,6 +347,11 @@ def _digest_dicom(path: Path) -> ImageDigest:
                           "replace it with an intact copy from the PACS.") from exc
     if "PixelData" not in ds:
         raise MedadvError(f"{path} holds no image (no PixelData).", "register image files only.")
+    try:
+        count = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        count = 0
+    _check_pixels(path, count)
     try:
         arr = np.asarray(ds.pixel_array)  # pydicom decodes compressed syntaxes and converts YBR_* to RGB
         interpretation = dicom_interpretation(ds)
@@ -276,7 +370,7 @@ def _digest_dicom(path: Path) -> ImageDigest:
     identity = dicom_identity(ds)
     uid = str(ds.get("SOPInstanceUID", "") or "").strip() or None
     meta = {"format": "dicom", "shape": list(arr.shape), "dtype": arr.dtype.name, "photometric": photometric,
-            "study_uid": identity["StudyInstanceUID"]}
+            "study_uid": identity["StudyInstanceUID"], "identity": identity, "sop_instance_uid": uid}
     digest = pixel_digest(arr, photometric, interpretation=interpretation, identity=identity)
     return ImageDigest(digest, path.name, uid=uid, series_uid=identity["SeriesInstanceUID"] or None, meta=meta)
 
@@ -302,6 +396,9 @@ def _npz_arrays(path: Path) -> Iterator[tuple[str, Any]]:
                                   "use a MedMNIST-style .npz with train_/val_/test_images.")
             order = sorted(splits, key=lambda s: (NPZ_SPLITS.index(s) if s in NPZ_SPLITS else 99, s))
             for split in order:
+                shape = _npz_shape(z, f"{split}_images")
+                if shape is not None and len(shape) >= 3:
+                    _check_pixels(Path(f"{path}#{split}"), int(np.prod(shape[1:], dtype=np.float64)))
                 yield split, z[f"{split}_images"]
     except MedadvError:
         raise
@@ -310,6 +407,18 @@ def _npz_arrays(path: Path) -> Iterator[tuple[str, Any]]:
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
         raise MedadvError(f"{path} is not a readable .npz file ({type(exc).__name__}: {str(exc)[:80]}).",
                           "replace it with an intact copy.") from exc
+
+
+def _npz_shape(z: Any, key: str) -> tuple[int, ...] | None:
+    """An npz member's shape from its .npy header, before its data is decompressed (None if unreadable)."""
+    try:
+        with z.zip.open(f"{key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, _ = read(f)
+        return tuple(int(v) for v in shape)
+    except Exception:  # noqa: BLE001 - np.load reports the damage itself
+        return None
 
 
 def _check_images(path: Path, split: str, images: np.ndarray) -> None:
@@ -336,7 +445,8 @@ def digest_npz(path: str | Path, members: Sequence[tuple[str, int]] | None = Non
             if not 0 <= i < len(images):
                 raise MedadvError(f"{path}: {split}_images has no image {i} (it has {len(images)}).",
                                   "check the image id.")
-            done[(split, i)] = digest_array(images[i], f"{path.name}#{split}/{i}")
+            d = digest_array(images[i], f"{path.name}#{split}/{i}")
+            done[(split, i)] = ImageDigest(d.digest, d.name, meta=d.meta, view=member_view(images[i]))
     if want is None:
         return list(done.values())
     missing = sorted({s for s, _ in members or []} - {s for s, _ in done})
@@ -362,6 +472,14 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def digest_path(path: Path) -> list[ImageDigest]:
-    """One file's digests: one for an image, one per member for an .npz."""
-    return digest_npz(path) if path.suffix.lower() == ".npz" else [digest_file(path)]
+def digest_path(path: Path, *, with_view: bool = False) -> list[ImageDigest]:
+    """One file's digests: one for an image, one per member for an .npz. ``with_view``: also the view
+    digest of each image file (registration does; members always have theirs)."""
+    if path.suffix.lower() == ".npz":
+        return digest_npz(path)
+    d = digest_file(path)
+    if with_view:
+        from dataclasses import replace
+
+        d = replace(d, view=file_view(path))
+    return [d]

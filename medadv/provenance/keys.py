@@ -5,9 +5,10 @@ is never on disk with wider permissions) and ``<device>.pub`` (SubjectPublicKeyI
 folder is ``--keys``, else ``$MEDADV_KEYS``, else ``<user data dir>/medadv/keys`` (created with mode 0700).
 
 A key is named by its *key id*, the SHA-256 of its raw 32-byte public key (hex, first 32 characters):
-records carry the key id, so a device can rotate keys and its old records keep verifying. Verifying
-needs public keys only: from the ledger's ``devices`` table, or from a folder of trusted ``<device>.pub``
-files distributed out of band (``--trusted-keys``), which does not trust the ledger's database at all.
+records carry the key id, so a device can rotate keys and its old records keep verifying. Whether a
+key is *trusted* is decided by :mod:`medadv.provenance.trust` only: a device key counts when the
+organisation's root key enrolled it (a root-signed ledger entry), never because its public key sits in
+a database table or a folder.
 
 Private keys are not encrypted at rest (a device signs unattended); protect the keystore with the
 file system, and load refuses a private key that group or others can read, as ssh does.
@@ -151,8 +152,8 @@ def generate_key(device: str, keys: str | os.PathLike[str] | None = None) -> Dev
     path = private_key_path(device, keys)
     if path.exists():
         raise MedadvError(f"device {device} already has a private key at {path}.",
-                          "use it, or move it away first to make a new one (records signed by the old key keep "
-                          "verifying: its public key stays in the ledger).")
+                          "use it, or move it away first to make a new one (rotate with `medadv provenance rotate`: "
+                          "records signed by the old key before the rotation keep verifying).")
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
@@ -192,18 +193,3 @@ def load_private_key(device: str, keys: str | os.PathLike[str] | None = None, pa
         raise MedadvError(f"{path} holds a {type(key).__name__}, not an Ed25519 key.",
                           f"make a device key with `medadv provenance keygen --device {device}`.")
     return DeviceKey(device, key, path)
-
-
-def load_trusted_keys(folder: str | os.PathLike[str]) -> dict[str, PublicKey]:
-    """Trusted public keys, by key id, from ``<folder>/<device>.pub`` files (the device is the file stem)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise MedadvError(f"trusted-keys folder {folder} does not exist.", "pass a folder of <device>.pub files.")
-    out: dict[str, PublicKey] = {}
-    for f in sorted(folder.glob("*.pub")):
-        pk = PublicKey(check_device_name(f.stem), load_public_pem(f.read_bytes(), str(f)))
-        out[pk.key_id] = pk
-    if not out:
-        raise MedadvError(f"trusted-keys folder {folder} holds no <device>.pub files.",
-                          "copy the devices' .pub files (from their keystores) into it.")
-    return out

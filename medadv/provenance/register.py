@@ -1,17 +1,23 @@
 """Registration at acquisition: digest every image first, then sign and append the records.
 
-Every input is decoded before the first write, so a missing, corrupt or unsupported file (or a key the
-ledger does not know) stops the registration with the ledger untouched. Records are then appended in
-transactions of ``batch_size``; if the process dies part-way, the records already committed form a
-valid chain and running the same registration again adds only the missing ones.
+Every input is decoded before the first write, so a missing, corrupt or unsupported file (or a key no
+enrollment names) stops the registration with the ledger untouched. Records are then appended in
+transactions of ``batch_size``, each extending the Merkle log and storing a head signed by the log
+key; if the process dies part-way, running the same registration again adds only the missing ones.
+
+A record binds the image's content digest, its view digest (the pixels as medadv loads them), its
+name (file base name or npz member id) and DICOM SOPInstanceUID, and optionally a label entered at
+acquisition (``labels``: name -> label, e.g. the task label ``0``/``1`` the gate compares with).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import csv
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from medadv.errors import MedadvError
 from medadv.progress import SILENT, Monitor
 from medadv.provenance.digest import ImageDigest, digest_path, expand_inputs
 from medadv.provenance.keys import DeviceKey
@@ -23,21 +29,67 @@ class RegisterResult:
     files: int
     images: int
     appended: AppendResult
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (file, why), with skip_unreadable
 
 
-def digest_inputs(paths: Iterable[str | Path], monitor: Monitor = SILENT) -> tuple[list[Path], list[ImageDigest]]:
-    """Files (folders expanded) and the digests of all their images; raises on the first unreadable file."""
+def digest_inputs(paths: Iterable[str | Path], monitor: Monitor = SILENT, *,
+                  unreadable: list[tuple[str, str]] | None = None) -> tuple[list[Path], list[ImageDigest]]:
+    """Files (folders expanded) and the digests of all their images. Raises on the first unreadable file,
+    unless ``unreadable`` is a list: then each unreadable file is noted there, (path, why), and skipped."""
     files = expand_inputs(paths)
     items: list[ImageDigest] = []
     for f in monitor.track(files, "digesting", total=len(files)):
-        items.extend(digest_path(f))
+        try:
+            try:
+                items.extend(digest_path(f, with_view=True))
+            except MedadvError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a decoder's surprise on hostile input is still bad input
+                raise MedadvError(f"cannot decode {f} ({type(exc).__name__}: {str(exc)[:80]}).",
+                                  "replace the file with an intact copy, or leave it out.") from exc
+        except MedadvError as exc:
+            if unreadable is None:
+                raise
+            unreadable.append((str(f), exc.what))
     return files, items
 
 
-def register_paths(paths: Iterable[str | Path], ledger: Ledger, signer: DeviceKey, *, batch_size: int = 256,
-                   monitor: Monitor = SILENT) -> RegisterResult:
-    """Register PNG/JPEG/DICOM files and .npz members (folders recursively) under ``signer``'s device."""
-    ledger.require_device(signer)  # fail before the (slow) digesting, and before any write
-    files, items = digest_inputs(paths, monitor)
-    appended = ledger.append(items, signer, batch_size=batch_size, monitor=monitor)
-    return RegisterResult(len(files), len(items), appended)
+def read_labels_csv(path: str | Path) -> dict[str, str]:
+    """``name -> label`` from a CSV with ``path`` (or ``name``) and ``label`` columns (medadv's labels.csv)."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise MedadvError(f"cannot read labels file {path} ({exc}).", "pass a CSV with path and label columns.") from exc
+    out = {}
+    for row in rows:
+        name, label = row.get("path") or row.get("name"), row.get("label")
+        if not name or label is None or label == "":
+            raise MedadvError(f"labels file {path} has a row without path and label: {row}.",
+                              "give every row a path (or name) and a label.")
+        out[Path(name).name] = label.strip()
+    return out
+
+
+def register_paths(paths: Iterable[str | Path], ledger: Ledger, signer: DeviceKey, log_key: DeviceKey, *,
+                   labels: Mapping[str, str] | None = None, label: str | None = None, batch_size: int = 256,
+                   skip_unreadable: bool = False, monitor: Monitor = SILENT) -> RegisterResult:
+    """Register PNG/JPEG/DICOM files and .npz members (folders recursively) under ``signer``'s device.
+
+    ``label`` (every image) or ``labels`` (by file name or member id) is signed into the record.
+    ``skip_unreadable``: register the readable files and list the others in the result (default: an
+    unreadable file stops the registration before anything is written).
+    """
+    ledger.require_enrolled(signer)  # fail before the (slow) digesting, and before any write
+    skipped: list[tuple[str, str]] | None = [] if skip_unreadable else None
+    files, items = digest_inputs(paths, monitor, unreadable=skipped)
+    if label is not None or labels:
+        missing = [i.name for i in items if label is None and i.name not in (labels or {})]
+        if missing:
+            raise MedadvError(f"no label for {len(missing)} images (e.g. {missing[0]}).",
+                              "add them to the labels file, or register them without labels.")
+        items = [replace(i, meta={**i.meta, "label": str(label if label is not None else labels[i.name])})  # type: ignore[index]
+                 for i in items]
+    appended = ledger.append(items, signer, log_key, batch_size=batch_size, monitor=monitor) if items else AppendResult()
+    return RegisterResult(len(files), len(items), appended, skipped or [])

@@ -10,18 +10,16 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from medadv.attacks.registry import record_title
 from medadv.io import atomic_dir, to_json
 from medadv.report import figures
 
-ROW_TITLES = {
-    "pgd_white": "PGD, paper preset, white box",
-    "pgd_black": "PGD, paper preset, black box (transfer from surrogate)",
-    "fgsm": "FGSM, paper eps, white box",
-    "square": "Square (score-based black box)",
-    "hsja": "HopSkipJump (label-only black box)",
-    "patch": "Adversarial patch (universal, targeted: disease)",
-    "uap": "Universal adversarial perturbation",
-}
+def row_title(key: str, row: dict[str, Any]) -> str:
+    """A report row's title, derived from the attack the row ran and its own threat model (so a patch
+    run toward "healthy" is titled "targeted: healthy"); rows without an attack record keep their key."""
+    if not isinstance(row, dict) or "attack" not in row:
+        return key
+    return record_title(row)
 
 
 def _data_uri(png: bytes) -> str:
@@ -52,7 +50,7 @@ def render(study: dict[str, Any], images: dict[str, dict[str, bytes]]) -> str:
     env.filters["f4"] = lambda v: "n/a" if v is None else f"{v:.4f}"
     env.filters["eps255"] = lambda v: "n/a" if v is None else f"{v * 255:.2f}/255 ({v:.4f})"
     uris = {task: {k: _data_uri(v) for k, v in figs.items()} for task, figs in images.items()}
-    return env.get_template("report.html.j2").render(study=study, figures=uris, row_titles=ROW_TITLES)
+    return env.get_template("report.html.j2").render(study=study, figures=uris, row_title=row_title)
 
 
 def write_report(out: Path, study: dict[str, Any]) -> Path:

@@ -1,0 +1,301 @@
+"""APGD and AutoAttack (Croce & Hein 2020), made to work on binary medical models.
+
+APGD is PGD without a step-size to tune: momentum 0.75, a step of 2·eps halved at checkpoints (at 0%,
+22%, ... of the budget) where the loss rose in fewer than 75% of the steps since the last one, or where
+neither the step nor the best loss changed; a halving restarts from the best point so far. Losses
+(maximized): ``ce`` (cross-entropy; targeted: minus the target's) and ``margin``: for two classes the
+logit margin toward the wanted class at the victim's operating threshold (log-odds minus
+logit(threshold)), which is defined where the DLR loss is not (it needs three classes; auto-attack issue
+70); for K >= 3 classes the DLR loss (targeted DLR for K >= 4).
+
+AutoAttack (``autoattack``): APGD-CE, then APGD-margin (targeted at each of the top other classes: for a
+binary model, the one other class), then Square (score-based, 5,000 queries; ``version="fast"``: fewer
+steps and 1,000 queries), each on the images the previous ones left unbroken, judged per image on the
+stored image at the victim's decision rule: the worst case over the ensemble. Flags: ``randomness``
+(two forward passes disagree: the victim is stochastic, robust accuracy is optimistic), ``zero_gradients``
+(images whose input gradient is exactly zero: gradient masking), ``square_stronger`` (images only the
+black-box Square broke: the white-box attacks are being fooled). They are on ``attack.flags``
+(accumulated over batches) and in each result's ``info``. FAB-T is not included.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medadv.attacks.base import Attack, AttackResult, ProbabilityOracle, check_logits
+from medadv.attacks.gradient import frozen
+from medadv.attacks.pgd import check_schedule
+from medadv.attacks.registry import Access, register
+from medadv.attacks.square import Square
+from medadv.attacks.threat_model import ThreatModel
+from medadv.errors import MedadvError
+
+LOSSES = ("ce", "margin")
+MOMENTUM, RHO = 0.75, 0.75
+VERSIONS = {"standard": {"steps": 100, "max_queries": 5000, "targets": 9},
+            "fast": {"steps": 25, "max_queries": 1000, "targets": 3}}
+
+
+def checkpoints(steps: int) -> list[int]:
+    """APGD's checkpoints in iterations, in whole steps: the first after 22% of the budget, then intervals
+    shrinking by 3% of it down to 6% (p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06))."""
+    first, shrink, least = max(int(0.22 * steps), 1), max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
+    out, at, gap = [], 0, first
+    while at + gap <= steps:
+        at += gap
+        out.append(at)
+        gap = max(gap - shrink, least)
+    return out
+
+
+def decide(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Decisions: P(disease) >= threshold for two classes, argmax for more."""
+    if logits.shape[1] == 2:
+        return (logits.softmax(1)[:, 1] >= threshold).long()
+    return logits.argmax(1)
+
+
+def per_image_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, loss: str,
+                   threshold: float = 0.5) -> torch.Tensor:
+    """The per-image objective APGD ascends. ``target`` None: untargeted (away from y)."""
+    k = logits.shape[1]
+    if loss == "ce":
+        return -F.cross_entropy(logits, target, reduction="none") if target is not None else \
+            F.cross_entropy(logits, y, reduction="none")
+    if k == 2:  # the logit margin at the operating threshold, toward the wanted class
+        s = logits[:, 1] - logits[:, 0] - math.log(threshold / (1 - threshold))
+        want = target if target is not None else 1 - y
+        return torch.where(want == 1, s, -s)
+    z, _ = logits.sort(1, descending=True)
+    z_y = logits.gather(1, y[:, None])[:, 0]
+    if target is None:  # DLR: -(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3)
+        others = logits.scatter(1, y[:, None], -float("inf")).amax(1)
+        return -(z_y - others) / (z[:, 0] - z[:, 2] + 1e-12)
+    z_t = logits.gather(1, target[:, None])[:, 0]
+    scale = z[:, 0] - ((z[:, 2] + z[:, 3]) / 2 if k >= 4 else z[:, 2])
+    return -(z_y - z_t) / (scale + 1e-12)
+
+
+def _threshold(model: nn.Module) -> float:
+    t = getattr(model, "threshold", 0.5)
+    return float(t) if isinstance(t, (int, float)) and 0 < t < 1 else 0.5
+
+
+@register("apgd", kind=Access.WHITE_BOX, title="APGD")
+class APGD(Attack):
+    """Auto-PGD, L-inf or L2. ``loss``: ce or margin (two classes: logit margin at the threshold; K >= 3:
+    DLR). ``steps``: iterations per restart (default 100); ``restarts``: random restarts for the images
+    still unbroken; ``targets``: margin loss on an untargeted threat, the number of other classes to
+    target in turn (top logits first; binary: 1). Success is judged at the model's operating threshold."""
+
+    name = "apgd"
+    access = "white-box"
+
+    def __init__(self, threat: ThreatModel, seed: int = 0, *, loss: str = "ce", steps: int = 100,
+                 restarts: int = 1, targets: int = 9) -> None:
+        if loss not in LOSSES:
+            raise MedadvError(f"unknown APGD loss '{loss}'.", f"use {' or '.join(LOSSES)}.")
+        check_schedule("APGD", steps, None, restarts)
+        check_schedule("APGD", targets, None, None)
+        super().__init__(threat, seed)
+        self.loss, self.steps, self.restarts, self.targets = loss, steps, restarts, targets
+        self.zero_gradients = 0
+
+    @classmethod
+    def describe(cls, threat: dict[str, Any], params: dict[str, Any]) -> list[str]:
+        return [f"{params.get('loss', 'ce')} loss", f"{params.get('steps', 100)} steps"]
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> AttackResult:
+        with frozen(model):
+            x_adv, ok = self.attack(model, x, y, generator)
+        return AttackResult(x_adv.detach(), info={"success": ok, "zero_gradients": self.zero_gradients})
+
+    # the loop, usable by AutoAttack on a subset ---------------------------------------------------------
+
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adversarial images (continuous, inside the ball) and which of them succeed once stored."""
+        threat, thr = self.threat, _threshold(model)
+        with torch.no_grad():
+            clean_logits = check_logits(model(x), len(x), None)
+        k = clean_logits.shape[1]
+        if k > 2 and threat.target == "opposite":
+            raise MedadvError(f"the model has {k} classes; 'opposite' is defined for two.",
+                              "use --target none (untargeted) or a class.")
+        mask_full = threat.mask_for(x)
+        x_out = x.clone()
+        ok = threat.succeeded(decide(clean_logits, thr), y)
+        for target in self._target_plan(clean_logits, y):
+            for _ in range(self.restarts):
+                todo = (~ok).nonzero()[:, 0]
+                if len(todo) == 0:
+                    return x_out, ok
+                sub = threat.with_(mask=None if mask_full is None else mask_full[todo])
+                t = None if target is None else target[todo]
+                cand = self._ascend(model, x[todo], y[todo], t, sub, generator, thr)
+                stored = sub.to_grid(cand, x[todo])
+                with torch.no_grad():
+                    hit = threat.succeeded(decide(model(stored), thr), y[todo])
+                x_out[todo] = cand
+                ok[todo] = hit
+        return x_out, ok
+
+    def _target_plan(self, clean_logits: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per pass, the class each image's loss is targeted at (None: untargeted)."""
+        threat = self.threat
+        if threat.targeted:
+            return [threat.goal(y)]
+        if self.loss == "ce":
+            return [None]
+        k = clean_logits.shape[1]
+        if k == 2:
+            return [1 - y]
+        order = clean_logits.scatter(1, y[:, None], -float("inf")).argsort(1, descending=True)
+        return [order[:, i] for i in range(min(self.targets, k - 1))]
+
+    def _ascend(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
+                threat: ThreatModel, generator: torch.Generator, thr: float) -> torch.Tensor:
+        geo, eps, n = threat.geometry, threat.radius, len(x)
+        mask = threat.mask_for(x)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+
+        x_hit = x.clone()
+        hit = torch.zeros(n, dtype=torch.bool, device=x.device)
+
+        def loss_grad(xa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            xa = xa.detach().requires_grad_(True)
+            logits = check_logits(model(xa), len(xa), None)
+            loss = per_image_loss(logits, y, target, self.loss, thr)
+            (grad,) = torch.autograd.grad(loss.sum(), xa)
+            if mask is not None:
+                grad = grad * mask
+            new = threat.succeeded(decide(logits.detach(), thr), y) & ~hit  # keep the first adversarial point
+            x_hit[new] = xa.detach()[new]
+            hit[new] = True
+            return loss.detach(), grad
+
+        delta = geo.random_start(x, eps, generator)
+        x_cur = threat.project(x + (delta if mask is None else delta * mask), x, mask)
+        loss, grad = loss_grad(x_cur)
+        self.zero_gradients += int((grad.flatten(1).abs().amax(1) == 0).sum())
+        best_loss, x_best, g_best = loss.clone(), x_cur.clone(), grad.clone()
+        eta = torch.full((n,), 2 * eps, device=x.device, dtype=x.dtype)
+        x_prev = x_cur.clone()
+        marks = set(checkpoints(self.steps))
+        last_mark, rises = 0, torch.zeros(n, device=x.device)
+        halved_at_mark = torch.zeros(n, dtype=torch.bool, device=x.device)
+        best_at_mark = best_loss.clone()
+        for it in range(self.steps):
+            z = threat.project(x_cur + eta.view(shape) * geo.normalize(grad), x, mask)
+            a = 1.0 if it == 0 else MOMENTUM
+            x_next = threat.project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev), x, mask)
+            new_loss, new_grad = loss_grad(x_next)
+            rises += (new_loss > loss).float()
+            better = new_loss > best_loss
+            best_loss = torch.where(better, new_loss, best_loss)
+            x_best[better], g_best[better] = x_next[better], new_grad[better]
+            x_prev, x_cur, loss, grad = x_cur, x_next, new_loss, new_grad
+            if it + 1 in marks:
+                span = it + 1 - last_mark
+                # too few rises since the last checkpoint, or neither a halving there nor any progress since
+                halve = (rises < RHO * span) | (~halved_at_mark & (best_loss <= best_at_mark))
+                eta = torch.where(halve, eta / 2, eta)
+                x_cur = torch.where(halve.view(shape), x_best, x_cur)
+                grad = torch.where(halve.view(shape), g_best, grad)
+                loss = torch.where(halve, best_loss, loss)
+                last_mark, rises = it + 1, torch.zeros_like(rises)
+                halved_at_mark, best_at_mark = halve, best_loss.clone()
+        # an adversarial iterate where one was found (the loss need not peak there: CE ignores the
+        # operating threshold), else the point of highest loss
+        return torch.where(hit.view(shape), x_hit, x_best)
+
+
+@register("autoattack", kind=Access.WHITE_BOX, title="AutoAttack")
+class AutoAttack(Attack):
+    """APGD-CE, APGD-margin (targeted) and Square, worst case per image. ``version``: standard (100 steps,
+    5,000 Square queries, 9 target classes) or fast (25 steps, 1,000 queries, 3 targets); ``steps`` and
+    ``max_queries`` override the version's. Square runs for two-class models only (its oracle is
+    binary); for K >= 3 the ensemble is the two APGD runs. ``flags`` accumulates the checks over batches."""
+
+    name = "autoattack"
+    access = "white-box"
+
+    def __init__(self, threat: ThreatModel, seed: int = 0, *, version: str = "standard", steps: int | None = None,
+                 max_queries: int | None = None, restarts: int = 1) -> None:
+        if version not in VERSIONS:
+            raise MedadvError(f"unknown AutoAttack version '{version}'.", f"use {' or '.join(VERSIONS)}.")
+        v = VERSIONS[version]
+        self.version = version
+        self.steps = v["steps"] if steps is None else steps
+        self.max_queries = v["max_queries"] if max_queries is None else max_queries
+        check_schedule("AutoAttack", self.steps, None, restarts)
+        if not isinstance(self.max_queries, int) or self.max_queries < 2:
+            raise MedadvError(f"AutoAttack's Square needs max_queries >= 2; got {self.max_queries}.",
+                              "pass --max-queries 2 or more (5000 is the standard).")
+        self.restarts, self.targets = restarts, v["targets"]
+        super().__init__(threat, seed)
+        self.flags: dict[str, Any] = {"randomness": False, "zero_gradients": 0, "square_stronger": 0,
+                                      "broken_by": {"apgd-ce": 0, "apgd-margin": 0, "square": 0}}
+
+    @classmethod
+    def describe(cls, threat: dict[str, Any], params: dict[str, Any]) -> list[str]:
+        version = params.get("version", "standard")
+        q = params.get("max_queries") or VERSIONS.get(version, VERSIONS["standard"])["max_queries"]
+        return [f"{version}: APGD-CE + APGD-margin + Square {q} queries"]
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> AttackResult:
+        threat, thr = self.threat, _threshold(model)
+        flags = {"randomness": False, "zero_gradients": 0, "square_stronger": 0,
+                 "broken_by": {"apgd-ce": 0, "apgd-margin": 0, "square": 0}}
+        queries = None
+        with frozen(model):
+            with torch.no_grad():
+                a, b = model(x), model(x)
+                logits = check_logits(a, len(x), None)
+            flags["randomness"] = not torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+            x_out = x.clone()
+            ok = threat.succeeded(decide(logits, thr), y)
+            for stage, loss in (("apgd-ce", "ce"), ("apgd-margin", "margin")):
+                todo = (~ok).nonzero()[:, 0]
+                if len(todo) == 0:
+                    break
+                apgd = APGD(self._sub(x, todo), self.seed, loss=loss, steps=self.steps, restarts=self.restarts,
+                            targets=self.targets)
+                cand, hit = apgd.attack(model, x[todo], y[todo], generator)
+                flags["zero_gradients"] = max(flags["zero_gradients"], apgd.zero_gradients)
+                # keep the first attack's point for images nobody breaks; later ones replace it only on success
+                keep = hit | torch.full_like(hit, stage == "apgd-ce")
+                x_out[todo[keep]] = cand[keep]
+                ok[todo] = hit
+                flags["broken_by"][stage] = int(hit.sum())
+            todo = (~ok).nonzero()[:, 0]
+            if len(todo) and logits.shape[1] == 2:
+                sub = self._sub(x, todo)
+                square = Square(sub, self.seed, max_queries=self.max_queries, threshold=thr)
+                oracle = ProbabilityOracle.from_model(model)
+                result = square(oracle, x[todo], y[todo])
+                queries = torch.zeros(len(x), dtype=torch.long, device=x.device)
+                queries[todo] = result.queries
+                with torch.no_grad():
+                    hit = threat.succeeded(decide(model(result.x_adv), thr), y[todo])
+                x_out[todo[hit]] = result.x_adv[hit]
+                ok[todo] = hit
+                flags["broken_by"]["square"] = flags["square_stronger"] = int(hit.sum())
+        self._accumulate(flags)
+        return AttackResult(x_out.detach(), queries, {"flags": flags, "success": ok})
+
+    def _sub(self, x: torch.Tensor, todo: torch.Tensor) -> ThreatModel:
+        mask = self.threat.mask_for(x)
+        return self.threat.with_(mask=None if mask is None else mask[todo])
+
+    def _accumulate(self, flags: dict[str, Any]) -> None:
+        self.flags["randomness"] = self.flags["randomness"] or flags["randomness"]
+        for key in ("zero_gradients", "square_stronger"):
+            self.flags[key] += flags[key]
+        for key, v in flags["broken_by"].items():
+            self.flags["broken_by"][key] += v

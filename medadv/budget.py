@@ -1,0 +1,231 @@
+"""Time budgets for studies: measure this machine's throughput, then size a plan to fit.
+
+A demo that takes 6.5 minutes on a quiet 2-core machine took 37.5 on a busy AVX2-only one. Rather than
+fix image counts and epochs, ``demo`` and ``reproduce`` take ``--budget`` (``8m``, ``90s``, ``1h``): before
+training, :func:`calibrate` times a few real training steps and input-gradient passes of the plan's
+network on its own data, :func:`estimate_seconds` turns the plan into a count of those units, and
+:func:`fit_plan` shrinks the plan (curve images, then attacked images, then epochs, in that order,
+because the headline rows matter more than the curves and an undertrained victim changes the story most)
+until the estimate fits. What was chosen, and why, is recorded in results.json and the report.
+
+The estimate is a model, not a promise: it counts gradient passes, adds ``OVERHEAD_FRACTION`` for what
+they leave out, and plans are fitted to ``SAFETY`` of the budget.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from medadv.errors import MedadvError
+
+if TYPE_CHECKING:
+    from medadv.study import TaskPlan
+
+SAFETY = 0.8  # plan to this fraction of the budget: headroom for a machine that gets busier mid-run
+# What the gradient count leaves out (data loading and augmentation, validation passes, metrics, figures,
+# the report): on the development machine the demo took 390 s against 283 s of counted passes.
+OVERHEAD_FRACTION = 0.4
+PAPER_STEPS = 20  # the paper's PGD rows (pgd_white, pgd_black)
+FORWARD_FRACTION = 1 / 3  # a forward pass costs about a third of forward + input gradient
+MIN_IMAGES, MIN_CURVE_IMAGES, MIN_EPOCHS = 64, 32, 1
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_budget(text: str) -> float:
+    """``"8m"`` -> 480.0 seconds; accepts s, m and h suffixes (a bare number is seconds)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text or "")
+    if not match or float(match.group(1)) <= 0:
+        raise MedadvError(f"--budget {text!r} is not a positive duration.", "pass e.g. --budget 8m, 90s or 1h.")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """Seconds per image on this machine: one training step (forward, backward, update) and one
+    forward + input-gradient pass (an attack step) of the plan's network."""
+
+    train_image_s: float
+    grad_image_s: float
+
+    def to_json(self) -> dict[str, float]:
+        return {"train_image_s": self.train_image_s, "grad_image_s": self.grad_image_s}
+
+
+def calibrate(plan: TaskPlan, data_root, device: str = "cpu", repeats: int = 3) -> UnitCosts:
+    """Time ``repeats`` training steps and attack gradient passes of ``plan``'s network on its first
+    training batch (median, after one warm-up each), as the study will run them."""
+    import torch
+
+    from medadv.data import get_task, load_split
+    from medadv.models.recipes import pick_recipe
+    from medadv.models.train import build_classifier
+
+    cfg = plan.train
+    task = get_task(cfg.task)
+    data = load_split(task, "train", data_root=data_root, source=cfg.source, size=cfg.size, file_size=cfg.data_size)
+    n = min(cfg.batch_size, len(data))
+    x = data.subset(list(range(n))).tensor().to(device)
+    y = torch.as_tensor(data.labels[:n], dtype=torch.long, device=device)
+    model = build_classifier(replace(cfg, pretrained=None), data.channels, task.class_names).to(device)
+    optimizer = pick_recipe(cfg.recipe, cfg.pretrained is not None).make_optimizer(model.parameters())
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+
+    def grad_pass() -> None:
+        xa = x.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_fn(model(xa), y), xa)
+        del grad
+
+    def median_seconds(fn) -> float:
+        fn()  # warm-up: allocator and kernel selection
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    model.train()
+    train_s = median_seconds(train_step)
+    model.eval()
+    grad_s = median_seconds(grad_pass)
+    return UnitCosts(train_image_s=train_s / n, grad_image_s=grad_s / n)
+
+
+def estimate_seconds(plan: TaskPlan, costs: UnitCosts, n_train: int, n_test: int) -> dict[str, float]:
+    """Seconds per stage of ``plan`` (victim and surrogate training, the battery rows, the curves)."""
+    b = plan.battery
+    n_main = min(b.n_images, n_test)
+    n_query = min(b.n_query_images, n_test)
+    n_curve = min(b.curve_images, n_test)
+    rows = set(b.rows)
+    g = costs.grad_image_s
+    stages = {"training": 2 * plan.train.epochs * n_train * costs.train_image_s}  # victim and surrogate
+    rows_s = 0.0
+    rows_s += sum(n_main * PAPER_STEPS * g for r in ("pgd_white", "pgd_black") if r in rows)
+    rows_s += n_main * g if "fgsm" in rows else 0.0
+    # score- and label-based rows: forward passes only
+    rows_s += sum(n_query * b.max_queries * g * FORWARD_FRACTION for r in ("square", "hsja") if r in rows)
+    fit_steps = b.fit_steps or 100
+    rows_s += sum(fit_steps * min(64, b.n_fit_images) * g + n_main * g for r in ("patch", "uap") if r in rows)
+    stages["attacks"] = rows_s
+    nonzero = [e for e in b.curve_eps if e > 0]
+    kinds = 2 if "pgd_black" in rows else 1
+    # the curves, plus two points of the breaking-eps search (it stops early once accuracy is <= 1%)
+    stages["curves"] = (kinds * len(nonzero) + (2 if b.break_search else 0)) * n_curve * b.curve_steps * g
+    stages["overhead"] = OVERHEAD_FRACTION * sum(stages.values())
+    stages["total"] = sum(stages.values())
+    return stages
+
+
+def fit_plan(plan: TaskPlan, seconds: float, costs: UnitCosts, n_train: int, n_test: int
+             ) -> tuple[TaskPlan, dict[str, Any]]:
+    """``plan`` shrunk until its estimate fits ``SAFETY * seconds``, and the record of what was chosen."""
+    target = SAFETY * seconds
+    original = estimate_seconds(plan, costs, n_train, n_test)
+    steps_taken: list[str] = []
+
+    def fits(p: TaskPlan) -> bool:
+        return estimate_seconds(p, costs, n_train, n_test)["total"] <= target
+
+    current = plan
+    # the order says what is worth most: curves first, then the attacked images, then training
+    shrinkers = (
+        ("curve_images", MIN_CURVE_IMAGES * 2, lambda p, v: replace(p, battery=replace(p.battery, curve_images=v)),
+         lambda p: min(p.battery.curve_images, n_test)),
+        ("n_images", MIN_IMAGES * 2, lambda p, v: replace(p, battery=replace(p.battery, n_images=v)),
+         lambda p: min(p.battery.n_images, n_test)),
+        ("epochs", MIN_EPOCHS, lambda p, v: replace(p, train=replace(p.train, epochs=v)),
+         lambda p: p.train.epochs),
+        ("curve_images", MIN_CURVE_IMAGES, lambda p, v: replace(p, battery=replace(p.battery, curve_images=v)),
+         lambda p: min(p.battery.curve_images, n_test)),
+        ("n_images", MIN_IMAGES, lambda p, v: replace(p, battery=replace(p.battery, n_images=v)),
+         lambda p: min(p.battery.n_images, n_test)),
+    )
+    for name, floor, apply, read in shrinkers:
+        while not fits(current) and read(current) > floor:
+            value = read(current)
+            smaller = max(floor, value - 1 if name == "epochs" else math.ceil(value / 2))
+            current = apply(current, smaller)
+            steps_taken.append(f"{name} {value} -> {smaller}")
+    final = estimate_seconds(current, costs, n_train, n_test)
+    record = {
+        "seconds": seconds,
+        "safety": SAFETY,
+        "unit_costs": costs.to_json(),
+        "estimate_s": {"as_planned": round(original["total"], 1), "chosen": round(final["total"], 1),
+                       "stages": {k: round(v, 1) for k, v in final.items() if k != "total"}},
+        "changes": steps_taken,
+        # what the run will use (image counts capped at the test split) ...
+        "chosen": {"epochs": current.train.epochs, "n_images": min(current.battery.n_images, n_test),
+                   "curve_images": min(current.battery.curve_images, n_test)},
+        # ... and the plan's own fields, so a resumed run rebuilds exactly this plan (and its cache keys)
+        "plan": {"epochs": current.train.epochs, "n_images": current.battery.n_images,
+                 "curve_images": current.battery.curve_images},
+        "fits": final["total"] <= target,
+    }
+    return current, record
+
+
+def caveat(record: dict[str, Any]) -> str | None:
+    """The report's sentence on a budget that changed the plan (None when it did not)."""
+    if not record["changes"]:
+        return None
+    text = (f"Sized to a {record['seconds'] / 60:.1f}-minute budget from this machine's measured throughput: "
+            + "; ".join(record["changes"]) + ".")
+    if not record["fits"]:
+        text += (f" Even the smallest plan was estimated at {record['estimate_s']['chosen'] / 60:.1f} minutes; "
+                 "the run may exceed its budget.")
+    return text
+
+
+def fit_study(plans: list[TaskPlan], seconds: float, data_root, device: str = "cpu",
+              monitor=None) -> tuple[list[TaskPlan], list[dict[str, Any]]]:
+    """Each plan sized to its share of ``seconds`` (shares in proportion to the plans' own estimates on
+    this machine), with one budget record per plan. The plans keep their data choices (run_task makes
+    them); only epochs and image counts change."""
+    from medadv.data import get_task, load_split
+    from medadv.study import fit_to_data
+
+    measured = []
+    for plan in plans:
+        resolved = fit_to_data(plan, data_root).train
+        task = get_task(resolved.task)
+        read = dict(data_root=data_root, source=resolved.source, size=resolved.size, file_size=resolved.data_size)
+        n_train = len(load_split(task, "train", **read))
+        n_test = len(load_split(task, "test", **read))
+        if resolved.max_train:
+            n_train = min(n_train, resolved.max_train)
+        costs = calibrate(replace(plan, train=resolved), data_root, device)
+        measured.append((costs, n_train, n_test, estimate_seconds(plan, costs, n_train, n_test)["total"]))
+        if monitor is not None:
+            monitor.log(f"budget: {resolved.task} measured {costs.train_image_s * 1e3:.2f} ms per training image, "
+                        f"{costs.grad_image_s * 1e3:.2f} ms per attack gradient per image")
+    whole = sum(m[3] for m in measured) or 1.0
+    fitted, records = [], []
+    for plan, (costs, n_train, n_test, planned) in zip(plans, measured):
+        share = seconds * planned / whole
+        new_plan, record = fit_plan(plan, share, costs, n_train, n_test)
+        record["study_seconds"] = seconds
+        note = caveat(record)
+        if note:
+            new_plan = replace(new_plan, caveats=(*new_plan.caveats, note))
+        if monitor is not None:
+            monitor.log(f"budget: {plan.train.task} gets {share / 60:.1f} min; estimated "
+                        f"{record['estimate_s']['chosen'] / 60:.1f} min"
+                        + (f" after {'; '.join(record['changes'])}" if record["changes"] else " as planned"))
+        fitted.append(new_plan)
+        records.append(record)
+    return fitted, records

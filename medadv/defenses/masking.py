@@ -1,0 +1,139 @@
+"""Checks for gradient masking (Carlini et al. 2019, "On evaluating adversarial robustness"; Athalye et al. 2018).
+
+A defense that only hides its gradient looks robust to gradient attacks and is not. Each check below
+runs a few cheap attacks on a batch of correctly labelled images and returns pass or warn:
+
+* ``gradients``: the input gradient of the loss is neither zero nor NaN for most images;
+* ``unbounded``: untargeted PGD with an L-inf eps of 1 (the whole pixel range) brings accuracy to about
+  0% (at most ``unbounded_tolerance``); a model that keeps accuracy there is not being attacked at all;
+* ``eps_monotone``: accuracy does not rise as eps grows;
+* ``iterations``: more PGD iterations do not leave accuracy higher than fewer;
+* ``black_box``: a score-based black-box attack (Square) is not stronger than white-box PGD at the same
+  eps (if it is, the gradient is misleading);
+* ``randomness``: two passes over the same input give the same logits; if not, the model is randomized
+  and gradient attacks need expectation over transformation (EOT), which these checks do not run.
+
+Placement: the architecture sketch files masking checks under ``evaluate``; they live here for now so the
+defenses and their checks land together (they use only the attacks, not the evaluate layer), and the
+battery can import them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medadv.errors import MedadvError
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # pass | warn
+    detail: str
+    values: dict = field(default_factory=dict)
+
+
+@dataclass
+class MaskingReport:
+    checks: list[Check]
+
+    @property
+    def flagged(self) -> bool:
+        """True when any check warns: the robustness numbers of this model should not be trusted as they are."""
+        return any(c.status == "warn" for c in self.checks)
+
+    def to_json(self) -> dict:
+        return {"flagged": self.flagged, "checks": [asdict(c) for c in self.checks]}
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshold: float) -> float:
+    with torch.no_grad():
+        p = F.softmax(model(x), dim=1)[:, 1]
+    return float(((p >= threshold).long() == y).float().mean())
+
+
+def _pgd_accuracy(model, x, y, eps: float, steps: int, seed: int, threshold: float) -> float:
+    from medadv.attacks import PGD, ThreatModel
+
+    threat = ThreatModel(norm="linf", eps=eps, steps=steps, step_size=max(eps / 4, 2.5 * eps / steps),
+                         random_start=True, target="none", levels=None)
+    x_adv = PGD(threat, seed=seed)(model, x, y).x_adv
+    return _accuracy(model, x_adv, y, threshold)
+
+
+def check_gradient_masking(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 4 / 255,
+                           eps_grid: tuple[float, ...] = (1 / 255, 4 / 255, 16 / 255), steps: int = 10,
+                           seed: int = 0, unbounded_tolerance: float = 0.05, tolerance: float = 0.02,
+                           black_box_queries: int = 100) -> MaskingReport:
+    """Run the checks on images x (N×C×H×W in [0, 1]) with labels y (N); returns a :class:`MaskingReport`.
+
+    Images the model already gets wrong are left out (they say nothing about the attack). ``tolerance``:
+    how much accuracy may rise (sampling noise of random starts) before a monotonicity check warns.
+    ``black_box_queries``: Square's budget per image (0 skips that check).
+    """
+    if x.ndim != 4 or len(x) != len(y) or len(x) == 0:
+        raise MedadvError(f"masking checks need N×C×H×W images and N labels; got {tuple(x.shape)} and {tuple(y.shape)}.",
+                          "pass a batch of images with one label each.")
+    threshold = float(getattr(model, "threshold", 0.5))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            correct = (F.softmax(model(x), dim=1)[:, 1] >= threshold).long() == y
+        if not correct.any():
+            raise MedadvError("the model gets none of these images right, so nothing can be attacked.",
+                              "run the masking checks on images the model classifies correctly.")
+        x, y = x[correct], y[correct]
+        checks = []
+
+        xg = x.detach().clone().requires_grad_(True)
+        loss = F.cross_entropy(model(xg), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, xg, allow_unused=True)
+        grad = torch.zeros_like(x) if grad is None else grad  # no path to the input at all: fully masked
+        norms = grad.flatten(1).norm(dim=1)
+        nan = int((~torch.isfinite(grad.flatten(1))).any(1).sum())
+        zero = float((norms[torch.isfinite(norms)] == 0).float().mean()) if torch.isfinite(norms).any() else 1.0
+        ok = nan == 0 and zero < 0.5
+        checks.append(Check("gradients", "pass" if ok else "warn",
+                            f"{100 * zero:.0f}% of input gradients are zero, {nan} NaN",
+                            {"zero_fraction": zero, "nan_images": nan}))
+
+        acc_unbounded = _pgd_accuracy(model, x, y, 1.0, max(steps, 10), seed, threshold)
+        checks.append(Check("unbounded", "pass" if acc_unbounded <= unbounded_tolerance else "warn",
+                            f"PGD at eps 1 (the whole pixel range) leaves {100 * acc_unbounded:.1f}% accuracy "
+                            f"(expected about 0%)", {"accuracy": acc_unbounded}))
+
+        accs = [_pgd_accuracy(model, x, y, e, steps, seed, threshold) for e in eps_grid]
+        rises = any(b > a + tolerance for a, b in zip(accs, accs[1:]))
+        checks.append(Check("eps_monotone", "warn" if rises else "pass",
+                            "accuracy " + ("rises" if rises else "does not rise") + " with eps",
+                            {"eps": list(eps_grid), "accuracy": accs}))
+
+        few, many = (_pgd_accuracy(model, x, y, eps, s, seed, threshold) for s in (max(1, steps // 5), steps))
+        checks.append(Check("iterations", "warn" if many > few + tolerance else "pass",
+                            f"accuracy {100 * few:.1f}% after {max(1, steps // 5)} steps, {100 * many:.1f}% after {steps}",
+                            {"steps": [max(1, steps // 5), steps], "accuracy": [few, many]}))
+
+        if black_box_queries > 0:
+            from medadv.attacks import ProbabilityOracle, Square, ThreatModel
+
+            threat = ThreatModel(norm="linf", eps=eps, steps=1, target="none", levels=None)
+            x_bb = Square(threat, seed=seed, max_queries=black_box_queries, threshold=threshold)(
+                ProbabilityOracle.from_model(model), x, y).x_adv
+            black = _accuracy(model, x_bb, y, threshold)
+            checks.append(Check("black_box", "warn" if black < many - tolerance else "pass",
+                                f"Square ({black_box_queries} queries) leaves {100 * black:.1f}%, PGD-{steps} "
+                                f"{100 * many:.1f}% at eps {eps * 255:.1f}/255", {"square": black, "pgd": many}))
+
+        with torch.no_grad():
+            same = torch.equal(model(x), model(x))
+        checks.append(Check("randomness", "pass" if same else "warn",
+                            "deterministic" if same else "the model is randomized: evaluate it with EOT",
+                            {"deterministic": same}))
+    finally:
+        model.train(was_training)
+    return MaskingReport(checks)

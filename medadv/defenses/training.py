@@ -1,0 +1,147 @@
+"""Training-step hooks for robust training: PGD-AT, TRADES, fast FGSM-AT and Gaussian noise augmentation.
+
+``make_step_loss(...)`` returns the loss one training step minimizes, given the model (in train mode),
+a batch ``x`` (N×C×H×W in [0, 1], already augmented), its soft targets (N×2; one-hot, or mixed by mixup)
+and hard labels ``y`` (N); the generator must be on x's device. :mod:`medadv.models.train` calls it instead of plain cross-entropy when the
+training configuration names a defense, and records that configuration in the checkpoint.
+
+Units: eps and step sizes are in stored-pixel [0, 1] units (4/255 is four grey levels of an 8-bit file),
+the same unit every attack's threat model uses. Adversarial examples are crafted with the model in eval
+mode and its parameters frozen (the attacks' own loop, :func:`medadv.attacks.gradient.ascend`), so the
+crafting passes neither update BatchNorm statistics nor form weight gradients.
+
+* ``pgd`` (Madry et al. 2018): minimize CE on the worst case of ``steps`` PGD steps (step 2.5·eps/steps,
+  random start) inside the L-inf eps-ball.
+* ``trades`` (Zhang et al. 2019): CE on the clean image + β·KL(p(x) ‖ p(x')), x' maximizing the KL.
+* ``fast`` (Wong, Rice and Kolter 2020): one FGSM step of 1.25·eps from a uniform random start.
+* ``noise_sigma`` > 0 (Cohen et al. 2019): Gaussian noise N(0, σ²) on the input before the step, the
+  training that randomized smoothing needs; it combines with the methods above (noise first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medadv.errors import MedadvError
+
+METHODS = ("pgd", "trades", "fast")
+
+# (model, x, soft_target, y, generator) -> scalar loss to minimize
+StepLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def check_settings(method: str | None, eps: float, steps: int, trades_beta: float, noise_sigma: float) -> None:
+    """Raise a :class:`MedadvError` naming the flag when a robust-training setting is out of range."""
+    if method is not None and method not in METHODS:
+        raise MedadvError(f"unknown adversarial training '{method}'.", f"pass --adversarial {' | '.join(METHODS)}.")
+    if method is not None:
+        if not 0 < eps <= 1:
+            raise MedadvError(f"--adv-eps must be in (0, 1] pixel units; got {eps}.", "pass e.g. --adv-eps 4/255.")
+        if steps < 1:
+            raise MedadvError(f"--adv-steps must be >= 1; got {steps}.", "pass e.g. --adv-steps 7.")
+        if method == "trades" and not trades_beta > 0:
+            raise MedadvError(f"--trades-beta must be > 0; got {trades_beta}.", "pass e.g. --trades-beta 6.")
+    if not noise_sigma >= 0:
+        raise MedadvError(f"--noise-sigma must be >= 0 in pixel units; got {noise_sigma}.", "pass e.g. --noise-sigma 0.25.")
+
+
+def _threat(eps: float, steps: int, step_size: float):
+    from medadv.attacks.threat_model import ThreatModel
+
+    # continuous (levels None): training examples need not lie on the 8-bit grid
+    return ThreatModel(norm="linf", eps=eps, step_size=step_size, steps=steps, random_start=True,
+                       target="none", levels=None)
+
+
+def pgd_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
+                 generator: torch.Generator, step_size: float | None = None) -> torch.Tensor:
+    """Untargeted L-inf PGD (CE, random start) against ``model``; returns x' (detached, in [0, 1])."""
+    from medadv.attacks.gradient import ascend, autograd_gradient, frozen
+
+    threat = _threat(eps, steps, step_size or 2.5 * eps / steps)
+    with frozen(model):
+        x_adv, _ = ascend(x.detach(), y, autograd_gradient(model, targeted=False), threat, generator)
+    return x_adv.detach()
+
+
+def trades_examples(model: nn.Module, x: torch.Tensor, eps: float, steps: int, generator: torch.Generator,
+                    step_size: float | None = None) -> torch.Tensor:
+    """x' maximizing KL(p(x) ‖ p(x')) in the L-inf eps-ball, from x + 0.001·N(0, 1) (Zhang et al.'s start)."""
+    from medadv.attacks.gradient import ascend, frozen
+
+    threat = _threat(eps, steps, step_size or 2.5 * eps / steps)
+    with frozen(model):
+        with torch.no_grad():
+            p_clean = F.softmax(model(x), dim=1)
+
+        def kl_gradient(x_adv: torch.Tensor, _goal: torch.Tensor) -> torch.Tensor:
+            x_adv = x_adv.detach().requires_grad_(True)
+            kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_clean, reduction="sum")
+            return torch.autograd.grad(kl, x_adv)[0]
+
+        start = 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x0 = (x + start).clamp(0, 1).detach()
+        x_adv, _ = ascend(x0, torch.zeros(len(x), dtype=torch.long, device=x.device), kl_gradient, threat,
+                          generator, start=False)
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)  # ascend's ball was around x0
+    return x_adv.detach()
+
+
+def fast_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
+    """Wong et al.'s FGSM with random start: uniform δ in the ball, one signed step of 1.25·eps, clip."""
+    from medadv.attacks.gradient import ascend, autograd_gradient, frozen
+
+    threat = _threat(eps, 1, 1.25 * eps)
+    with frozen(model):
+        x_adv, _ = ascend(x.detach(), y, autograd_gradient(model, targeted=False), threat, generator)
+    return x_adv.detach()
+
+
+def make_step_loss(method: str | None, *, eps: float = 4 / 255, steps: int = 7, trades_beta: float = 6.0,
+                   noise_sigma: float = 0.0, step_size: float | None = None) -> StepLoss | None:
+    """The training-step loss of a robust recipe, or None for plain training (no method, no noise)."""
+    check_settings(method, eps, steps, trades_beta, noise_sigma)
+    if method is None and noise_sigma == 0:
+        return None
+
+    def step_loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor, y: torch.Tensor,
+                  generator: torch.Generator) -> torch.Tensor:
+        if noise_sigma > 0:
+            # not clipped to [0, 1]: the smoothed classifier sees unclipped noise at certification too
+            x = x + noise_sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if method is not None:
+                x = x.clamp(0, 1)  # the attacks' box is [0, 1]
+        if method == "pgd":
+            x = pgd_examples(model, x, y, eps, steps, generator, step_size)
+        elif method == "fast":
+            x = fast_examples(model, x, y, eps, generator)
+        elif method == "trades":
+            x_adv = trades_examples(model, x, eps, steps, generator, step_size)
+            logits = model(torch.cat([x, x_adv]))
+            clean, adv = logits[: len(x)], logits[len(x):]
+            kl = F.kl_div(F.log_softmax(adv, dim=1), F.softmax(clean, dim=1), reduction="batchmean")
+            return F.cross_entropy(clean, target) + trades_beta * kl
+        return F.cross_entropy(model(x), target)
+
+    return step_loss
+
+
+def robust_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, seed: int,
+                       batch_size: int = 256) -> torch.Tensor:
+    """P(disease) on untargeted PGD examples (validation; model selection on robust accuracy, Rice et al.
+    2020). x: N×C×H×W in [0, 1] on the model's device; returns N floats on the CPU."""
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        x_adv = pgd_examples(model, xb, yb, eps, steps, generator)
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            out.append(F.softmax(model(x_adv), dim=1)[:, 1].float().cpu())
+            model.train(was)
+    return torch.cat(out) if out else torch.zeros(0)

@@ -1,0 +1,330 @@
+"""One upload's path through the service, without HTTP: check limits, decode, verify provenance, squeeze,
+and (through the batcher) run the model.
+
+Errors are :class:`ServiceError` (a :class:`MedadvError` with an HTTP status), so the app answers them as
+4xx JSON lines and the CLI could print them as one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medadv.errors import MedadvError
+
+STATUSES = ("verified", "modified", "unknown-device", "unsigned")
+# The ledger's verdicts, as the four statuses the service reports (the ledger's own word is kept as detail).
+# Content or identity changed since signing -> modified; signed, but not by a key (and log) the trust root
+# vouches for -> unknown-device; no record at all -> unsigned.
+_STATUS_MAP = {"verified": "verified", "modified": "modified", "bad-signature": "modified", "corrupt": "modified",
+               "name-mismatch": "modified", "label-mismatch": "modified", "duplicate": "modified",
+               "unknown-device": "unknown-device", "revoked": "unknown-device", "replayed": "unknown-device",
+               "not-logged": "unknown-device", "unregistered": "unsigned"}
+
+
+class ServiceError(MedadvError):
+    """A user error with the HTTP status to answer it with."""
+
+    def __init__(self, status: int, what: str, fix: str | None = None) -> None:
+        super().__init__(what, fix)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+    max_side: int = 8192
+
+
+@dataclass(frozen=True)
+class ScreenConfig:
+    bits: int = 5  # bit-depth reduction (Xu et al., 2018: 5 bits for natural images)
+    median: int = 3  # median filter size (3x3: the defaults of medadv.defenses.detect.FeatureSqueezing)
+    threshold: float = 0.5  # on max L1 distance between probability vectors, in [0, 2]
+
+
+@dataclass
+class Upload:
+    name: str
+    kind: str  # png, jpeg, dicom
+    path: Path
+    height: int
+    width: int
+
+
+# ------------------------------------------------------------------------------------------ uploads
+
+
+def sniff(data: bytes) -> str | None:
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    return None
+
+
+def safe_name(name: str | None, kind: str) -> str:
+    """The upload's base name, kept as sent: verification binds a record to the image's name, and finds a
+    modified image by it. Path components are dropped; a name that cannot be a file name (empty, ``..``,
+    control characters, over 200 bytes) becomes ``upload.<ext>``, which matches no record (fail safe); a
+    non-DICOM named ``.dcm`` gets its content's suffix (same stem), as it could not have been registered so."""
+    ext = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}[kind]
+    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    try:
+        size = len(base.encode("utf-8"))
+    except UnicodeEncodeError:
+        size = 10_000
+    if base in ("", ".", "..") or size > 200 or any(ord(c) < 32 or ord(c) == 127 for c in base):
+        return f"upload{ext}"
+    if kind != "dicom" and base.lower().endswith((".dcm", ".dicom")):
+        base = f"{base.rsplit('.', 1)[0]}{ext}"
+    return base
+
+
+def _public(what: str, upload: Upload) -> str:
+    """An error message without the server's temporary folder in it."""
+    return what.replace(str(upload.path), upload.name).replace(str(upload.path.parent), "(upload)")
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        raise ServiceError(422, "the PNG has no IHDR chunk (truncated or corrupt).", "upload an intact PNG file.")
+    w, h = struct.unpack(">II", data[16:24])
+    return h, w
+
+
+def _header_size(path: Path, kind: str, data: bytes) -> tuple[int, int, int]:
+    """(height, width, frames) from the header only, before any pixel is decoded."""
+    if kind == "png":
+        h, w = _png_size(data)
+        return h, w, 1
+    if kind == "jpeg":
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ServiceError(422, f"the JPEG header is unreadable ({type(exc).__name__}).",
+                               "upload an intact JPEG file.") from exc
+        return h, w, 1
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0), int(ds.get("NumberOfFrames", 1) or 1)
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ServiceError(422, f"the DICOM header is unreadable ({type(exc).__name__}).",
+                           "upload an intact DICOM file from the PACS.") from exc
+
+
+def save_upload(data: bytes, name: str | None, folder: Path, limits: Limits) -> Upload:
+    """Check an upload's size, format and dimensions (from its header), and write it to ``folder``."""
+    if len(data) > limits.max_bytes:
+        raise ServiceError(413, f"the upload is {len(data)} bytes; the limit is {limits.max_bytes}.",
+                           "upload a smaller image.")
+    if not data:
+        raise ServiceError(422, "the upload is empty.", "attach the image file as the 'file' form field.")
+    kind = sniff(data)
+    if kind is None:
+        raise ServiceError(415, "the upload is not a PNG, JPEG or DICOM file (unknown signature).",
+                           "upload a PNG, JPEG or DICOM (Part 10, with the DICM preamble) file.")
+    path = folder / safe_name(name, kind)
+    path.write_bytes(data)
+    h, w, frames = _header_size(path, kind, data)
+    if frames != 1:
+        raise ServiceError(422, f"the DICOM holds {frames} frames; the service analyses single images.",
+                           "upload one frame per request.")
+    if h < 1 or w < 1:
+        raise ServiceError(422, f"the image claims {h}x{w} pixels.", "upload an intact image.")
+    if h > limits.max_side or w > limits.max_side or h * w > limits.max_pixels:
+        raise ServiceError(413, f"the image is {h}x{w} pixels; the limits are {limits.max_side} per side and "
+                                f"{limits.max_pixels} in all.", "downsample the image before uploading it.")
+    return Upload(path.name, kind, path, h, w)
+
+
+def decode_pixels(upload: Upload) -> np.ndarray:
+    """The image as medadv's readers give it to a model: float32 C×H×W in [0, 1] (DICOM windowed)."""
+    from medadv.data.folder import read_image
+
+    try:
+        x, _ = read_image(upload.path)
+    except MedadvError as exc:
+        raise ServiceError(422, f"the {upload.kind.upper()} upload cannot be decoded: {_public(exc.what, upload)}",
+                           f"upload an intact {upload.kind.upper()} file.") from exc
+    except Exception as exc:  # a decoder's own failure on hostile input is still bad input
+        raise ServiceError(422, f"the {upload.kind.upper()} upload cannot be decoded ({type(exc).__name__}).",
+                           f"upload an intact {upload.kind.upper()} file.") from exc
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 3 or x.shape[0] not in (1, 3, 4) or not np.isfinite(x).all():
+        raise ServiceError(422, f"the decoded image has shape {x.shape}.", "upload a grey or colour 2-D image.")
+    return x[:3]
+
+
+# --------------------------------------------------------------------------------------- provenance
+
+
+def digest_upload(upload: Upload) -> Any:
+    """The upload's canonical content digest (:func:`medadv.provenance.digest.digest_file`)."""
+    from medadv.provenance.digest import digest_file
+
+    try:
+        return digest_file(upload.path)
+    except MedadvError as exc:
+        raise ServiceError(422, f"the upload cannot be digested for provenance: {_public(exc.what, upload)}",
+                           "upload an intact, supported image file.") from exc
+    except Exception as exc:  # a decoder's own failure on hostile input is still bad input
+        raise ServiceError(422, f"the upload cannot be digested for provenance ({type(exc).__name__}).",
+                           "upload an intact, supported image file.") from exc
+
+
+def verify_items(ledger: Any, root: Any, items: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """Provenance results for ``(name, digest)`` pairs, in one :func:`verify_digests` call (a few queries
+    for the whole group): status verified / modified / unknown-device / unsigned, the ledger's own
+    verdict, why, and the inclusion proof of a verified record."""
+    from medadv.provenance.digest import canonical_json
+    from medadv.provenance.verify import verify_digests
+
+    out = []
+    for (_, item), v in zip(items, verify_digests(ledger, items, root), strict=True):
+        raw = str(getattr(v.status, "value", v.status))
+        proof = getattr(v, "proof", None)
+        try:
+            canonical_json(proof)
+        except (TypeError, ValueError):
+            proof = None
+        out.append({"status": _STATUS_MAP.get(raw, "unsigned"), "ledger_verdict": raw, "detail": v.detail,
+                    "digest": item.digest, "record": v.seq, "device": v.device, "inclusion_proof": proof})
+    return out
+
+
+def check_provenance(ledger: Any, root: Any, upload: Upload) -> dict[str, Any]:
+    """The provenance result of one upload."""
+    return verify_items(ledger, root, [(upload.name, digest_upload(upload))])[0]
+
+
+# ---------------------------------------------------------------------------------------- the model
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    meta: dict[str, Any]
+    digest: str
+    path: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    from medadv.models import load_checkpoint
+    from medadv.models.checkpoint import WEIGHTS
+
+    path = Path(path)
+    model, meta = load_checkpoint(path)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    spec = model.spec
+    info = {"task": meta.get("task", spec.task), "arch": spec.arch, "class_names": list(spec.class_names),
+            "threshold": float(spec.threshold), "input_size": spec.input_size, "channels": spec.data_channels,
+            "digest": file_sha256(path / WEIGHTS),
+            "clean_metrics": meta.get("validation"), "robust_metrics": meta.get("robust"),
+            "threshold_rule": (meta.get("training") or {}).get("threshold_rule")}
+    return LoadedModel(model, meta, info["digest"], path, info)
+
+
+def squeeze_variants(x: np.ndarray, cfg: ScreenConfig) -> np.ndarray:
+    """The image and its squeezed versions, 3×C×H×W: original, bit-depth reduced, median filtered."""
+    from scipy.ndimage import median_filter
+
+    levels = (1 << cfg.bits) - 1
+    bits = np.round(x * levels) / levels
+    med = median_filter(x, size=(1, cfg.median, cfg.median), mode="reflect")
+    return np.stack([x, bits.astype(np.float32), med.astype(np.float32)])
+
+
+def model_input(variants: np.ndarray, spec: Any) -> Any:
+    """Variants resized to the network's input as the wrapper would (so the batch has one shape) and
+    brought to the model's channel count (grey repeated, colour averaged)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(variants))
+    c = spec.data_channels
+    if t.shape[1] != c:
+        t = t.expand(-1, c, -1, -1).contiguous() if t.shape[1] == 1 else t.mean(1, keepdim=True).expand(-1, c, -1, -1)
+    size = spec.input_size
+    if t.shape[-2:] != (size, size):
+        t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return t.contiguous()
+
+
+def probabilities(model: Any, batch: Any) -> np.ndarray:
+    """P(disease) for a batch (N×C×S×S)."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.inference_mode():
+        return F.softmax(model(batch), dim=1)[:, 1].float().cpu().numpy()
+
+
+def screening(p: np.ndarray, cfg: ScreenConfig) -> dict[str, Any]:
+    """Feature squeezing (Xu et al., 2018) from P(disease) on [original, bit depth, median]: the max L1
+    distance between the probability vectors; flagged when above the threshold."""
+    d = {"bit_depth": float(2 * abs(p[0] - p[1])), "median": float(2 * abs(p[0] - p[2]))}
+    score = max(d.values())
+    return {"method": "feature-squeezing", "score": round(score, 6), "threshold": cfg.threshold,
+            "flagged": bool(score > cfg.threshold), "distances": {k: round(v, 6) for k, v in d.items()},
+            "squeezers": {"bit_depth": cfg.bits, "median": cfg.median}}
+
+
+def disagreement_map(model: Any, rows: Any, squeezer: int) -> str:
+    """Where squeezing moves the prediction: ``|dP/dx * (squeezed - x)|`` per pixel (the first-order share of
+    each pixel in the change of P(disease)), at the network's input size, as a PNG data URL (white = none,
+    red = most). Computed for flagged images only and returned with the answer, never stored."""
+    import base64
+    import io
+
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    x = rows[0:1].detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        F.softmax(model(x), dim=1)[0, 1].backward()
+    assert x.grad is not None
+    share = (x.grad[0] * (rows[squeezer] - rows[0])).abs().sum(0)
+    top = float(share.max())
+    heat = (share / top).numpy() if top > 0 else np.zeros(tuple(share.shape), np.float32)
+    rgb = np.stack([np.ones_like(heat), 1 - heat, 1 - heat], axis=-1)
+    buf = io.BytesIO()
+    Image.fromarray((rgb * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def diagnosis(p0: float, info: dict[str, Any]) -> dict[str, Any]:
+    positive = bool(p0 >= info["threshold"])
+    return {"p_disease": round(float(p0), 6), "threshold": info["threshold"], "positive": positive,
+            "label": info["class_names"][1 if positive else 0], "model_digest": info["digest"]}
+
+
+def temp_folder() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="medadv-serve-")
