@@ -170,11 +170,15 @@ def run_task(plan: TaskPlan, cache: StageCache, data_root: Path, seed: int, moni
                                             seed=seed, monitor=monitor),
                         _save_battery, _load_battery)
     rows = battery.results["rows"]
+    # like for like: Table 2's clean column is measured on the images the PGD rows attacked (reproduce
+    # attacks a subset); the whole split's clean figure stays in table1. Each column keeps its count.
+    attacked = next((rows[r] for r in ("pgd_white", "pgd_black") if r in rows), None)
     table2 = {}
-    for name, source in (("clean", None), ("white", "pgd_white"), ("black", "pgd_black")):
-        m = table1 if source is None else rows.get(source, {}).get("adversarial")
+    for name, m in (("clean", attacked["clean"] if attacked else table1),
+                    ("white", rows.get("pgd_white", {}).get("adversarial")),
+                    ("black", rows.get("pgd_black", {}).get("adversarial"))):
         if m is not None:
-            table2[name] = {k: m[k] for k in ("accuracy", "auc", "mean_confidence", "sensitivity", "specificity")}
+            table2[name] = {k: m.get(k) for k in ("accuracy", "auc", "mean_confidence", "sensitivity", "specificity", "n")}
     paper = PAPER_TABLE2.get(cfg.task)
     return {
         "task": cfg.task,

@@ -123,3 +123,21 @@ def test_commands_that_do_not_shard_refuse_to_run_under_torchrun(monkeypatch, ca
     assert code == 2 and "does not shard its work across torchrun processes" in one_line(err)
     code, out, _ = run(["version"], capsys)
     assert code == 0 and "torch" in out
+
+
+def test_the_layers_import_only_downward():
+    """data knows no networks or attacks, models never import evaluate, attacks know tensors and a model
+    callable (ARCHITECTURE.md): checked on the source, so a new import that breaks it fails here."""
+    import ast
+
+    forbidden = {"data": ("medadv.models", "medadv.attacks", "medadv.evaluate", "medadv.defenses", "medadv.study"),
+                 "models": ("medadv.evaluate", "medadv.study", "medadv.report"),
+                 "attacks": ("medadv.evaluate", "medadv.study", "medadv.report", "medadv.data")}
+    broken = []
+    for layer, banned in forbidden.items():
+        for path in sorted((REPO / "medadv" / layer).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                broken += [f"{path.relative_to(REPO)} imports {n}" for n in names if n.startswith(banned)]
+    assert not broken, broken

@@ -135,3 +135,25 @@ def test_architecture_registry_names():
         get_arch("vgg")
     with pytest.raises(MedadvError, match="at least"):
         build_network("densenet121", 1, 28)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("input_size", 100_000, "input_size"), ("input_size", "28", "input_size"), ("input_size", True, "input_size"),
+    ("threshold", 1.5, "threshold"), ("mean", [0.5, 0.5], "mean"), ("std", [0.0], "std"),
+    ("class_names", ["a"], "class_names"), ("data_channels", 0, "data_channels"), ("surprise", 1, "unknown fields"),
+])
+def test_checkpoint_metadata_of_wrong_types_or_bounds_is_one_clear_error(tmp_path, field, value, needle):
+    import json
+
+    from medadv.errors import MedadvError
+    from medadv.models import load_checkpoint, save_checkpoint
+    from medadv.models.train import TrainConfig, build_classifier
+
+    model = build_classifier(TrainConfig(task="chest-xray"), 1, ("normal", "pneumonia"))
+    path = save_checkpoint(model, tmp_path / "ck", {"task": "chest-xray", "seed": 0})
+    meta_file = path / "medadv.json"
+    meta = json.loads(meta_file.read_text())
+    meta["spec"][field] = value
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(MedadvError, match=needle):
+        load_checkpoint(path)

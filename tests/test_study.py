@@ -52,6 +52,8 @@ def test_demo_results_hold_the_paper_rows_and_break_the_model(demo):
     assert accuracy[0] > accuracy[-1]
     # black box hurts, white box hurts more
     assert task["table2"]["black"]["accuracy"] < task["table2"]["clean"]["accuracy"]
+    # like for like: the clean column counts the images the PGD rows attacked
+    assert task["table2"]["clean"]["n"] == task["table2"]["white"]["n"] == task["table2"]["black"]["n"]
     assert task["table2"]["white"]["accuracy"] <= task["table2"]["black"]["accuracy"]
     assert task["paper"]["white"]["accuracy"] == 0.0  # the paper's numbers sit beside ours
     assert study["environment"]["versions"]["torch"] and task["table1"]["data_checksum"]

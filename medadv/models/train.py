@@ -23,7 +23,7 @@ from torch import nn
 
 from medadv.data import ImageSet, get_task, load_split, resolve_data_root, resolve_source
 from medadv.errors import MedadvError
-from medadv.evaluate.metrics import clinical_metrics, youden_threshold
+from medadv.metrics import clinical_metrics, youden_threshold
 from medadv.io import atomic_dir, to_json
 from medadv.models.checkpoint import save_checkpoint
 from medadv.models.recipes import Augment, Recipe, pick_recipe

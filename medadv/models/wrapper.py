@@ -7,6 +7,8 @@ would for a real attacker who edits the file.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -40,10 +42,66 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ModelSpec:
+        """The spec from a checkpoint's JSON, validated against its schema and bounds first: metadata is
+        user input (a hand-edited or hostile file must not reach the network builder, e.g. an input size
+        that would allocate tens of GiB)."""
+        if not isinstance(d, dict):
+            raise MedadvError("the model spec is not a JSON object.", "train the model again.")
         d = dict(d)
+        _check_spec(d)
         for k in ("mean", "std", "class_names"):
             d[k] = tuple(d[k])
         return cls(**d)
+
+
+MAX_INPUT_SIZE = 1024  # px: a 1024² input is already 3 GiB per 256-image batch of float32 activations
+
+
+def _check_spec(d: dict[str, Any]) -> None:
+    """Types and bounds of every spec field, one line naming the first that is wrong."""
+    def bad(field_: str, want: str) -> MedadvError:
+        return MedadvError(f"the checkpoint's spec.{field_} is {d.get(field_)!r}; it must be {want}.",
+                           "restore medadv.json from the checkpoint as written, or train the model again.")
+
+    known = {f for f in ModelSpec.__dataclass_fields__}
+    unknown = set(d) - known
+    if unknown:
+        raise MedadvError(f"the checkpoint's spec has unknown fields: {', '.join(sorted(unknown))}.",
+                          "restore medadv.json from the checkpoint as written, or train the model again.")
+    for name in ("arch", "input_size", "data_channels", "net_channels", "mean", "std", "task", "class_names"):
+        if name not in d:
+            raise MedadvError(f"the checkpoint's spec has no {name}.", "train the model again.")
+
+    def integer(field_: str, lo: int, hi: int) -> None:
+        v = d.get(field_)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise bad(field_, f"a whole number from {lo} to {hi}")
+
+    integer("input_size", 8, MAX_INPUT_SIZE)
+    integer("data_channels", 1, 4)
+    integer("net_channels", 1, 4)
+    for name in ("arch", "task"):
+        if not isinstance(d[name], str) or not d[name] or len(d[name]) > 100:
+            raise bad(name, "a non-empty name")
+    for name in ("mean", "std"):
+        v = d[name]
+        if (not isinstance(v, (list, tuple)) or len(v) != d["net_channels"]
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+            raise bad(name, f"a list of {d['net_channels']} finite numbers")
+    if any(x <= 0 for x in d["std"]):
+        raise bad("std", "positive")
+    names = d["class_names"]
+    if not isinstance(names, (list, tuple)) or len(names) != 2 or not all(isinstance(x, str) for x in names):
+        raise bad("class_names", "two names")
+    t = d.get("threshold", 0.5)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+        raise bad("threshold", "a number in [0, 1]")
+    if not isinstance(d.get("stem", "standard"), str):
+        raise bad("stem", "a name")
+    if d.get("pretrained") is not None and not isinstance(d["pretrained"], str):
+        raise bad("pretrained", "a name or null")
+    if not isinstance(d.get("extra", {}), dict):
+        raise bad("extra", "a JSON object")
 
 
 class MedicalClassifier(nn.Module):

@@ -356,10 +356,10 @@ def _digest_dicom(path: Path) -> ImageDigest:
         arr = np.asarray(ds.pixel_array)  # pydicom decodes compressed syntaxes and converts YBR_* to RGB
         interpretation = dicom_interpretation(ds)
     except Exception as exc:  # missing codec, damaged pixel data or malformed attributes
-        raise MedadvError(
-            f"cannot decode the pixels of {path} ({type(exc).__name__}: {str(exc)[:100]}).",
-            "install the codecs with `pip install 'medadv[dicom-codecs]'`, or replace the file with an intact copy.",
-        ) from exc
+        from medadv.data.dicom import pixel_error
+
+        # the fix fits the cause: codecs for a compressed syntax pydicom cannot decode, the tag otherwise
+        raise pixel_error(Path(path), exc, ds) from exc
     photometric = str(ds.get("PhotometricInterpretation", "") or "").upper()
     if photometric.startswith("YBR"):
         photometric = "RGB"
