@@ -10,6 +10,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,40 @@ def medadv_cli(*args: str | Path, cwd: Path | None = None, **popen: object) -> s
     """Start ``python -m medadv.cli ARGS`` as a separate process (this worktree's medadv first)."""
     return subprocess.Popen([sys.executable, "-m", "medadv.cli", *map(str, args)], cwd=cwd, env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+_AT_SIGNAL = """
+import pathlib, sys, time
+import medadv.cli, medadv.provenance.ledger, medadv.provenance.register, medadv.provenance.verify
+ready, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+ready.touch()
+t0 = time.monotonic()
+while not go.exists():
+    if time.monotonic() - t0 > 120:
+        sys.exit("no start signal within 120 s")
+    time.sleep(0.005)
+medadv.cli.main(sys.argv[3:])
+"""
+
+
+def medadv_cli_together(n: int, argv_for, folder: Path, timeout: float = 120.0) -> list[subprocess.Popen]:
+    """Start ``n`` CLI processes (``argv_for(i)``) that import everything first, then begin at the same
+    moment: a concurrency test must not depend on how long each process takes to import torch."""
+    folder.mkdir(parents=True, exist_ok=True)
+    go = folder / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _AT_SIGNAL, str(folder / f"ready-{i}"), str(go),
+                               *map(str, argv_for(i))], env=cli_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(n)]
+    deadline = time.monotonic() + timeout
+    while not all((folder / f"ready-{i}").exists() for i in range(n)):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            errors = [p.communicate()[1][-500:] for p in procs]
+            pytest.fail(f"the writers did not get ready to start together: {errors}")
+        time.sleep(0.01)
+    go.touch()
+    return procs
 
 
 def run_main(argv: list[str | Path], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from provenance_support import ledger_where, make_device, medadv_cli, pg_url, save_png, trust  # noqa: F401
+from provenance_support import (ledger_where, make_device, medadv_cli, medadv_cli_together, pg_url,  # noqa: F401
+                                save_png, trust)
 
 from medadv.provenance.digest import digest_array, digest_npz
 from medadv.provenance.ledger import open_ledger
@@ -42,8 +43,9 @@ def test_concurrent_writers_never_fork_the_chain(ledger_where: str, tmp_path: Pa
         for digest in _distinct_pngs(tmp_path / f"w{w}", w, PER_WRITER):
             expected[digest] = f"scanner-{w}"
     assert len(expected) == WRITERS * PER_WRITER
-    procs = [medadv_cli("provenance", "register", tmp_path / f"w{w}", "--device", f"scanner-{w}", "--keys", keys,
-                        "--ledger", ledger_where, "--batch-size", "10", "--json", "-q") for w in range(WRITERS)]
+    procs = medadv_cli_together(WRITERS, lambda w: ("provenance", "register", tmp_path / f"w{w}", "--device",
+                                                    f"scanner-{w}", "--keys", keys, "--ledger", ledger_where,
+                                                    "--batch-size", "10", "--json", "-q"), tmp_path / "start")
     results = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err
