@@ -36,9 +36,14 @@ class StageCache:
             return load(folder)
         value = compute()
         if folder is not None:
-            with atomic_dir(folder) as tmp:
-                save(value, tmp)
-                (tmp / ".complete").write_text(config_hash(config) + "\n")
+            from medadv.dist import current
+
+            shard = current()  # under torchrun every rank computed the same value: rank 0 alone writes it
+            if shard.is_main:
+                with atomic_dir(folder) as tmp:
+                    save(value, tmp)
+                    (tmp / ".complete").write_text(config_hash(config) + "\n")
+            shard.barrier()
         return value
 
 

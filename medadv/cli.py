@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -160,6 +161,7 @@ def train(
     adv_steps: Annotated[int, typer.Option(help="PGD/TRADES steps per training batch and in robust validation.")] = 7,
     trades_beta: Annotated[float, typer.Option(help="TRADES weight of the robustness (KL) term.")] = 6.0,
     noise_sigma: Annotated[float, typer.Option(help="Gaussian noise augmentation sigma in [0, 1] pixel units (for `medadv certify`).")] = 0.0,
+    sync_batchnorm: Annotated[bool, typer.Option("--sync-batchnorm", help="Under torchrun: BatchNorm statistics over the whole global batch (SyncBatchNorm) instead of each process's share.")] = False,
     resplit_by_patient: Annotated[bool, typer.Option("--resplit-by-patient", help="Pool the given splits and re-split 70/10/20 by patient (recorded in the checkpoint's source).")] = False,
     class_names: Annotated[str | None, typer.Option(help="Names of label 0 and label 1, e.g. normal,abnormal (default: the data's class_names, else the task's).")] = None,
     data_root: DataRoot = None,
@@ -190,20 +192,26 @@ def train(
                       recipe=recipe, pretrained=pretrained, source=source, split_seed=split_seed,
                       augment=not no_augment, max_train=max_train, data_size=data_size,
                       adversarial=adversarial, adv_eps=parse_fraction(adv_eps, "--adv-eps"), adv_steps=adv_steps,
-                      trades_beta=trades_beta, noise_sigma=noise_sigma)
+                      trades_beta=trades_beta, noise_sigma=noise_sigma, sync_batchnorm=sync_batchnorm)
     from medadv.data import split_leakage
     from medadv.data.leakage import warning as leakage_warning
 
+    from medadv.dist import current
+
+    device, monitor = _join(device, quiet)  # under torchrun: DDP, rank 0 logs and writes
     leak = leakage_warning(split_leakage(task, source, data_root=data_root, split_seed=split_seed))
-    if leak:  # said before the training time is spent: the validation figures would be optimistic
+    if leak and current().is_main:  # said before the training time is spent: the validation figures would be optimistic
         err.print(f"medadv: warning: {leak}", highlight=False, soft_wrap=True)
-    model, meta = run_training(cfg, out, data_root=data_root, monitor=RichMonitor(quiet), device=check_device(device))
+    model, meta = run_training(cfg, out, data_root=data_root, monitor=monitor, device=device)
+    if not current().is_main:
+        return
     if names is not None:
         from medadv.models.checkpoint import set_class_names
 
         set_class_names(out, names)
     val = meta["validation"]
-    out_table("Validation (model selected on AUC; threshold by Youden's J)", val)
+    selection = meta["training"].get("selection", "validation AUC")
+    out_table(f"Validation, {val.get('n', '?')} images (model selected on {selection}; threshold by Youden's J)", val)
     err.print(f"checkpoint written to {out}", highlight=False)
 
 
@@ -231,9 +239,9 @@ def evaluate(
         _door(out, "file")
     from medadv.evaluate.clean import evaluate_model, model_split
     from medadv.io import write_json
-    from medadv.models import load_checkpoint
+    from medadv.defenses.checkpoint import load_defended
 
-    net, meta = load_checkpoint(model)
+    net, meta = load_defended(model)  # a defended checkpoint is evaluated through its defenses
     data = model_split(meta, split, data_root=data_root, source=source, image_size=image_size, fit_to_model=True,
                        resplit_by_patient=resplit_by_patient, patient_pattern=patient_pattern,
                        allow_outside_paths=allow_outside_paths, fit=fit)
@@ -242,6 +250,8 @@ def evaluate(
     provenance = gate(data) if gate else None
     metrics = evaluate_model(net, data, batch_size)
     metrics["model"] = str(model)
+    if meta.get("defense"):
+        metrics["defense"] = meta["defense"]
     if provenance is not None:
         metrics["provenance"] = provenance
     if out is not None:
@@ -259,6 +269,24 @@ def _leakage_warning(data) -> None:
 
 
 # --------------------------------------------------------------------------------------------- attack
+def _join(device: str, quiet: bool) -> tuple[str, RichMonitor]:
+    """The checked device and a monitor, after joining the torchrun job when there is one (a plain run is
+    rank 0 of 1): every rank works, rank 0 alone logs and writes."""
+    from medadv.dist import init_from_env
+
+    device = check_device(device)
+    shard = init_from_env(device)
+    return device, RichMonitor(quiet or not shard.is_main)
+
+
+def _main_prints(summary, *args) -> None:
+    """Print a command's summary once: on rank 0 of a torchrun job (always, in a plain run)."""
+    from medadv.dist import current
+
+    if current().is_main:
+        summary(*args)
+
+
 def parse_fraction(value: str | None, flag: str) -> float | None:
     """'0.01', '8/255' -> float; a clear error otherwise."""
     if value is None:
@@ -309,6 +337,7 @@ def attack(
     source: Annotated[str | None, typer.Option(help="Data source (default: the model's).")] = None,
     image_size: Annotated[int | None, typer.Option(help="Fit every image to this size on load (default: as stored if all share one square size, else the checkpoint's input size).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=65536, help="Images per attack batch.")] = 128,
+    non_adaptive: Annotated[bool, typer.Option("--non-adaptive", help="Defended checkpoint: attack it as a naive evaluator would (gradients masked by non-differentiable defenses) instead of with BPDA.")] = False,
     aa_version: Annotated[str | None, typer.Option("--version", help="autoattack: standard (APGD 100 steps, Square 5,000 queries) or fast (25 steps, 1,000 queries).")] = None,
     resplit_by_patient: Annotated[bool, typer.Option("--resplit-by-patient", help="Pool the given splits and re-split 70/10/20 by patient (needs patient ids).")] = False,
     patient_pattern: Annotated[str | None, typer.Option(help="Regex whose first group is the patient in an npz's image ids (or 'chestxray14').")] = None,
@@ -323,10 +352,11 @@ def attack(
     quiet: Quiet = False,
 ) -> None:
     """Attack a model and write the adversarial images and results.json (schema medadv-results/1)."""
+    import numpy as np
+
     from medadv.attacks import PAPER, ThreatModel
     from medadv.evaluate.clean import model_split
     from medadv.evaluate.runner import run_attack
-    from medadv.models import load_checkpoint
     from medadv.report.save import save_attack
 
     from medadv.dist import init_from_env
@@ -335,11 +365,14 @@ def attack(
     _door(out, "folder")  # before any computing: an existing file, or a folder that cannot be written
     shard = init_from_env(device)  # rank 0 of 1 unless started by torchrun
     monitor = RichMonitor(quiet or not shard.is_main)  # one log, not one per process
-    victim, meta = load_checkpoint(model, device)
+    from medadv.defenses.checkpoint import load_defended
+
+    # a defended checkpoint is attacked as the whole pipeline; adaptively (BPDA) unless asked otherwise
+    victim, meta = load_defended(model, device, adaptive=not non_adaptive)
     if task is not None and task != meta["task"]:
         raise MedadvError(f"--task {task} does not match the model, which was trained for {meta['task']}.",
                           f"pass --task {meta['task']} or another model.")
-    crafter = load_checkpoint(surrogate, device)[0] if surrogate else None
+    crafter = load_defended(surrogate, device, adaptive=True)[0] if surrogate else None
     options = dict(resplit_by_patient=resplit_by_patient, patient_pattern=patient_pattern,
                    allow_outside_paths=allow_outside_paths, fit=fit, fit_to_model=True)
     data = model_split(meta, split, data_root=data_root, source=source, image_size=image_size, **options)
@@ -380,6 +413,11 @@ def attack(
         if attack in ("patch", "uap") else None
     if fit_data is not None and gate:
         gate(fit_data)
+    randomized = False
+    if meta.get("defense") and not non_adaptive:  # randomness detected -> expectation over transformation
+        from medadv.evaluate.adaptive import adaptive_victim
+
+        victim, randomized = adaptive_victim(victim, data.stored(np.arange(min(len(data), 16))).to(device))
     resume = _shard_folder(out, model, surrogate, data, attack, threat, params, seed, batch_size) \
         if shard.distributed else None
     run = run_attack(attack, victim, data, threat, seed=seed, surrogate=crafter, fit_data=fit_data, params=params,
@@ -392,6 +430,11 @@ def attack(
         run.results["clean_full_split"] = evaluate_model(victim, full)
     run.results["model"] = {"path": str(model), "arch": victim.spec.arch, "task": meta["task"],
                             "threshold": victim.threshold, "input_size": victim.spec.input_size}
+    if meta.get("defense"):
+        from medadv.evaluate.adaptive import defense_record
+
+        run.results["defense"] = defense_record(victim, meta["defense"], data, seed, non_adaptive,
+                                                randomized=randomized)
     if surrogate:
         run.results["surrogate"] = {"path": str(surrogate), "arch": crafter.spec.arch}
     if provenance is not None:
@@ -460,6 +503,7 @@ def reproduce(
     seed: Seed = 0,
     device: Device = "cpu",
     budget: Annotated[str | None, typer.Option(help="Time budget, e.g. 30m: measure this machine, then size image counts and epochs to fit (default: the plans as documented).")] = None,
+    defense: Annotated[list[str] | None, typer.Option("--defense", help="Put this preprocessing defense in front of every victim (e.g. jpeg, bit-depth:bits=4; repeat for several): the battery then attacks the defended pipeline with BPDA.")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Reproduce the paper on its three tasks: Tables 1-2 next to the paper's, the talks' attacks, curves, figures."""
@@ -474,9 +518,17 @@ def reproduce(
     if unknown or not names:
         raise MedadvError(f"no reproduction plan for {', '.join(unknown) or 'an empty task list'}.",
                           f"choose from {', '.join(REPRODUCE_PLANS)}.")
-    study = run_study("reproduce", [REPRODUCE_PLANS[t] for t in names], out, data_root=data_root, cache_dir=cache,
-                      seed=seed, monitor=RichMonitor(quiet), device=check_device(device), budget=seconds)
-    study_summary(study, out)
+    defenses = tuple(parse_defense(d) for d in defense or ())
+    if defenses:
+        from medadv.defenses import build_preprocessor
+
+        for d in defenses:  # unknown names and bad settings fail here, before any training
+            build_preprocessor(d["name"], **{k: v for k, v in d.items() if k != "name"})
+    plans = [replace(REPRODUCE_PLANS[t], defense=defenses) for t in names]
+    device, monitor = _join(device, quiet)
+    study = run_study("reproduce", plans, out, data_root=data_root, cache_dir=cache,
+                      seed=seed, monitor=monitor, device=device, budget=seconds)
+    _main_prints(study_summary, study, out)
 
 
 @app.command()
@@ -498,6 +550,56 @@ def demo(
     study = run_study("demo", [DEMO_PLAN], out, data_root=data_root, cache_dir=cache, seed=seed,
                       monitor=RichMonitor(quiet), device=check_device(device), budget=seconds)
     study_summary(study, out)
+
+
+@app.command()
+def defend(
+    out: Annotated[Path, typer.Option(help="Report folder: report.html (section Defenses), results.json, figures/.")] = Path("runs/defend"),
+    task: Annotated[str, typer.Option(help="chest-xray or fundus-dr (28 px MedMNIST, ResNet-18 from scratch).")] = "chest-xray",
+    epochs: Annotated[int, typer.Option(min=1, max=200, help="Training epochs of every model (the undefended one and each training defense).")] = 6,
+    n_images: Annotated[int, typer.Option(min=8, help="Test images every defense is judged on (the same ones).")] = 128,
+    adv_eps: Annotated[str, typer.Option(help="Adversarial-training L-inf budget in [0, 1] pixel units.")] = "4/255",
+    defenses: Annotated[str | None, typer.Option(help="Preprocessing defenses, comma-separated (default: the generic ones and the modality's own).")] = None,
+    trained: Annotated[str, typer.Option(help="Training defenses, comma-separated: pgd, trades, fast, noise.")] = "pgd,trades,fast,noise",
+    detectors: Annotated[str, typer.Option(help="Detectors, comma-separated: feature-squeezing, mahalanobis ('' for none).")] = "feature-squeezing,mahalanobis",
+    cache: Annotated[Path | None, typer.Option(help="Stage cache (default: .<out>.cache beside --out); a killed run resumes from it.")] = None,
+    data_root: DataRoot = None,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    quiet: Quiet = False,
+) -> None:
+    """The defenses study: adversarial training, preprocessing, detectors and smoothing, each judged by adaptive attacks."""
+    _door(out, "folder")
+    from medadv.defense_study import PLANS, run_defend
+
+    if task not in PLANS:
+        raise MedadvError(f"no defenses plan for task '{task}'.", f"choose from {', '.join(PLANS)}.")
+    split = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())  # noqa: E731
+    plan = replace(PLANS[task](epochs), n_images=n_images, adv_eps=parse_fraction(adv_eps, "--adv-eps"),
+                   trained=split(trained), detectors=split(detectors),
+                   preprocessing=None if defenses is None else split(defenses))
+    device, monitor = _join(device, quiet)
+    study = run_defend([plan], out, data_root=data_root, cache_dir=cache, seed=seed, monitor=monitor, device=device)
+    _main_prints(defend_summary, study, out)
+
+
+def defend_summary(study: dict, folder: Path) -> None:
+    """Per defense: clean accuracy and robust accuracy at each eps, non-adaptive -> adaptive, on stdout."""
+    from rich.table import Table
+
+    for t in study["tasks"]:
+        d = t["defenses"]
+        table = Table(title=f"{t['task']}: clean and robust accuracy on the same {d['n_images']} test images "
+                            "(L-inf eps in 1/255; non-adaptive -> adaptive)")
+        for col in ("defense", "clean", *(f"{e * 255:g}/255" for e in d["eps"]), "masking checks"):
+            table.add_column(col)
+        for r in d["rows"]:
+            flagged = r["masking"].get("flagged")
+            table.add_row(r["name"], f"{100 * r['clinical']['accuracy']:.1f}%",
+                          *(f"{100 * p['non_adaptive']:.0f}% -> {100 * p['adaptive']:.0f}%" for p in r["robust"]["rows"]),
+                          "not run" if flagged is None else ("WARN" if flagged else "pass"))
+        out.print(table)
+    out.print(f"report: {(folder / 'report.html').resolve()}", highlight=False)
 
 
 @app.command()
@@ -559,15 +661,14 @@ def audit(
         battery.n_images = limit
         battery.n_query_images = min(battery.n_query_images, limit)
         battery.curve_images = min(battery.curve_images, limit)
-    monitor = RichMonitor(quiet)
-    device = check_device(device)
+    device, monitor = _join(device, quiet)
     study = run_audit(model, out, task=task, source=data, data_root=data_root, surrogate_path=surrogate,
                       train_surrogate=train_surrogate, overrides=overrides, battery=battery, image_size=image_size,
                       seed=seed, gate=provenance_gate(require_provenance, provenance_flag_only, monitor, trust_root),
                       monitor=monitor, device=device,
                       data_options=dict(resplit_by_patient=resplit_by_patient, patient_pattern=patient_pattern,
                                         allow_outside_paths=allow_outside_paths, fit=fit))
-    study_summary(study, out)
+    _main_prints(study_summary, study, out)
 
 
 # -------------------------------------------------------------------------------------------- certify
@@ -603,12 +704,56 @@ def certify(
 ) -> None:
     """Randomized smoothing (Cohen et al. 2019): each image's certified class, or abstention, and L2 radius."""
     from medadv.defenses.certify import certify_model
+    from medadv.dist import current
 
+    device, monitor = _join(device, quiet)  # under torchrun: images dealt by rank, rank 0 writes
     record = certify_model(model, out, sigma=sigma, n=n, n0=n0, alpha=alpha, split=split, limit=limit, seed=seed,
-                           batch_size=batch_size, data_root=data_root, device=check_device(device),
-                           monitor=RichMonitor(quiet))
-    certify_summary(record)
-    err.print(f"results written to {Path(out) / 'results.json'}", highlight=False)
+                           batch_size=batch_size, data_root=data_root, device=device, monitor=monitor)
+    if current().is_main:
+        certify_summary(record)
+        err.print(f"results written to {Path(out) / 'results.json'}", highlight=False)
+
+
+def parse_defense(spec: str) -> dict:
+    """'jpeg' or 'bit-depth:bits=4' (several settings: 'fundus-fov:gain=4:sigma=0.05') -> {"name": ..., **settings}."""
+    import json
+
+    name, *settings = spec.strip().split(":")
+    out: dict = {"name": name}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MedadvError(f"--defense {spec!r}: setting {item!r} is not key=value.",
+                              "pass e.g. --defense bit-depth:bits=4.")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+@app.command()
+def wrap(
+    model: Annotated[Path, typer.Option(help="Checkpoint folder to put defenses in front of.")],
+    defense: Annotated[list[str], typer.Option("--defense", help="A registered preprocessing defense, e.g. jpeg or bit-depth:bits=4; repeat for several, applied in order.")],
+    out: Annotated[Path, typer.Option(help="Defended checkpoint folder to write (the network's weights plus the defenses in medadv.json).")],
+) -> None:
+    """Save a checkpoint behind preprocessing defenses: evaluate, attack, audit and certify then judge the whole pipeline."""
+    _door(out, "folder")
+    from medadv.defenses import defend  # the package registers every defense
+    from medadv.defenses.checkpoint import save_defended
+    from medadv.models import load_checkpoint
+
+    net, meta = load_checkpoint(model)
+    recorded = meta.get("defense") or {}
+    if recorded.get("kind") == "preprocessing":
+        raise MedadvError(f"{model} is already behind preprocessing defenses.",
+                          "wrap the undefended checkpoint, listing every defense in one command.")
+    defended = defend(net, [parse_defense(d) for d in defense])
+    # a robustly trained network keeps its training record beside the preprocessing one
+    save_defended(defended, out, {**meta, **({"training_defense": recorded} if recorded else {})})
+    names = ", ".join(d.name for d in defended.defenses)
+    err.print(f"defended checkpoint ({names}) written to {out}", highlight=False)
 
 
 @app.command()
@@ -626,7 +771,10 @@ def export(
     fmt = format or {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript"}.get(out.suffix)
     if fmt is None:
         raise MedadvError(f"cannot tell the format of {out}.", "use a .pt or .onnx suffix, or pass --format.")
-    net, _ = load_checkpoint(model)
+    net, meta = load_checkpoint(model)
+    if (meta.get("defense") or {}).get("kind") == "preprocessing":  # the export would silently drop it
+        raise MedadvError(f"{model} is a network behind preprocessing defenses, which an export cannot carry.",
+                          "export the undefended checkpoint and apply the defenses in your pipeline.")
     export_model(net, fmt, out)
     err.print(f"{fmt} model written to {out}", highlight=False)
 
@@ -1142,6 +1290,58 @@ def serve(
     run(service, host, port, threads)
 
 
+@serve_app.command("batch")
+def serve_batch(
+    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, DICOM) or folders of them.")],
+    model: Annotated[Path, typer.Option("--model", help="Checkpoint folder (from `medadv train`).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder: results.json and receipts/ (one signed receipt per analysed file).")],
+    ledger: LedgerOpt = _DEFAULT_LEDGER,
+    policy: Annotated[str, typer.Option(
+        "--policy", help="require-provenance: no diagnosis for images that do not verify; flag: diagnose and flag them.",
+    )] = "require-provenance",
+    trust_root: Annotated[Path | None, typer.Option(
+        "--trust-root", help="The organisation's <org>.root.pub (default: $MEDADV_TRUST_ROOT, else the config file).")] = None,
+    service_key: Annotated[Path | None, typer.Option(
+        "--service-key", help="Ed25519 key that signs receipts (default: the keystore's medadv-service.key).")] = None,
+    submitter: Annotated[str, typer.Option("--submitter", help="Who the receipts name as submitter.")] = "batch",
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest file, MB.")] = 20.0,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", help="Most pixels per image.")] = 4096 * 4096,
+    screen_threshold: Annotated[float, typer.Option(
+        "--screen-threshold", help="Feature-squeezing score (max L1, 0-2) above which an image is flagged.")] = 0.5,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse this submitter's receipts for files already analysed with the same settings.")] = True,
+    as_json: JsonOpt = False,
+    quiet: Quiet = False,
+) -> None:
+    """The service's offline batch mode: each file analysed as POST /v1/analyses would, receipted in the log (shards under torchrun)."""
+    from medadv.dist import current
+    from medadv.serve.analysis import Limits, ScreenConfig
+    from medadv.serve.app import ServiceConfig
+    from medadv.serve.offline import analyze_files, collect_images
+
+    if not 0 < max_upload_mb <= 1024 or max_pixels < 1:
+        raise MedadvError("--max-upload-mb must be in (0, 1024] and --max-pixels positive.",
+                          "pass e.g. --max-upload-mb 20 --max-pixels 16777216.")
+    config = ServiceConfig(model=model, ledger=ledger, policy=policy, trust_root=str(trust_root) if trust_root else None,
+                           service_key=str(service_key) if service_key else None,
+                           limits=Limits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels),
+                           screen=ScreenConfig(threshold=screen_threshold))
+    _, monitor = _join("cpu", quiet)
+    record = analyze_files(config, collect_images(images), out_dir, submitter=submitter, monitor=monitor, resume=resume)
+    if not current().is_main:
+        return
+    if as_json:
+        _echo_json(record)
+        return
+    for row in record["files"]:
+        if row["status"] == "error":
+            err.print(f"medadv: {row['file']}: {row['error']}", highlight=False, soft_wrap=True)
+    sm = record["summary"]
+    out.print(f"{sm['files']} files: {sm['analysed']} analysed ({sm['new_receipts']} new receipts, {sm['resumed']} "
+              f"reused), {sm['errors']} errors, {sm['withheld']} withheld; provenance {sm['provenance']}; "
+              f"{sm['flagged']} flagged by screening, {sm['positive']} positive; written to {out_dir}",
+              highlight=False, soft_wrap=True)
+
+
 @serve_token_app.command("create")
 def serve_token_create(
     role: Annotated[str, typer.Option("--role", help="submitter (uploads), reader (audits) or admin (issues tokens).")],
@@ -1214,7 +1414,7 @@ def _usage_line(exc, args: list[str]) -> str:
 
 # Commands that shard their work under torchrun (medadv.dist); the others would run whole on every rank
 # and race to write the same outputs, so they refuse to start under a launcher.
-DISTRIBUTED_COMMANDS = ("attack",)
+DISTRIBUTED_COMMANDS = ("attack", "train", "certify", "audit", "reproduce", "defend")
 
 
 def _check_launcher(args: list[str]) -> None:
@@ -1223,10 +1423,10 @@ def _check_launcher(args: list[str]) -> None:
     world = os.environ.get("WORLD_SIZE", "1")
     words = _command_path(args).split()[1:]
     if world.isdigit() and int(world) > 1 and words and words[0] not in (*DISTRIBUTED_COMMANDS, "version") \
-            and "--help" not in args:
+            and words[:2] != ["serve", "batch"] and "--help" not in args:
         raise MedadvError(f"medadv {' '.join(words)} does not shard its work across torchrun processes "
                           f"(WORLD_SIZE={world}).",
-                          f"run it as one process, or use torchrun with: {', '.join(DISTRIBUTED_COMMANDS)}.")
+                          f"run it as one process, or use torchrun with: {', '.join(DISTRIBUTED_COMMANDS)}, serve batch.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1270,6 +1470,10 @@ def main(argv: list[str] | None = None) -> None:
                   "Fix: rerun with --debug (or MEDADV_DEBUG=1) for the traceback and report it.",
                   highlight=False, soft_wrap=True)
         sys.exit(1)
+    finally:
+        from medadv.dist import shutdown
+
+        shutdown()  # leave a torchrun job's process group cleanly (nothing to do in a plain run)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -11,7 +11,10 @@ atomically): a killed run restarted with the same command skips the batches alre
 
 Only what is per image is sharded (the attack loop of ``attack``, ``audit`` and ``reproduce`` rows, and
 certification); fitting a universal patch or perturbation is one optimisation and runs on every rank
-alike (same seed, same result), and so does training outside DDP.
+alike (same seed, same result). Training under torchrun is data parallel (DDP, in
+:mod:`medadv.models.train`): each rank takes its share of every global batch, gradients are all-reduced,
+and :func:`sync_batchnorm` makes BatchNorm use the statistics of the whole global batch, on the CPU
+(gloo, :class:`CpuSyncBatchNorm`) as well as on CUDA (torch's SyncBatchNorm).
 """
 
 from __future__ import annotations
@@ -62,6 +65,37 @@ class Shard:
 
             td.barrier()
 
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank (a picklable object; no-op alone)."""
+        if not self.distributed:
+            return obj
+        import torch.distributed as td
+
+        box = [obj if self.is_main else None]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum(self, values: Sequence[float], device: str | torch.device = "cpu") -> list[float]:
+        """The element-wise sum of every rank's ``values`` (float64), on every rank. ``device`` must be a
+        CUDA device under NCCL."""
+        if not self.distributed:
+            return [float(v) for v in values]
+        import torch.distributed as td
+
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+        td.all_reduce(t)
+        return t.cpu().tolist()
+
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Overwrite every buffer of ``module`` (BatchNorm running statistics) with rank 0's, in place."""
+        if not self.distributed:
+            return
+        import torch.distributed as td
+
+        with torch.no_grad():
+            for buf in module.buffers():
+                td.broadcast(buf, src=0)
+
 
 SINGLE = Shard()
 _current: Shard = SINGLE
@@ -91,6 +125,13 @@ def init_from_env(device: str = "cpu") -> Shard:
         td.init_process_group(backend=backend)
     _current = Shard(rank=td.get_rank(), world_size=td.get_world_size())
     return _current
+
+
+def rank_device(device: str) -> str:
+    """The device this rank computes on: ``cuda`` means this rank's GPU (``LOCAL_RANK``) under torchrun."""
+    if device == "cuda" and _current.distributed:
+        return f"cuda:{torch.cuda.current_device()}"
+    return device
 
 
 def shutdown() -> None:
@@ -168,3 +209,112 @@ def run_batches(batches: Sequence[np.ndarray], attack_batch, shard: Shard = SING
         raise MedadvError("a sharded run lost batches while gathering.", "rerun the command; finished batches are kept.")
     for b, adv, queries in everything:
         yield b, batches[b], adv, queries
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over ranks: the backward all-reduces the gradient (every rank's loss depends on
+    every rank's input through the sum)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as td
+
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        td.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _AllReduceSum.apply(grad)
+
+
+class CpuSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """Synchronized BatchNorm for the CPU (gloo), where :class:`torch.nn.SyncBatchNorm` refuses to run (its
+    kernel is CUDA-only, and DDP rejects it in a CPU module).
+
+    A training-mode forward in a process group of more than one rank computes the mean and (biased)
+    variance of the whole global batch in two passes with differentiable all-reduces (whose backward
+    all-reduces the gradient: the same collectives torch's backward does), updates the running statistics with the global unbiased variance
+    as BatchNorm does, and normalizes. Otherwise (eval mode, one process) it is plain BatchNorm. Every rank
+    must run the same training-mode forwards in the same order, as with torch's.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:  # noqa: A002 (torch's name)
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
+        import torch.distributed as td
+
+        if (not self.training or not self.track_running_stats or not td.is_available() or not td.is_initialized()
+                or td.get_world_size() <= 1):
+            return super().forward(input)
+        all_reduce = _AllReduceSum.apply
+        self._check_input_dim(input)
+        dims = [d for d in range(input.dim()) if d != 1]
+        channels = input.shape[1]
+        count = torch.tensor([input.numel() / channels], dtype=input.dtype, device=input.device)
+        both = all_reduce(torch.cat([input.sum(dims), count]))
+        total = both[-1]
+        mean = both[:channels] / total
+        shape = [1, channels] + [1] * (input.dim() - 2)
+        centered = input - mean.view(shape)
+        var = all_reduce((centered * centered).sum(dims)) / total
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
+            unbiased = var.detach() * (total / (total - 1).clamp(min=1))
+            self.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+        out = centered * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+_SYNC_TYPES = (torch.nn.SyncBatchNorm, CpuSyncBatchNorm)
+
+
+def sync_batchnorm(module: torch.nn.Module, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """``module`` with every BatchNorm layer synchronized across the process group: torch's
+    :class:`torch.nn.SyncBatchNorm` on CUDA, :class:`CpuSyncBatchNorm` elsewhere. Replaced in place below
+    the root, as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does; the new layers share the old
+    ones' parameters and buffers, so the state dict keeps its keys and values.
+    :func:`revert_sync_batchnorm` undoes it."""
+    cls = torch.nn.SyncBatchNorm if torch.device(device).type == "cuda" else CpuSyncBatchNorm
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, _SYNC_TYPES):
+        out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        out._medadv_original = type(module)  # type: ignore[attr-defined]
+        _share_state(module, out)
+        return out
+    for name, child in module.named_children():
+        new = sync_batchnorm(child, device)
+        if new is not child:
+            module.add_module(name, new)
+    return module
+
+
+def revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`sync_batchnorm`: each synchronized layer back to the BatchNorm class it replaced."""
+    if isinstance(module, _SYNC_TYPES):
+        cls = getattr(module, "_medadv_original", torch.nn.BatchNorm2d)
+        out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        _share_state(module, out)
+        return out
+    for name, child in module.named_children():
+        new = revert_sync_batchnorm(child)
+        if new is not child:
+            module.add_module(name, new)
+    return module
+
+
+def _share_state(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    if src.affine:
+        dst.weight = src.weight
+        dst.bias = src.bias
+    dst.running_mean = src.running_mean
+    dst.running_var = src.running_var
+    dst.num_batches_tracked = src.num_batches_tracked
+    dst.train(src.training)
+    if hasattr(src, "qconfig"):
+        dst.qconfig = src.qconfig

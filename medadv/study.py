@@ -21,6 +21,7 @@ import torch
 from medadv.cache import StageCache, model_fingerprint
 from medadv.errors import MedadvError
 from medadv.data import ImageSet, get_task, resolve_data_root, resolve_source
+from medadv.evaluate.adaptive import adaptive_victim, defense_record
 from medadv.evaluate.battery import BatteryConfig, BatteryOutput, run_battery
 from medadv.evaluate.clean import evaluate_model, model_split
 from medadv.models import load_checkpoint
@@ -40,6 +41,8 @@ class TaskPlan:
     battery: BatteryConfig = field(default_factory=BatteryConfig)
     surrogate_arch: str | None = None  # default: the victim's architecture (as in the paper)
     caveats: tuple[str, ...] = ()
+    # preprocessing defenses in front of the victim ({"name": ..., **settings}); attacked with BPDA
+    defense: tuple[dict[str, Any], ...] = ()
 
 
 def _lite(task: str, size: int, epochs: int, batch_size: int = 32, **kw) -> TrainConfig:
@@ -157,12 +160,17 @@ def run_task(plan: TaskPlan, cache: StageCache, data_root: Path, seed: int, moni
     victim_dir = trained_model(cfg, cache, data_root, monitor, device)
     surrogate_dir = trained_model(surrogate_config(plan), cache, data_root, monitor, device)
     victim, meta = load_checkpoint(victim_dir, device)
+    if plan.defense:
+        from medadv.defenses import defend
+
+        victim = defend(victim, list(plan.defense), adaptive=True)
     surrogate, s_meta = load_checkpoint(surrogate_dir, device)
     test = model_split(meta, "test", data_root=data_root)
     train_set = model_split(meta, "train", data_root=data_root) if {"patch", "uap"} & set(plan.battery.rows) else None
     table1 = evaluate_model(victim, test)
     key = {"battery": plan.battery.to_json(), "victim": model_fingerprint(victim_dir),
-           "surrogate": model_fingerprint(surrogate_dir), "test": test.checksum, "seed": seed}
+           "surrogate": model_fingerprint(surrogate_dir), "test": test.checksum, "seed": seed,
+           **({"defense": victim.to_json()} if plan.defense else {})}
     t0 = time.perf_counter()
     seed_everything(seed)
     battery = cache.run(f"battery-{cfg.task}", key,
@@ -186,7 +194,8 @@ def run_task(plan: TaskPlan, cache: StageCache, data_root: Path, seed: int, moni
         "victim": {"path": str(victim_dir), "arch": victim.spec.arch, "input_size": victim.spec.input_size,
                    "class_names": list(victim.spec.class_names),
                    "pretrained": victim.spec.pretrained, "threshold": victim.threshold, "training": meta["training"],
-                   "validation": meta["validation"], "data": meta["data"]},
+                   "validation": meta["validation"], "data": meta["data"],
+                   "defense": victim.to_json() if plan.defense else None},
         "surrogate": {"path": str(surrogate_dir), "arch": surrogate.spec.arch, "seed": s_meta["seed"],
                       "test": evaluate_model(surrogate, test)},
         "table1": table1,
@@ -214,8 +223,14 @@ def _budgeted(plans: list[TaskPlan], seconds: float, cache: StageCache, root: Pa
         saved = json.loads((folder / "budget.json").read_text())
         monitor.log(f"budget: reusing the sizing in {folder}")
         return [_apply_sizing(p, r) for p, r in zip(plans, saved)], saved
-    fitted, records = fit_study(plans, seconds, root, device, monitor)
-    if folder is not None:
+    from medadv.dist import current
+
+    shard = current()
+    # under torchrun rank 0 alone measures (the others would disturb it) and every rank takes its sizing
+    mine = fit_study(plans, seconds, root, device, monitor)[1] if shard.is_main else None
+    records = shard.gather([mine])[0]
+    fitted = [_apply_sizing(p, r) for p, r in zip(plans, records)]
+    if folder is not None and shard.is_main:
         from medadv.io import write_json
 
         write_json(folder / "budget.json", records)
@@ -276,7 +291,9 @@ def load_any_model(path: str | Path, overrides: dict[str, Any] | None = None, de
     ``device`` places checkpoints and TorchScript models; ONNX models run on onnxruntime's CPU provider."""
     path = Path(path)
     if path.is_dir():
-        model, meta = load_checkpoint(path, device)
+        from medadv.defenses.checkpoint import load_defended
+
+        model, meta = load_defended(path, device, adaptive=True)  # a defended model: the whole pipeline, BPDA
         if overrides and overrides.get("threshold") is not None:
             model.spec.threshold = overrides["threshold"]
         return model, meta
@@ -343,6 +360,10 @@ def run_audit(model_path: Path, out: Path, *, task: str | None, source: str | No
     cfg = battery or BatteryConfig()
     from medadv.evaluate.clean import evaluate_model as clean_metrics
 
+    randomized = False
+    if meta.get("defense"):  # randomness detected -> every attack follows the EOT gradient
+        victim, randomized = adaptive_victim(victim, test.stored(np.arange(min(len(test), 16))).to(device))
+
     table1 = clean_metrics(victim, test)
     seed_everything(seed)
     result = run_battery(victim, test, surrogate=surrogate, train=train_set, config=cfg, seed=seed,
@@ -366,6 +387,7 @@ def run_audit(model_path: Path, out: Path, *, task: str | None, source: str | No
                                                      "test": clean_metrics(surrogate, test)},
         "table1": table1, "table2": table2, "paper": None, **result.results,
         "provenance": provenance,
+        "defense": None if not meta.get("defense") else defense_record(victim, meta["defense"], test, seed, False, randomized=randomized),
         "leakage": test.meta.get("leakage"),
         "caveats": ([] if victim.differentiable else
                     ["The model is ONNX (no gradients): white-box rows are crafted on the surrogate (transfer)."])

@@ -14,25 +14,7 @@ from medadv.attacks import FGSM, PGD, Square, ProbabilityOracle, ThreatModel
 from medadv.defenses import PREPROCESSORS, DefendedModel, build_preprocessor, defend
 from medadv.defenses.masking import check_gradient_masking
 from medadv.errors import MedadvError
-from medadv.models.wrapper import MedicalClassifier, ModelSpec
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine two threads per process mostly wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_classifier(seed: int = 0) -> MedicalClassifier:
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1),
-                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2))
-    spec = ModelSpec(arch="tiny", input_size=28, data_channels=1, net_channels=1, mean=(0.5,), std=(0.25,),
-                     task="chest-xray", class_names=("normal", "pneumonia"), threshold=0.4)
-    return MedicalClassifier(net, spec).eval()
+from defense_support import _one_thread, tiny_classifier  # noqa: F401  (_one_thread: autouse fixture)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +27,7 @@ def trained(data_root):
     rng = np.random.default_rng(0)
     i = np.sort(rng.permutation(len(train))[:400])
     x, y = train.tensor(i), torch.from_numpy(train.labels[i])
-    model = tiny_classifier()
+    model = tiny_classifier(threshold=0.4)
     model.spec.threshold = 0.5
     model.train()
     opt = torch.optim.Adam(model.parameters(), 3e-3)
@@ -82,7 +64,7 @@ def test_registry_has_the_five_defenses_and_rejects_unknown_ones():
 
 @pytest.mark.parametrize("name", sorted(PREPROCESSORS))
 def test_wrapper_keeps_shapes_threshold_and_range(name):
-    model = tiny_classifier()
+    model = tiny_classifier(threshold=0.4)
     x = torch.randint(0, 256, (4, 1, 28, 28)) / 255.0  # on the 8-bit grid, as stored images are
     pre = build_preprocessor(name)
     z = pre(x)
@@ -99,7 +81,7 @@ def test_wrapper_keeps_shapes_threshold_and_range(name):
 
 
 def test_black_box_and_fast_path_attacks_apply_to_a_defended_model():
-    d = defend(tiny_classifier(), ["jpeg", "bit-depth"], adaptive=True)
+    d = defend(tiny_classifier(threshold=0.4), ["jpeg", "bit-depth"], adaptive=True)
     x, y = torch.randint(0, 256, (3, 1, 28, 28)) / 255.0, torch.tensor([0, 1, 1])
     r = Square(ThreatModel(eps=8 / 255, steps=5), seed=0, max_queries=20)(ProbabilityOracle.from_model(d), x, y)
     assert r.x_adv.shape == x.shape and r.queries is not None
@@ -168,12 +150,12 @@ def test_masking_check_flags_the_rounding_model_and_passes_a_plain_one(trained):
 
 def test_masking_check_rejects_bad_input():
     with pytest.raises(MedadvError, match="N×C×H×W"):
-        check_gradient_masking(tiny_classifier(), torch.rand(2, 28, 28), torch.tensor([0, 1]))
+        check_gradient_masking(tiny_classifier(threshold=0.4), torch.rand(2, 28, 28), torch.tensor([0, 1]))
 
 
 def test_a_defended_model_needs_a_defense():
     with pytest.raises(MedadvError, match="at least one"):
-        DefendedModel(tiny_classifier(), [])
+        DefendedModel(tiny_classifier(threshold=0.4), [])
 
 
 class Noisy(nn.Module):

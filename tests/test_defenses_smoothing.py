@@ -15,15 +15,7 @@ from medadv.cli import main
 from medadv.defenses.smoothing import (ABSTAIN, Certificate, Smoothed, certified_accuracy, certified_radius,
                                        image_generator, lower_confidence_bound)
 from medadv.errors import MedadvError
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine two threads per process mostly wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from defense_support import _one_thread  # noqa: F401  (autouse fixture)
 
 
 class Fixed(nn.Module):

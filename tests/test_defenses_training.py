@@ -12,15 +12,7 @@ from torch import nn
 
 from medadv.defenses.training import fast_examples, make_step_loss, pgd_examples, trades_examples
 from medadv.errors import MedadvError
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine two threads per process mostly wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from defense_support import _one_thread  # noqa: F401  (autouse fixture)
 
 
 def tiny() -> nn.Module:
@@ -97,7 +89,7 @@ def test_noise_training_selects_on_clean_auc_and_plain_hash_is_unchanged(data_ro
 
     plain = TrainConfig(task="chest-xray")
     assert set(_hashed_config(plain)) == set(asdict(plain)) - {"adversarial", "adv_eps", "adv_steps", "trades_beta",
-                                                               "noise_sigma", "robust_val_images"}
+                                                               "noise_sigma", "robust_val_images", "sync_batchnorm"}
     cfg = TrainConfig(task="chest-xray", arch="resnet18", size=28, epochs=1, batch_size=16, max_train=32,
                       augment=False, noise_sigma=0.25)
     _, meta = train(cfg, tmp_path / "ck", data_root=data_root)

@@ -26,6 +26,9 @@ def crafting_model(model: nn.Module, fast: str | None) -> nn.Module:
         return model  # a TorchScript export is run as given: its graph cannot be rewritten here
     if fast not in PRECISIONS:
         raise MedadvError(f"unknown fast path '{fast}'.", "use fast=None, 'fp32' or 'bf16'.")
+    with_inner = getattr(model, "with_inner", None)
+    if with_inner is not None:  # a wrapper (a defense's pipeline) is kept whole; only the model inside is accelerated
+        return with_inner(crafting_model(model.model, fast))
     return accelerated(model, fast)
 
 

@@ -10,7 +10,7 @@ Modules: ``base`` (Preprocessor, registry, DefendedModel), one file per preproce
 Importing this package registers every preprocessing defense (one file each) in :data:`PREPROCESSORS`.
 """
 
-from medadv.defenses import bitdepth, gaussian, histeq, jpeg, median  # noqa: F401  (register themselves)
+from medadv.defenses import bitdepth, derm, fundus, gaussian, histeq, jpeg, median, noise  # noqa: F401  (register themselves)
 from medadv.defenses.base import PREPROCESSORS, DefendedModel, Preprocessor, build_preprocessor, defend, register
 
 __all__ = ["PREPROCESSORS", "DefendedModel", "Preprocessor", "build_preprocessor", "defend", "register"]

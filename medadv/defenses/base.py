@@ -130,7 +130,50 @@ def apply_preprocessor(pre: Preprocessor, x: torch.Tensor, adaptive: bool) -> to
     return (_BPDA if adaptive else _MaskedGradient).apply(x, pre)
 
 
-class DefendedModel(nn.Module):
+class ModelWrapper(nn.Module):
+    """A module around ``self.model`` that is still a model: ``spec``, ``threshold``, ``device``,
+    ``differentiable``, ``probabilities`` and ``predict`` are the wrapped model's, computed through this
+    wrapper's ``forward``, so code written for a ``MedicalClassifier`` (attacks, battery, clinical metrics)
+    runs on it. Subclasses set ``self.model`` and define ``forward``."""
+
+    model: nn.Module
+
+    @property
+    def spec(self):
+        return self.model.spec
+
+    @property
+    def threshold(self) -> float:
+        return float(getattr(self.model, "threshold", 0.5))
+
+    @property
+    def device(self) -> torch.device:
+        param = next(self.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    @property
+    def differentiable(self) -> bool:
+        """Whether white-box attacks can run (the wrapped network's property)."""
+        return getattr(self.model, "differentiable", True)
+
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """P(disease) per image (N floats) through this wrapper, eval mode, in batches."""
+        was_training = self.training
+        self.eval()
+        device = self.device
+        try:
+            out = [torch.softmax(self(x[i:i + batch_size].to(device)), dim=1)[:, 1].float().cpu()
+                   for i in range(0, len(x), batch_size)]
+        finally:
+            self.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def predict(self, p_disease: torch.Tensor | np.ndarray) -> np.ndarray:
+        return (np.asarray(p_disease) >= self.threshold).astype(np.int64)
+
+
+class DefendedModel(ModelWrapper):
     """A model behind preprocessing defenses; still a model: ``forward(x)`` N×C×H×W in [0, 1] -> N×2 logits.
 
     ``model``: the :class:`MedicalClassifier` (or any module with ``spec``). ``defenses``: applied in
@@ -152,24 +195,6 @@ class DefendedModel(nn.Module):
         self.adaptive = adaptive
 
     @property
-    def spec(self):
-        return self.model.spec
-
-    @property
-    def threshold(self) -> float:
-        return self.model.spec.threshold
-
-    @property
-    def device(self) -> torch.device:
-        param = next(self.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
-
-    @property
-    def differentiable(self) -> bool:
-        """Whether white-box attacks can run (the network's property, as for ``MedicalClassifier``)."""
-        return getattr(self.model, "differentiable", True)
-
-    @property
     def fully_differentiable(self) -> bool:
         """True when every defense is differentiable (no BPDA needed for an adaptive attack)."""
         return all(d.differentiable for d in self.defenses)
@@ -178,6 +203,11 @@ class DefendedModel(nn.Module):
         """The same model and defenses (shared, not copied) with the other gradient path."""
         return DefendedModel(self.model, list(self.defenses), adaptive)
 
+    def with_inner(self, model: nn.Module) -> DefendedModel:
+        """The same defenses (shared) and gradient path in front of another model, e.g. the attacks'
+        accelerated copy of this one's network (:func:`medadv.attacks.pgd.crafting_model`)."""
+        return DefendedModel(model, list(self.defenses), self.adaptive)
+
     def purify(self, x: torch.Tensor) -> torch.Tensor:
         for d in self.defenses:
             x = apply_preprocessor(d, x, self.adaptive)
@@ -185,20 +215,6 @@ class DefendedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.purify(x))
-
-    @torch.no_grad()
-    def probabilities(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """P(disease) per image (N floats), eval mode, in batches, through the defenses."""
-        was_training = self.training
-        self.eval()
-        device = self.device
-        out = [torch.softmax(self(x[i:i + batch_size].to(device)), dim=1)[:, 1].float().cpu()
-               for i in range(0, len(x), batch_size)]
-        self.train(was_training)
-        return torch.cat(out) if out else torch.zeros(0)
-
-    def predict(self, p_disease: torch.Tensor | np.ndarray) -> np.ndarray:
-        return (np.asarray(p_disease) >= self.threshold).astype(np.int64)
 
     def to_json(self) -> dict[str, Any]:
         """What a checkpoint or results.json records about the defense."""

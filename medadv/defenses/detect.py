@@ -1,18 +1,27 @@
-"""Feature squeezing (Xu, Evans and Qi 2017), the detector the paper cites, and the adaptive attack on it.
+"""Adversarial-example detectors, the adaptive attack on them, and their detection AUC.
 
-Score: the largest L1 distance between the model's class probabilities on an image and on its squeezed
-versions (default: 5-bit depth and a 3×3 median), N floats in [0, 2]. An image is flagged when its score
-exceeds a threshold calibrated on clean images at a false-positive rate (5% by default).
+A detector scores images (N floats, higher = more suspicious) and flags those above a threshold
+calibrated on clean images at a false-positive rate (5% by default). :class:`Detector` holds what every
+detector shares (batched scoring, calibration, flags, the model it guards); a detector only supplies a
+differentiable :meth:`Detector.score`. Two live here and in :mod:`medadv.defenses.mahalanobis`:
+
+* :class:`FeatureSqueezing` (Xu, Evans and Qi 2017), the detector the paper cites. Score: the largest L1
+  distance between the model's class probabilities on an image and on its squeezed versions (default:
+  5-bit depth and a 3×3 median), N floats in [0, 2].
+* :class:`~medadv.defenses.mahalanobis.Mahalanobis` (Lee et al. 2018): the distance of the penultimate
+  features to the nearest class-conditional Gaussian.
 
 Adaptive attack (Carlini and Wagner 2017, "Adversarial examples are not easily detected"): ascend the
 classification loss minus ``weight`` times the detector's excess score over its threshold, with BPDA
-through the non-differentiable squeezers, so the attack misleads the network and stays under the
-detector at once. Report how many adversarial images it gets past the detector beside the non-adaptive
-detection rate.
+through whatever the detector computes without a useful gradient (the squeezers), so the attack misleads
+the network and stays under the detector at once. :func:`adaptive_attack` runs it on any
+:class:`Detector`. Report how many adversarial images it gets past the detector beside the non-adaptive
+detection rate, and :func:`detection_auc` for the threshold-free picture.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,39 +30,47 @@ from medadv.defenses.base import Preprocessor, apply_preprocessor
 from medadv.errors import MedadvError
 
 
-def default_squeezers() -> list[Preprocessor]:
-    from medadv.defenses.bitdepth import BitDepth
-    from medadv.defenses.median import Median
+class Detector(nn.Module):
+    """A detector guarding ``model`` (N×C×H×W in [0, 1] -> N×2 logits). ``threshold``: flag above it
+    (set it with :meth:`calibrate`).
 
-    return [BitDepth(5), Median(3)]
+    Subclasses implement :meth:`score` (N floats, differentiable in x where it can be, so that it can be
+    attacked) and, when some of it has no useful gradient, :meth:`for_attack` (the BPDA version the
+    adaptive attack differentiates). :meth:`logits_and_score` may be overridden to share a forward pass.
+    """
 
-
-class FeatureSqueezing(nn.Module):
-    """Detector around ``model`` (N×C×H×W in [0, 1] -> N×2 logits). ``threshold``: flag above it (set it
-    with :meth:`calibrate`). ``adaptive``: gradients through the squeezers by BPDA (True) or masked."""
-
-    def __init__(self, model: nn.Module, squeezers: list[Preprocessor] | None = None, threshold: float | None = None,
-                 adaptive: bool = False) -> None:
+    def __init__(self, model: nn.Module, threshold: float | None = None) -> None:
         super().__init__()
         self.model = model
-        self.squeezers = nn.ModuleList(squeezers if squeezers is not None else default_squeezers())
         self.threshold = threshold
-        self.adaptive = adaptive
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        """N scores: max over squeezers of ||p(x) - p(squeeze(x))||_1 (differentiable when x requires grad)."""
-        p = F.softmax(self.model(x), dim=1)
-        dists = [(p - F.softmax(self.model(apply_preprocessor(s, x, self.adaptive)), dim=1)).abs().sum(1)
-                 for s in self.squeezers]
-        return torch.stack(dists, dim=1).max(dim=1).values
+        raise NotImplementedError
+
+    def logits_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's logits (N×2) and the detector's scores (N) on x, both differentiable."""
+        return self.model(x), self.score(x)
+
+    def for_attack(self) -> Detector:
+        """The detector whose score gradient an adaptive attack follows (itself when fully differentiable)."""
+        return self
+
+    def _device(self) -> torch.device:
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
 
     @torch.no_grad()
     def scores(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """N scores on the CPU, computed in eval mode in batches."""
         was = self.training
         self.eval()
-        out = torch.cat([self.score(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else torch.zeros(0)
-        self.train(was)
-        return out.cpu()
+        device = self._device()
+        try:
+            out = [self.score(x[i:i + batch_size].to(device)).detach().float().cpu()
+                   for i in range(0, len(x), batch_size)]
+        finally:
+            self.train(was)
+        return torch.cat(out) if out else torch.zeros(0)
 
     def calibrate(self, x_clean: torch.Tensor, false_positive_rate: float = 0.05) -> float:
         """Set and return the threshold that flags ``false_positive_rate`` of the clean images x_clean."""
@@ -70,9 +87,59 @@ class FeatureSqueezing(nn.Module):
         return self.scores(x) > self.threshold
 
 
-def adaptive_attack(detector: FeatureSqueezing, x: torch.Tensor, y: torch.Tensor, threat, *, weight: float = 10.0,
+def default_squeezers() -> list[Preprocessor]:
+    from medadv.defenses.bitdepth import BitDepth
+    from medadv.defenses.median import Median
+
+    return [BitDepth(5), Median(3)]
+
+
+class FeatureSqueezing(Detector):
+    """Detector around ``model`` (N×C×H×W in [0, 1] -> N×2 logits). ``threshold``: flag above it (set it
+    with :meth:`calibrate`). ``adaptive``: gradients through the squeezers by BPDA (True) or masked."""
+
+    def __init__(self, model: nn.Module, squeezers: list[Preprocessor] | None = None, threshold: float | None = None,
+                 adaptive: bool = False) -> None:
+        super().__init__(model, threshold)
+        self.squeezers = nn.ModuleList(squeezers if squeezers is not None else default_squeezers())
+        self.adaptive = adaptive
+
+    def _score_from(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        p = F.softmax(logits, dim=1)
+        dists = [(p - F.softmax(self.model(apply_preprocessor(s, x, self.adaptive)), dim=1)).abs().sum(1)
+                 for s in self.squeezers]
+        return torch.stack(dists, dim=1).max(dim=1).values
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """N scores: max over squeezers of ||p(x) - p(squeeze(x))||_1 (differentiable when x requires grad)."""
+        return self._score_from(x, self.model(x))
+
+    def logits_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)  # one pass serves the loss and the unsqueezed probabilities
+        return logits, self._score_from(x, logits)
+
+    def for_attack(self) -> FeatureSqueezing:
+        """The same model, squeezers and threshold (shared, not copied), with BPDA through the squeezers."""
+        return FeatureSqueezing(self.model, list(self.squeezers), self.threshold, adaptive=True)
+
+
+def detection_auc(detector: Detector, x_clean: torch.Tensor, x_adv: torch.Tensor) -> float:
+    """ROC AUC of the detector's scores separating adversarial (positive) from clean (negative) images:
+    0.5 is chance, 1 perfect detection at some threshold (threshold-free, unlike :meth:`Detector.flags`)."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(x_clean) == 0 or len(x_adv) == 0:
+        raise MedadvError("detection AUC needs at least one clean and one adversarial image.",
+                          "pass non-empty clean and adversarial batches.")
+    s = torch.cat([detector.scores(x_clean), detector.scores(x_adv)]).double().numpy()
+    truth = np.r_[np.zeros(len(x_clean)), np.ones(len(x_adv))]
+    return float(roc_auc_score(truth, s))
+
+
+def adaptive_attack(detector: Detector, x: torch.Tensor, y: torch.Tensor, threat, *, weight: float = 10.0,
                     seed: int = 0) -> torch.Tensor:
-    """Untargeted L-inf/L2 PGD on CE(model, y) - weight·relu(score - threshold), BPDA through the squeezers.
+    """Untargeted L-inf/L2 PGD on CE(model, y) - weight·relu(score - threshold) against any :class:`Detector`
+    (BPDA where the detector needs it, e.g. through feature squeezing's squeezers).
 
     x: N×C×H×W in [0, 1]; y: N labels; ``threat``: a :class:`~medadv.attacks.ThreatModel` (its eps, steps,
     step size, norm and grid are used; its target is not: the attack is untargeted). Returns x' on the grid.
@@ -81,16 +148,18 @@ def adaptive_attack(detector: FeatureSqueezing, x: torch.Tensor, y: torch.Tensor
 
     if detector.threshold is None:
         raise MedadvError("the detector has no threshold.", "call calibrate() before attacking it.")
-    bpda = FeatureSqueezing(detector.model, list(detector.squeezers), detector.threshold, adaptive=True)
+    attacked = detector.for_attack()
+    threshold = float(attacked.threshold)
     generator = torch.Generator(device=x.device).manual_seed(seed)
 
     def gradient(x_adv: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
         x_adv = x_adv.detach().requires_grad_(True)
-        ce = F.cross_entropy(bpda.model(x_adv), goal, reduction="sum")
-        excess = F.relu(bpda.score(x_adv) - bpda.threshold).sum()
+        logits, score = attacked.logits_and_score(x_adv)
+        ce = F.cross_entropy(logits, goal, reduction="sum")
+        excess = F.relu(score - threshold).sum()
         return torch.autograd.grad(ce - weight * excess, x_adv)[0]
 
-    with frozen(bpda):
+    with frozen(attacked):
         x_adv, _ = ascend(x, y, gradient, threat, generator)
     x_adv = threat.project(x_adv, x, threat.mask_for(x))
     return threat.to_grid(x_adv, x)

@@ -153,9 +153,9 @@ def run_attack(
     fast = params.get("fast")
     if data.window is not None and fast:
         # the accelerated copy is built once here, under the window wrapper (accelerate() would drop it)
-        from medadv.attacks.fast import accelerated
+        from medadv.attacks.pgd import crafting_model
 
-        crafter = accelerated(crafter, fast)
+        crafter = crafting_model(crafter, fast)  # a defended model keeps its defenses around the fast copy
         attack = make_attack(name, threat, seed, **{k: v for k, v in params.items() if k != "fast"})
     if hasattr(attack, "fit"):
         if fit_data is None:

@@ -5,6 +5,20 @@ The run is seeded (weights, data order, augmentation) and resumable: after every
 same configuration continues from the last finished epoch. Every epoch's randomness is derived from
 (seed, epoch), so a resumed run equals an uninterrupted one. The finished checkpoint is written
 atomically and the partial state removed.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) training is data parallel (DistributedDataParallel; gloo on the
+CPU, NCCL on CUDA). The epoch's seeded order and its global batches of ``batch_size`` are the same as in
+one process; each global batch is split into ``world_size`` contiguous parts (rank r takes part r, about
+``batch_size // world_size`` images), and each rank's loss is weighted by its share so the all-reduced
+gradient is the gradient of the global batch's mean loss: N processes take the same optimizer steps, with
+the same effective batch and learning-rate schedule, as one. Augmentation (and mixup) is applied to the
+global batch on every rank before it is split, so every image is augmented as in one process. BatchNorm
+normalizes each rank's part with that part's statistics unless ``sync_batchnorm`` (then the global
+batch's: the same arithmetic as one process, up to rounding). Adversarial examples are crafted by each
+rank for its part, on the un-wrapped network in eval mode (no collectives). Validation and model
+selection are computed by rank 0 and broadcast; rank 0 alone writes the partial state and the checkpoint
+while the others wait. The process count is recorded (``training.world_size``) but is not part of the
+configuration hash: a partial run started with N processes resumes with any number.
 """
 
 from __future__ import annotations
@@ -57,6 +71,8 @@ class TrainConfig:
     trades_beta: float = 6.0
     noise_sigma: float = 0.0  # Gaussian noise augmentation (for randomized smoothing), [0, 1] units
     robust_val_images: int = 256  # validation images attacked per epoch for robust model selection
+    # under torchrun: BatchNorm statistics over the global batch (all ranks), not each rank's part
+    sync_batchnorm: bool = False
 
     @property
     def defended(self) -> bool:
@@ -84,7 +100,31 @@ def _hashed_config(cfg: TrainConfig) -> dict[str, Any]:
     if not cfg.defended:
         for k in _DEFENSE_FIELDS:
             d.pop(k)
+    if not cfg.sync_batchnorm:  # likewise: runs from before the field keep their hash
+        d.pop("sync_batchnorm")
     return d
+
+
+class _Replicated(nn.Module):
+    """The model a DDP training step sees: train-mode forwards go through DistributedDataParallel (so the
+    backward all-reduces the gradients); eval-mode forwards (crafting adversarial examples under
+    :func:`medadv.attacks.gradient.frozen`, validation) go straight to the wrapped module, which issues no
+    collective, so one rank may run them alone and an input-gradient pass never meets DDP's reducer."""
+
+    def __init__(self, ddp: nn.Module) -> None:
+        super().__init__()
+        self.ddp = ddp
+
+    @property
+    def inner(self) -> MedicalClassifier:
+        return self.ddp.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ddp(x) if self.training else self.ddp.module(x)
 
 
 def build_classifier(cfg: TrainConfig, data_channels: int, class_names: tuple[str, str],
@@ -163,6 +203,16 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
     if cfg.adversarial is not None and cfg.robust_val_images < 2:
         raise MedadvError(f"robust validation needs at least 2 images; got {cfg.robust_val_images}.",
                           "set robust_val_images to 2 or more.")
+    from medadv import dist
+
+    shard = dist.init_from_env(device)  # rank 0 of 1 unless started by torchrun
+    device = dist.rank_device(device)
+    if cfg.batch_size < 2 * shard.world_size:
+        raise MedadvError(f"a batch of {cfg.batch_size} split over {shard.world_size} processes leaves fewer than 2 "
+                          "images per process (BatchNorm needs 2).",
+                          f"pass --batch-size {2 * shard.world_size} or more, or start fewer processes.")
+    if not shard.is_main:
+        monitor = SILENT  # one log, not one per process
     out = Path(out)
     task = get_task(cfg.task)
     root = resolve_data_root(data_root)
@@ -204,47 +254,72 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
             monitor.log(f"resuming after epoch {progress['epoch']} (best val AUC {progress['best_auc']:.4f})")
         else:
             monitor.log(f"ignoring {partial}: it belongs to a different configuration")
+    if shard.distributed:  # every rank read the same partial state, or the ranks would train apart
+        seen = shard.gather([(progress["epoch"], progress["config_hash"])])
+        if len(set(seen)) != 1:
+            raise MedadvError(f"the processes found different partial states in {partial} ({seen}).",
+                              "put the output on a file system every process sees, and rerun.")
+    replica = _replicate(model, cfg, shard, device)  # DDP (which copies rank 0's weights to all) or None
 
-    steps_per_epoch = len(train_set) // cfg.batch_size + (len(train_set) % cfg.batch_size >= 2)
+    # a final remainder too small to give every rank 2 images is skipped (BatchNorm needs 2 per rank), as
+    # one process skips a remainder of 1
+    min_batch = 2 * shard.world_size
+    steps_per_epoch = len(train_set) // cfg.batch_size + (len(train_set) % cfg.batch_size >= min_batch)
     total_steps = steps_per_epoch * cfg.epochs
     for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        loss = _train_epoch(model, optimizer, recipe, train_set, cfg, task.modality, epoch,
-                            (epoch - 1) * steps_per_epoch, total_steps, monitor, step_loss)
-        p_val = model.probabilities(val_set.tensor())
-        auc = clinical_metrics(val_set.labels, p_val.numpy(), 0.5)["auc"] or 0.0
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "val_auc": auc}
-        score = auc
-        if robust_val is not None:
-            row |= _robust_validation(model, robust_val, cfg, epoch)
-            score = row["val_robust_accuracy"]
-        row["seconds"] = round(time.perf_counter() - t0, 2)
+        loss = _train_epoch(replica or model, optimizer, recipe, train_set, cfg, task.modality, epoch,
+                            (epoch - 1) * steps_per_epoch, total_steps, monitor, step_loss, shard)
+        shard.broadcast_buffers(model)  # running statistics: rank 0's, so every rank holds the same model
+        row: dict[str, Any] | None = None
+        if shard.is_main:  # validation on rank 0 alone (eval mode: no collective), then broadcast
+            p_val = model.probabilities(val_set.tensor())
+            auc = clinical_metrics(val_set.labels, p_val.numpy(), 0.5)["auc"] or 0.0
+            row = {"epoch": epoch, "train_loss": loss, "val_auc": auc}
+            if robust_val is not None:
+                row |= _robust_validation(model, robust_val, cfg, epoch)
+            if shard.distributed:
+                row["world_size"] = shard.world_size
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+        row = shard.broadcast(row)
+        auc = row["val_auc"]
+        score = row["val_robust_accuracy"] if robust_val is not None else auc
         progress["history"].append(row)
         if score > progress.get("best_score", progress["best_auc"]):
             progress.update(best_auc=auc, best_epoch=epoch, best_score=score)
             best_state = _cpu_state(model)
         progress["epoch"] = epoch
-        if epoch < cfg.epochs:
+        if epoch < cfg.epochs and shard.is_main:
             _save_partial(partial, model, best_state, optimizer, progress)
+        shard.barrier()  # the others wait until rank 0 has written
         robust = (f", robust val accuracy {row['val_robust_accuracy']:.4f} AUC {row['val_robust_auc'] or 0:.4f}"
                   if robust_val is not None else "")
         monitor.log(f"epoch {epoch}/{cfg.epochs}: loss {loss:.4f}, val AUC {auc:.4f}{robust} "
                     f"({progress['history'][-1]['seconds']:.1f} s)")
 
+    if cfg.sync_batchnorm and shard.distributed:
+        from medadv.dist import revert_sync_batchnorm
+
+        revert_sync_batchnorm(model.network)  # plain BatchNorm layers again: the same state dict
     model = model.cpu()
     model.load_state_dict(best_state)
     model.network.to(memory_format=torch.contiguous_format)
     model.eval()
-    p_val = model.probabilities(val_set.tensor()).numpy()
-    model.spec.threshold = youden_threshold(val_set.labels, p_val)
-    val_metrics = clinical_metrics(val_set.labels, p_val, model.spec.threshold)
+    threshold_and_metrics = None
+    if shard.is_main:  # every rank holds the same weights: rank 0 measures, and all return its figures
+        p_val = model.probabilities(val_set.tensor()).numpy()
+        threshold = youden_threshold(val_set.labels, p_val)
+        threshold_and_metrics = (threshold, clinical_metrics(val_set.labels, p_val, threshold))
+    model.spec.threshold, val_metrics = shard.broadcast(threshold_and_metrics)
     meta = {
         "task": task.name,
         "seed": cfg.seed,
         "training": {**asdict(cfg), "recipe": recipe.to_json(), "threshold_rule": "youden",
                      "best_epoch": progress["best_epoch"], "best_val_auc": progress["best_auc"],
                      "selection": "robust validation accuracy" if robust_val is not None else "validation AUC",
-                     "history": progress["history"], "config_hash": key},
+                     "history": progress["history"], "config_hash": key,
+                     # how this (last) run was started; not part of config_hash, so a run resumes with any N
+                     "world_size": shard.world_size, "per_rank_batch": cfg.batch_size // shard.world_size},
         "validation": val_metrics,
         "data": {"source": cfg.source, "image_size": cfg.data_size or cfg.size, "train": {**train_set.counts(), "checksum": train_set.checksum},
                  "val": {**val_set.counts(), "checksum": val_set.checksum}, "split_seed": cfg.split_seed},
@@ -252,9 +327,28 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
     }
     if cfg.defended:
         meta["defense"] = cfg.defense_json()
-    save_checkpoint(model, out, meta)
-    shutil.rmtree(partial, ignore_errors=True)
+    if shard.is_main:
+        save_checkpoint(model, out, meta)
+        shutil.rmtree(partial, ignore_errors=True)
+    shard.barrier()  # the checkpoint is complete before any rank returns
     return model, meta
+
+
+def _replicate(model: MedicalClassifier, cfg: TrainConfig, shard, device: str) -> _Replicated | None:
+    """Under torchrun: ``model`` (with SyncBatchNorm if asked) inside DistributedDataParallel, seen through
+    :class:`_Replicated`; None in one process. The wrapped module is ``model`` itself, so its weights,
+    optimizer and state dict stay those of the un-wrapped model."""
+    if not shard.distributed:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    if cfg.sync_batchnorm:
+        from medadv.dist import sync_batchnorm
+
+        # torch.nn.SyncBatchNorm on CUDA; medadv's CpuSyncBatchNorm on the CPU (gloo), where torch's refuses
+        model.network = sync_batchnorm(model.network, device)
+    ids = [torch.device(device).index] if torch.device(device).type == "cuda" else None
+    return _Replicated(DistributedDataParallel(model, device_ids=ids))
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -272,25 +366,41 @@ def _robust_validation(model: MedicalClassifier, data: ImageSet, cfg: TrainConfi
     return {"val_robust_accuracy": m["accuracy"], "val_robust_auc": m["auc"], "robust_val_images": len(data)}
 
 
-def _train_epoch(model: MedicalClassifier, optimizer, recipe: Recipe, data: ImageSet, cfg: TrainConfig,
+def _train_epoch(model: nn.Module, optimizer, recipe: Recipe, data: ImageSet, cfg: TrainConfig,
                  modality: str, epoch: int, step0: int, total_steps: int, monitor: Monitor,
-                 step_loss=None) -> float:
+                 step_loss=None, shard=None) -> float:
+    """One epoch; returns the mean training loss over every image of the epoch (all ranks together).
+
+    ``model`` is the classifier, or under torchrun its :class:`_Replicated` DDP view: every rank then walks
+    the same global batches and trains on its contiguous part of each (see the module docstring)."""
+    from medadv.dist import SINGLE
+
+    shard = shard or SINGLE
+    world, rank = shard.world_size, shard.rank
     epoch_seed = cfg.seed * 100_003 + epoch  # everything random in this epoch derives from (seed, epoch)
-    torch.manual_seed(epoch_seed)
+    # the per-rank randomness (robust steps' noise and random starts, dropout) differs between ranks;
+    # one process keeps its old stream
+    rank_seed = epoch_seed if world == 1 else \
+        int(np.random.SeedSequence([epoch_seed, rank, world]).generate_state(1)[0])
+    torch.manual_seed(rank_seed)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch_seed)).numpy()
     augment = Augment(modality, epoch_seed % (2**31)) if cfg.augment else None
     # the robust step's randomness (noise, random starts) also derives from (seed, epoch), so resumes match
-    generator = torch.Generator(device=model.device).manual_seed(epoch_seed) if step_loss is not None else None
+    generator = torch.Generator(device=model.device).manual_seed(rank_seed) if step_loss is not None else None
     batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-    batches = [b for b in batches if len(b) >= 2]  # BatchNorm cannot train on a single image
+    batches = [b for b in batches if len(b) >= 2 * world]  # BatchNorm cannot train on a single image
     model.train()
     total, count = 0.0, 0
     for step, idx in enumerate(monitor.track(batches, f"epoch {epoch}/{cfg.epochs}"), start=step0):
-        x, y = data.tensor(np.sort(idx)), torch.from_numpy(data.labels[np.sort(idx)])
+        idx = np.sort(idx)
+        # this rank's part of the global batch: contiguous, sizes differing by at most one
+        lo, hi = (len(idx) * rank) // world, (len(idx) * (rank + 1)) // world
         if augment is not None:
-            x, target = augment(x, y)
+            # the global batch is augmented on every rank (the same random draws as one process), then split
+            x, target = augment(data.tensor(idx), torch.from_numpy(data.labels[idx]))
+            x, target = x[lo:hi], target[lo:hi]
         else:
-            target = F.one_hot(y, 2).float()
+            x, target = data.tensor(idx[lo:hi]), F.one_hot(torch.from_numpy(data.labels[idx[lo:hi]]), 2).float()
         x, target = x.to(model.device, non_blocking=True), target.to(model.device, non_blocking=True)
         for group in optimizer.param_groups:
             group["lr"] = recipe.lr_at(step, total_steps)
@@ -302,8 +412,12 @@ def _train_epoch(model: MedicalClassifier, optimizer, recipe: Recipe, data: Imag
         if not torch.isfinite(loss):
             raise MedadvError(f"training diverged (loss {loss.item()}) in epoch {epoch}.",
                               "lower the learning rate with another --recipe, or check the data.")
-        loss.backward()
+        # DDP averages the ranks' gradients; weighting each rank's mean loss by its share (n_r·N/B) makes
+        # that average the gradient of the global batch's mean loss, as in one process
+        (loss * ((hi - lo) * world / len(idx)) if world > 1 else loss).backward()
         optimizer.step()
-        total += loss.item() * len(idx)
-        count += len(idx)
+        total += loss.item() * (hi - lo)
+        count += hi - lo
+    if world > 1:
+        total, count = shard.sum([total, count], model.device)
     return total / max(count, 1)

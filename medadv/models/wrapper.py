@@ -149,6 +149,30 @@ class MedicalClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(self.preprocess(x))
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features, N×D: stored pixels -> preprocess -> the network up to the input of its
+        final linear layer (the pooled features: 512 for ResNet-18, 1024 for DenseNet-121, 1280 for
+        EfficientNet-Lite). Differentiable in x, like ``forward``.
+
+        The final layer is found generically as the last ``nn.Linear`` the network registers (``fc``,
+        ``class_layers.out``, ``_fc`` in the zoo); a forward pre-hook on it captures its input during
+        one ordinary forward pass, so the features are exactly what the logits are computed from.
+        """
+        linears = [m for m in self.network.modules() if isinstance(m, nn.Linear)]
+        if not linears or isinstance(self.network, torch.jit.ScriptModule):
+            raise MedadvError(f"cannot find the final linear layer of the {self.spec.arch} network.",
+                              "use a native (not exported) checkpoint whose network ends in an nn.Linear.")
+        captured: list[torch.Tensor] = []
+        handle = linears[-1].register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+        try:
+            self.network(self.preprocess(x))
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise MedadvError(f"the final linear layer of the {self.spec.arch} network ran {len(captured)} times "
+                              "in one pass.", "use a network whose last nn.Linear is its classification head.")
+        return captured[0].flatten(1)
+
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """P(disease) for each image, N floats, computed in eval mode in batches."""

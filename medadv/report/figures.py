@@ -104,3 +104,32 @@ def robustness_curves(curves: dict[str, list[dict[str, Any]]], title: str) -> by
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return to_png(fig)
+
+
+def robustness_accuracy(rows: list[dict[str, Any]], eps: float, n_images: int, title: str) -> bytes:
+    """The clinician's question as a figure: clean accuracy (x) against robust accuracy at ``eps`` (y), one
+    defense per colour; a hollow marker for the non-adaptive attack, a filled one for the adaptive worst case,
+    joined by an arrow (a long arrow is false security)."""
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    colors = plt.get_cmap("tab20").colors
+    for i, row in enumerate(rows):
+        point = next((r for r in row["robust"]["rows"] if abs(r["eps"] - eps) < 1e-9), None)
+        if point is None:
+            continue
+        clean = row["clinical"]["accuracy"]
+        c = colors[i % len(colors)]
+        ax.scatter([clean], [point["non_adaptive"]], s=60, facecolors="none", edgecolors=[c])
+        ax.scatter([clean], [point["adaptive"]], s=60, color=c, label=row["name"])
+        if point["non_adaptive"] - point["adaptive"] > 0.01:
+            ax.annotate("", xy=(clean, point["adaptive"]), xytext=(clean, point["non_adaptive"]),
+                        arrowprops={"arrowstyle": "->", "color": c, "alpha": 0.7})
+    ax.set_xlabel(f"clean accuracy ({n_images} test images, operating threshold)")
+    ax.set_ylabel(f"robust accuracy at eps {eps * 255:.0f}/255 (L∞)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="hollow: non-adaptive\nfilled: adaptive",
+              title_fontsize=7)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return to_png(fig)

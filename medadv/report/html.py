@@ -40,6 +40,11 @@ def task_figures(task: dict[str, Any]) -> dict[str, bytes]:
         out["examples"] = figures.example_grid(examples, thr, class_names, f"{task['title']}: examples by class")
     if any(task.get("curves", {}).values()):
         out["curves"] = figures.robustness_curves(task["curves"], f"{task['title']}: robustness to PGD")
+    defenses = task.get("defenses")
+    if defenses and defenses.get("rows"):
+        eps = min(defenses["eps"], key=lambda e: abs(e - 4 / 255))
+        out["robustness_accuracy"] = figures.robustness_accuracy(
+            defenses["rows"], eps, defenses["n_images"], f"{task['title']}: robustness against accuracy")
     return out
 
 
@@ -48,13 +53,19 @@ def render(study: dict[str, Any], images: dict[str, dict[str, bytes]]) -> str:
     env.filters["pct"] = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
     env.filters["f3"] = lambda v: "n/a" if v is None else f"{v:.3f}"
     env.filters["f4"] = lambda v: "n/a" if v is None else f"{v:.4f}"
+    env.filters["pct0"] = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"
     env.filters["eps255"] = lambda v: "n/a" if v is None else f"{v * 255:.2f}/255 ({v:.4f})"
     uris = {task: {k: _data_uri(v) for k, v in figs.items()} for task, figs in images.items()}
     return env.get_template("report.html.j2").render(study=study, figures=uris, row_title=row_title)
 
 
 def write_report(out: Path, study: dict[str, Any]) -> Path:
-    """Write ``out/results.json``, ``out/report.html`` and ``out/figures/*.png`` as one atomic folder."""
+    """Write ``out/results.json``, ``out/report.html`` and ``out/figures/*.png`` as one atomic folder
+    (under torchrun, rank 0 alone writes: every rank holds the same study)."""
+    from medadv.dist import current
+
+    if not current().is_main:
+        return out / "report.html"
     images = {}
     for task in study["tasks"]:
         task["victim"].setdefault("class_names", None)

@@ -1,0 +1,129 @@
+"""`medadv defend`: the Defenses study on real chest X-rays, in a budget a test can afford.
+
+The undefended model is the demo's victim (shared with the other tests through the session cache); the
+training defenses are trained briefly on a subset. What is checked is behaviour, not numbers fixed in
+advance: every defense is judged on the same images, a non-differentiable preprocessing defense looks
+strong to the non-adaptive attack and falls under BPDA (its masking checks warn), robust accuracy never
+rises with eps, the randomized defense is detected and attacked with EOT, detectors are calibrated at
+5% false positives, and smoothing certifies.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medadv.defense_study import DefendPlan, run_defend, training_configs
+from medadv.evaluate.adaptive import AdaptiveConfig
+from medadv.study import DEMO_PLAN
+
+EPS = (2 / 255, 8 / 255)
+N = 32  # test images: small, so the study fits a test budget; the full plan judges 128
+
+
+def _plan() -> DefendPlan:
+    return DefendPlan(DEMO_PLAN.train, trained=("fast", "noise"), preprocessing=("bit-depth", "median"),
+                      detectors=("feature-squeezing", "mahalanobis"), adv_steps=2, n_images=N,
+                      robust=AdaptiveConfig(eps=EPS, steps=5, adaptive_steps=10, autoattack="fast", autoattack_steps=5,
+                                            square_queries=20, eot_samples=2),
+                      detect_eps=(8 / 255,), detect_calibration=96, masking_images=16,
+                      certify={"n0": 16, "n": 64, "alpha": 0.01},
+                      trained_overrides={"epochs": 1, "max_train": 1200})
+
+
+@pytest.fixture(scope="module")
+def defend_study(data_root, study_cache, tmp_path_factory, chest_model):
+    out = tmp_path_factory.mktemp("defend") / "report"
+    study = run_defend([_plan()], out, data_root=data_root, cache_dir=study_cache, seed=0)
+    return out, study
+
+
+def test_the_undefended_model_is_the_demo_victim_and_defenses_inherit_its_data():
+    configs = training_configs(_plan())
+    assert configs["undefended"] == DEMO_PLAN.train  # shared with the other tests' cache
+    assert configs["fast AT"].adversarial == "fast" and configs["fast AT"].epochs == 1
+    assert configs["noise σ=0.25"].noise_sigma == 0.25 and configs["noise σ=0.25"].adversarial is None
+
+
+def test_every_defense_is_judged_on_the_same_images_with_monotone_robustness(defend_study):
+    _, study = defend_study
+    d = study["tasks"][0]["defenses"]
+    names = [r["name"] for r in d["rows"]]
+    assert names[:3] == ["undefended", "fast AT", "noise σ=0.25"]
+    assert {"bit-depth", "median"} <= set(names) and any("noise at inference" in n for n in names)
+    for r in d["rows"]:
+        assert r["clinical"]["n"] == r["robust"]["n_images"] == d["n_images"] == N
+        accs = [p["adaptive"] for p in r["robust"]["rows"]]
+        assert accs == sorted(accs, reverse=True), (r["name"], accs)  # an image broken at 2/255 stays broken at 8/255
+        for p in r["robust"]["rows"]:
+            # the worst case over attacks that include the non-adaptive one's knowledge is never weaker
+            assert p["adaptive"] <= r["robust"]["clean_accuracy"] + 1e-9
+        assert [p["eps"] for p in r["robust"]["rows"]] == list(EPS)
+
+
+def test_a_masked_preprocessing_defense_falls_under_bpda_and_is_flagged(defend_study):
+    _, study = defend_study
+    rows = {r["name"]: r for r in study["tasks"][0]["defenses"]["rows"]}
+    bits = rows["bit-depth"]
+    at8 = bits["robust"]["rows"][-1]
+    undefended8 = rows["undefended"]["robust"]["rows"][-1]
+    # the false security: the naive attack leaves bit-depth reduction far more robust than BPDA does
+    assert at8["non_adaptive"] >= at8["adaptive"] + 0.2, at8
+    assert at8["adaptive"] <= undefended8["adaptive"] + 0.1
+    assert bits["masking"]["flagged"] is True
+    assert {c["name"] for c in bits["masking"]["checks"] if c["status"] == "warn"} & {"gradients", "unbounded"}
+    assert rows["undefended"]["masking"]["flagged"] is False
+
+
+def test_the_randomized_defense_is_detected_and_attacked_with_eot(defend_study):
+    _, study = defend_study
+    row = next(r for r in study["tasks"][0]["defenses"]["rows"] if "noise at inference" in r["name"])
+    assert row["robust"]["randomized"] is True
+    assert next(c for c in row["masking"]["checks"] if c["name"] == "randomness")["status"] == "warn"
+
+
+def test_detectors_are_calibrated_and_reported_non_adaptive_and_adaptive(defend_study):
+    _, study = defend_study
+    dets = {d["name"]: d for d in study["tasks"][0]["defenses"]["detectors"]}
+    assert set(dets) == {"feature-squeezing", "mahalanobis"}
+    for det in dets.values():
+        assert det["calibration_images"] == 96
+        assert 0.0 <= det["test_false_positive_rate"] <= 0.25  # 5% on validation; the test is another, small sample
+        row = det["rows"][0]
+        assert row["non_adaptive"]["successful"] > 0
+        assert 0 <= row["non_adaptive"]["detected"] <= row["non_adaptive"]["successful"]
+        assert 0 <= row["adaptive"]["undetected"] <= row["adaptive"]["successful"] <= N
+
+
+def test_smoothing_certifies_with_a_curve_that_never_rises(defend_study):
+    _, study = defend_study
+    s = study["tasks"][0]["defenses"]["smoothing"]
+    curve = [c["certified_accuracy"] for c in s["curve"]]
+    assert curve == sorted(curve, reverse=True) and curve[0] > 0.3
+    assert [round(c["l2_radius"], 4) for c in s["linf_lower_bound"]] == [round(e * 28, 4) for e in EPS]
+
+
+def test_the_report_has_the_defenses_section_and_results_json_matches(defend_study):
+    out, study = defend_study
+    html = (out / "report.html").read_text()
+    for needle in ("Defenses", "non-adaptive → adaptive", "Detectors on the undefended model",
+                   "Certified robustness", "Robustness against accuracy", "bit-depth", "gradient-masking checks"):
+        assert needle in html, needle
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["kind"] == "defend"
+    assert saved["tasks"][0]["defenses"]["rows"] == json.loads(json.dumps(study["tasks"][0]["defenses"]["rows"]))
+    assert (out / "figures" / "chest-xray-robustness_accuracy.png").stat().st_size > 5000
+
+
+def test_a_second_run_reuses_every_stage(defend_study, data_root, study_cache, tmp_path, monkeypatch):
+    import medadv.defense_study as ds
+
+    def boom(*a, **k):
+        raise AssertionError("a cached stage was recomputed")
+
+    monkeypatch.setattr(ds, "evaluate_defense", boom)
+    monkeypatch.setattr(ds, "evaluate_detector", boom)
+    monkeypatch.setattr(ds, "certify_smoothed", boom)
+    again = run_defend([_plan()], tmp_path / "again", data_root=data_root, cache_dir=study_cache, seed=0)
+    assert again["tasks"][0]["defenses"]["rows"] == defend_study[1]["tasks"][0]["defenses"]["rows"]
