@@ -691,7 +691,7 @@ def certify(
     model: Annotated[Path, typer.Option(help="Checkpoint folder (ideally trained with --noise-sigma near --sigma).")],
     out: Annotated[Path, typer.Option(help="Output folder: results.json (certificates and certified accuracy against radius).")],
     sigma: Annotated[float, typer.Option(help="Gaussian noise sigma in [0, 1] pixel units (x255 = grey levels).")] = 0.25,
-    n: Annotated[int, typer.Option("--n", help="Noise samples for the certificate (Cohen et al.'s n).")] = 1000,
+    n: Annotated[int, typer.Option("--n", "--num-samples", help="Noise samples for the certificate (Cohen et al.'s n). Under torchrun spell it --num-samples: torchrun takes --n for an abbreviation of its own options.")] = 1000,
     n0: Annotated[int, typer.Option("--n0", help="Noise samples to pick the top class (Cohen et al.'s n0).")] = 100,
     alpha: Annotated[float, typer.Option(help="Failure probability of each certificate, in (0, 1).")] = 0.001,
     split: Annotated[str, typer.Option(help="Split to certify.")] = "test",
