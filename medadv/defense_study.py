@@ -119,6 +119,20 @@ def preprocessing_names(plan: DefendPlan, modality: str) -> list[str]:
     return [n for n in names if n in PREPROCESSORS]
 
 
+DETECTORS = ("feature-squeezing", "mahalanobis")
+
+
+def check_plan(plan: DefendPlan) -> None:
+    """Raise MedadvError for a plan that names an unknown defense or detector, or has no images."""
+    training_configs(plan)
+    preprocessing_names(plan, get_task(plan.base.task).modality)
+    unknown = [d for d in plan.detectors if d not in DETECTORS]
+    if unknown:
+        raise MedadvError(f"unknown detector(s) {', '.join(unknown)}.", f"choose from {', '.join(DETECTORS)}.")
+    if plan.n_images < 2 or not plan.robust.eps:
+        raise MedadvError("a defenses study needs at least 2 test images and one eps.", "pass --n-images 128.")
+
+
 def _json_stage(cache: StageCache, stage: str, key: dict[str, Any], compute) -> dict[str, Any]:
     def save(value: dict[str, Any], folder: Path) -> None:
         (folder / "stage.json").write_text(json.dumps(value, default=float))
@@ -170,7 +184,7 @@ def build_detector(name: str, model, x_fit: torch.Tensor, y_fit: torch.Tensor):
         from medadv.defenses.mahalanobis import Mahalanobis
 
         return Mahalanobis(model).fit(x_fit, y_fit)
-    raise MedadvError(f"unknown detector '{name}'.", "choose feature-squeezing or mahalanobis.")
+    raise MedadvError(f"unknown detector '{name}'.", f"choose from {', '.join(DETECTORS)}.")
 
 
 def evaluate_detector(name: str, model, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor,
@@ -326,6 +340,8 @@ def run_defend(plans: list[DefendPlan], out: Path, *, data_root: str | Path | No
     """Run ``plans`` and write ``out/results.json``, ``out/report.html`` (section "Defenses") and figures."""
     from medadv.report.html import write_report
 
+    for plan in plans:  # every name is checked before any training starts
+        check_plan(plan)
     root = resolve_data_root(data_root)
     cache = StageCache(Path(cache_dir) if cache_dir else out.parent / f".{out.name}.cache")
     t0 = time.perf_counter()

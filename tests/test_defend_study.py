@@ -127,3 +127,19 @@ def test_a_second_run_reuses_every_stage(defend_study, data_root, study_cache, t
     monkeypatch.setattr(ds, "certify_smoothed", boom)
     again = run_defend([_plan()], tmp_path / "again", data_root=data_root, cache_dir=study_cache, seed=0)
     assert again["tasks"][0]["defenses"]["rows"] == defend_study[1]["tasks"][0]["defenses"]["rows"]
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--task", "derm-melanoma"], "no defenses plan for task 'derm-melanoma'"),
+    (["--trained", "pgd,bogus"], "unknown training defense 'bogus'"),
+    (["--defenses", "nope"], "unknown preprocessing defense(s) nope"),
+    (["--detectors", "lid"], "unknown detector(s) lid"),
+])
+def test_cli_defend_rejects_bad_plans_before_any_training(flags, needle, tmp_path, capsys):
+    from medadv.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["defend", *flags, "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and needle in " ".join(err.split()) and "Traceback" not in err
+    assert not (tmp_path / "d").exists() and not (tmp_path / ".d.cache").exists()
