@@ -285,6 +285,11 @@ def stage_art(args, log: list[dict]) -> dict[str, Any]:
     import art
 
     root = Path(args.root) / "art-compare"
+    saved = root / "runs.json"
+    if saved.is_file() and not args.retrain:  # trained and timed before: only (re)evaluate
+        print(f"reusing the trainings and timings in {saved} (--retrain to redo them)", file=sys.stderr)
+        result = json.loads(saved.read_text())
+        return finish_art(result, root, args, log)
     runs: dict[str, list[dict]] = {"medadv": [], "art": []}
     medadv_meta = None
     for r in range(args.rounds):
@@ -315,17 +320,23 @@ def stage_art(args, log: list[dict]) -> dict[str, Any]:
             for k, v in list(row.items()):
                 if isinstance(v, float):
                     row[k] = round(v, 2)
+    cfg = art_config(args)
+    result = {"art_version": art.__version__, "same_initial_weights": same_init,
+              "config": {"epochs": cfg.epochs, "max_train": cfg.max_train, "batch_size": cfg.batch_size,
+                         "eps": cfg.adv_eps, "steps": cfg.adv_steps, "step_size": 2.5 * cfg.adv_eps / cfg.adv_steps,
+                         "augment": False, "optimizer": "AdamW 2e-3, wd 1e-4, cosine per step", "threads": args.threads},
+              "runs": runs, "medadv_over_art": ratios}
+    saved.write_text(json.dumps(result, indent=1))
+    return finish_art(result, root, args, log)
+
+
+def finish_art(result: dict[str, Any], root: Path, args, log: list[dict]) -> dict[str, Any]:
+    """Attack both round-0 models the same way (CLI) and add the robust-accuracy gap."""
     evals = {"medadv": evaluate_checkpoint(root / "medadv", args, log),
              "art": evaluate_checkpoint(root / "art", args, log)}
     gap = {kind: round(100 * (evals["medadv"][kind]["robust_accuracy"] - evals["art"][kind]["robust_accuracy"]), 2)
            for kind in args.evals}
-    cfg = art_config(args)
-    return {"art_version": art.__version__, "same_initial_weights": same_init,
-            "config": {"epochs": cfg.epochs, "max_train": cfg.max_train, "batch_size": cfg.batch_size,
-                       "eps": cfg.adv_eps, "steps": cfg.adv_steps, "step_size": 2.5 * cfg.adv_eps / cfg.adv_steps,
-                       "augment": False, "optimizer": "AdamW 2e-3, wd 1e-4, cosine per step", "threads": args.threads},
-            "runs": runs, "medadv_over_art": ratios, "evaluation": evals,
-            "robust_accuracy_gap_points_medadv_minus_art": gap}
+    return {**result, "evaluation": evals, "robust_accuracy_gap_points_medadv_minus_art": gap}
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -373,6 +384,7 @@ def main() -> None:
     ap.add_argument("--art-epochs", type=int, default=2)
     ap.add_argument("--art-max-train", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=2, help="art: interleaved rounds (each trains both)")
+    ap.add_argument("--retrain", action="store_true", help="art: train and time again even if runs.json exists")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = ap.parse_args()
     args.models = [m for m in args.models.split(",") if m]
@@ -387,9 +399,9 @@ def main() -> None:
     if "recipes" in stages:
         out["recipes"] = stage_recipes(args, log)
     if "art" in stages:
-        try:
-            import art  # noqa: F401
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("art") is None:
             sys.exit("ART is not importable: pip install --no-deps --target /tmp/peers adversarial-robustness-toolbox==1.20.1 "
                      "six tqdm, then PYTHONPATH=/tmp/peers")
         out["art"] = stage_art(args, log)
