@@ -79,7 +79,7 @@ def train_if_missing(args) -> None:
            "--seed", str(args.seed), "--out", args.model, "--quiet"]
     print("$ OMP_NUM_THREADS=%d %s" % (args.threads, " ".join(cmd[1:] if cmd[0] == MEDADV else cmd)), file=sys.stderr)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    subprocess.run(cmd, env=env, check=True)
+    subprocess.run(cmd, env=env, check=True, stdout=sys.stderr)  # its table on stderr: stdout is this script's JSON
 
 
 def lcb_table(n: int, alpha: float) -> np.ndarray:

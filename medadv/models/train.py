@@ -351,6 +351,17 @@ def _replicate(model: MedicalClassifier, cfg: TrainConfig, shard, device: str) -
     return _Replicated(DistributedDataParallel(model, device_ids=ids))
 
 
+def _autocast(device: torch.device):
+    """bfloat16 autocast on CUDA (the fast path's GPU form: bf16 tensor cores, fp32 weights and optimizer;
+    no loss scaling needed, unlike fp16); on the CPU nothing changes, so CPU runs stay bit-reproducible.
+    Not measured here: no GPU was lent to the sessions that wrote it (BENCHMARKS.md)."""
+    import contextlib
+
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
@@ -405,10 +416,12 @@ def _train_epoch(model: nn.Module, optimizer, recipe: Recipe, data: ImageSet, cf
         for group in optimizer.param_groups:
             group["lr"] = recipe.lr_at(step, total_steps)
         optimizer.zero_grad(set_to_none=True)
-        if step_loss is None:
-            loss = F.cross_entropy(model(x), target)
-        else:
-            loss = step_loss(model, x, target, target.argmax(1), generator)  # mixup: the dominant class
+        with _autocast(x.device):
+            if step_loss is None:
+                loss = F.cross_entropy(model(x), target)
+            else:
+                loss = step_loss(model, x, target, target.argmax(1), generator)  # mixup: the dominant class
+        loss = loss.float()
         if not torch.isfinite(loss):
             raise MedadvError(f"training diverged (loss {loss.item()}) in epoch {epoch}.",
                               "lower the learning rate with another --recipe, or check the data.")
