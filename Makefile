@@ -11,7 +11,7 @@ ifneq ($(wildcard ../shared/data),)
 export MEDADV_DATA ?= $(abspath ../shared/data)
 endif
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast lint docs install clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,12 +25,25 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/medadv demo
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -q -ra
 
 # The inner loop: no training, no studies (tests marked slow, see tests/conftest.py).
-test-fast: install
+test-fast: install lint
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
+# Lint and type checks (configured in pyproject.toml): ruff on the code and tests, mypy on medadv/.
+lint: install
+	$(BIN)/ruff check medadv tests bench
+	$(BIN)/mypy
+
+# The API site from the docstrings (mkdocs.yml, mkdocstrings), strict: a broken reference fails the build.
+$(BIN)/.docs-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install -q -e '.[docs]'
+	touch $@
+
+docs: $(BIN)/.docs-installed
+	$(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) runs site .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -94,9 +94,12 @@ def run_cli(args: list[str], threads: int, log: list[dict]) -> dict[str, float]:
 
 
 def attack_args(model: Path, kind: str, eps: str, n_eval: int, seed: int) -> list[str]:
+    """``kind``: autoattack or pgd40, at ``eps``; a suffix ``-eps<k>`` (e.g. pgd40-eps8) attacks at k/255 instead."""
+    kind_, _, levels = kind.partition("-eps")
+    eps = f"{levels}/255" if levels else eps
     common = ["--eps", eps, "--norm", "linf", "--target", "none", "--limit", str(n_eval), "--seed", str(seed),
               "--no-save-images", "--quiet", "--model", str(model), "--out", str(model / f"eval-{kind}")]
-    if kind == "autoattack":
+    if kind_ == "autoattack":
         return ["attack", "--attack", "autoattack", "--version", "standard", *common]
     return ["attack", "--attack", "pgd", "--steps", "40", *common]
 
@@ -342,16 +345,18 @@ def finish_art(result: dict[str, Any], root: Path, args, log: list[dict]) -> dic
 # --------------------------------------------------------------------------------------------- main
 def print_tables(out: dict[str, Any]) -> None:
     if "recipes" in out:
-        print("\nrecipes (clean: whole test split; attacks: the same stratified n test images, eps "
-              f"{out['settings']['eps']}, untargeted, at each model's threshold)")
-        print(f"{'model':11s} {'clean acc':>9s} {'AUC':>6s} {'PGD-40 acc':>10s} {'AA acc':>7s} {'AA sens/spec':>13s} "
-              f"{'AA AUC':>7s} {'AA/undef':>8s}")
+        kinds = out["settings"]["evals"]
+        print("\nrecipes (clean: whole test split; attacks: the same stratified n test images, untargeted, at each "
+              "model's threshold; robust accuracy, x the undefended model's, robust sensitivity/specificity)")
+        print(f"{'model':11s} {'clean acc':>9s} {'AUC':>6s} " + " ".join(f"{k:>28s}" for k in kinds))
         for name, r in out["recipes"]["models"].items():
-            aa, p = r.get("autoattack", {}), r.get("pgd40", {})
+            cells = []
+            for k in kinds:
+                e = r.get(k, {})
+                cells.append(f"{e.get('robust_accuracy', float('nan')):.3f} (x{e.get('over_undefended') or float('nan'):.2f}) "
+                             f"{e.get('robust_sensitivity') or 0:.2f}/{e.get('robust_specificity') or 0:.2f}")
             print(f"{name:11s} {r['clean_test']['accuracy']:9.3f} {r['clean_test']['auc']:6.3f} "
-                  f"{p.get('robust_accuracy', float('nan')):10.3f} {aa.get('robust_accuracy', float('nan')):7.3f} "
-                  f"{aa.get('robust_sensitivity') or 0:6.3f}/{aa.get('robust_specificity') or 0:.3f} "
-                  f"{aa.get('robust_auc') or 0:7.3f} {aa.get('over_undefended') or float('nan'):8.2f}")
+                  + " ".join(f"{c:>28s}" for c in cells))
     if "art" in out:
         a = out["art"]
         print(f"\nPGD-AT, medadv vs ART {a['art_version']} ({a['config']}); same initial weights: {a['same_initial_weights']}")
@@ -377,7 +382,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--eps", default="4/255", help="evaluation eps (training eps is 4/255)")
     ap.add_argument("--n-eval", type=int, default=256, help="test images attacked (seeded, class-stratified)")
-    ap.add_argument("--evals", default="autoattack,pgd40", help="comma list of: autoattack, pgd40")
+    ap.add_argument("--evals", default="autoattack,pgd40,pgd40-eps8",
+                    help="comma list of: autoattack, pgd40 (at --eps); a suffix -eps<k> attacks at k/255 instead")
     ap.add_argument("--epochs", type=int, default=5, help="recipes: training epochs")
     ap.add_argument("--models", default=",".join(RECIPES), help="recipes: comma list of " + ", ".join(RECIPES))
     ap.add_argument("--parallel", type=int, default=1, help="recipes: trainings at a time")

@@ -264,18 +264,19 @@ def model_ceiling(w: dict, threads: int, batch: int = 32, repeats: int = 5) -> d
     """The model alone, in this process: analyses/s when every analysis is 3 images in batches of ``batch``."""
     import torch
 
-    from medadv.serve.analysis import load_model, probabilities
+    from medadv.serve.model import load_model, probabilities
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        m = load_model(w["model"]).model
-        x = torch.rand(3 * batch, m.spec.data_channels, m.spec.input_size, m.spec.input_size)
-        probabilities(m, x)
+        loaded = load_model(w["model"])
+        spec = loaded.classifier.spec  # the batcher's rows are already at the network's input (model_rows)
+        x = torch.rand(3 * batch, spec.net_channels, spec.input_size, spec.input_size)
+        probabilities(loaded, x)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            probabilities(m, x)
+            probabilities(loaded, x)
             times.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(before)

@@ -9,7 +9,13 @@ because the headline rows matter more than the curves and an undertrained victim
 until the estimate fits. What was chosen, and why, is recorded in results.json and the report.
 
 The estimate is a model, not a promise: it counts gradient passes, adds ``OVERHEAD_FRACTION`` for what
-they leave out, and plans are fitted to ``SAFETY`` of the budget.
+they leave out, and plans are fitted to ``SAFETY`` of the budget. Each battery row is priced by the attack
+it runs, from what that attack declares at registration (``cost``, ``fit_cost`` in
+:mod:`medadv.attacks.registry`), so a new attack is priced without an edit here.
+
+Layering: this module sits below :mod:`medadv.study`. It takes any plan with ``train`` (a TrainConfig),
+``battery`` (a BatteryConfig) and ``caveats`` (:class:`Plan`), and the study passes in how a plan is
+resolved against the data root, so the two never import each other.
 """
 
 from __future__ import annotations
@@ -18,20 +24,31 @@ import math
 import re
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
+from medadv.attacks.registry import REGISTRY
 from medadv.errors import MedadvError
+from medadv.evaluate.battery import BatteryConfig, plan_battery
+from medadv.models.train import TrainConfig
 
-if TYPE_CHECKING:
-    from medadv.study import TaskPlan
+
+class Plan(Protocol):
+    """What the budget reads of a study's plan (:class:`medadv.study.TaskPlan` is one); a dataclass, so
+    :func:`dataclasses.replace` makes the smaller plans."""
+
+    train: TrainConfig
+    battery: BatteryConfig
+    caveats: tuple[str, ...]
+
+
+TaskPlan = TypeVar("TaskPlan", bound=Plan)
 
 SAFETY = 0.8  # plan to this fraction of the budget: headroom for a machine that gets busier mid-run
 # What the gradient count leaves out (data loading and augmentation, validation passes, metrics, figures,
 # the report): on the development machine the demo took 390 s against 283 s of counted passes.
 OVERHEAD_FRACTION = 0.4
-PAPER_STEPS = 20  # the paper's PGD rows (pgd_white, pgd_black)
-FORWARD_FRACTION = 1 / 3  # a forward pass costs about a third of forward + input gradient
 MIN_IMAGES, MIN_CURVE_IMAGES, MIN_EPOCHS = 64, 32, 1
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
@@ -104,25 +121,28 @@ def calibrate(plan: TaskPlan, data_root, device: str = "cpu", repeats: int = 3) 
     return UnitCosts(train_image_s=train_s / n, grad_image_s=grad_s / n)
 
 
+def row_passes(battery: BatteryConfig, n_main: int, n_query: int) -> dict[str, float]:
+    """Gradient-pass equivalents of each battery row (key -> passes), priced by the attack each row runs
+    (its registered ``cost`` per attacked image and ``fit_cost``) under the row's own threat model and
+    options; every row is priced as if it runs (a surrogate and training images present)."""
+    out = {}
+    for row in plan_battery(battery, 255, surrogate=True, fit=True, differentiable=True):
+        n = n_main if row.images == "main" else n_query
+        out[row.key] = REGISTRY[row.attack].passes(row.threat, row.params, n, battery.n_fit_images)
+    return out
+
+
 def estimate_seconds(plan: TaskPlan, costs: UnitCosts, n_train: int, n_test: int) -> dict[str, float]:
     """Seconds per stage of ``plan`` (victim and surrogate training, the battery rows, the curves)."""
     b = plan.battery
     n_main = min(b.n_images, n_test)
     n_query = min(b.n_query_images, n_test)
     n_curve = min(b.curve_images, n_test)
-    rows = set(b.rows)
     g = costs.grad_image_s
     stages = {"training": 2 * plan.train.epochs * n_train * costs.train_image_s}  # victim and surrogate
-    rows_s = 0.0
-    rows_s += sum(n_main * PAPER_STEPS * g for r in ("pgd_white", "pgd_black") if r in rows)
-    rows_s += n_main * g if "fgsm" in rows else 0.0
-    # score- and label-based rows: forward passes only
-    rows_s += sum(n_query * b.max_queries * g * FORWARD_FRACTION for r in ("square", "hsja") if r in rows)
-    fit_steps = b.fit_steps or 100
-    rows_s += sum(fit_steps * min(64, b.n_fit_images) * g + n_main * g for r in ("patch", "uap") if r in rows)
-    stages["attacks"] = rows_s
+    stages["attacks"] = sum(row_passes(b, n_main, n_query).values()) * g
     nonzero = [e for e in b.curve_eps if e > 0]
-    kinds = 2 if "pgd_black" in rows else 1
+    kinds = 2 if "pgd_black" in b.rows else 1
     # the curves, plus two points of the breaking-eps search (it stops early once accuracy is <= 1%)
     stages["curves"] = (kinds * len(nonzero) + (2 if b.break_search else 0)) * n_curve * b.curve_steps * g
     stages["overhead"] = OVERHEAD_FRACTION * sum(stages.values())
@@ -191,17 +211,18 @@ def caveat(record: dict[str, Any]) -> str | None:
     return text
 
 
-def fit_study(plans: list[TaskPlan], seconds: float, data_root, device: str = "cpu",
-              monitor=None) -> tuple[list[TaskPlan], list[dict[str, Any]]]:
+def fit_study(plans: list[TaskPlan], seconds: float, data_root, device: str = "cpu", monitor=None, *,
+              resolve: Callable[[TaskPlan], TaskPlan] = lambda plan: plan
+              ) -> tuple[list[TaskPlan], list[dict[str, Any]]]:
     """Each plan sized to its share of ``seconds`` (shares in proportion to the plans' own estimates on
-    this machine), with one budget record per plan. The plans keep their data choices (run_task makes
-    them); only epochs and image counts change."""
+    this machine), with one budget record per plan. ``resolve(plan)``: the plan reading the data it will
+    read (the study's ``fit_to_data``), measured as it will run. The plans keep their data choices
+    (run_task makes them); only epochs and image counts change."""
     from medadv.data import get_task, load_split
-    from medadv.study import fit_to_data
 
     measured = []
     for plan in plans:
-        resolved = fit_to_data(plan, data_root).train
+        resolved = resolve(plan).train
         task = get_task(resolved.task)
         read = dict(data_root=data_root, source=resolved.source, size=resolved.size, file_size=resolved.data_size)
         n_train = len(load_split(task, "train", **read))

@@ -4,26 +4,50 @@ reuses what the first computed.
 A stage is stored in ``<root>/<stage>-<hash>/`` and appears only when complete (atomic folder). The hash
 covers everything that determines the result: the configuration, the seed, and the checksums of the
 inputs (data and model weights).
+
+A base utility: it imports only ``io`` and ``runinfo``. Under torchrun the caller passes the process's
+shard (:func:`medadv.dist.current`), so the cache needs no import of ``dist``.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from medadv.data.checksums import sha256_file
 from medadv.io import atomic_dir
 from medadv.runinfo import config_hash
 
 T = TypeVar("T")
 
 
-class StageCache:
-    """``root`` None disables caching (every stage runs)."""
+class Shard(Protocol):
+    """What the cache needs of a process under torchrun (:class:`medadv.dist.Shard` is one)."""
 
-    def __init__(self, root: str | Path | None) -> None:
+    @property
+    def is_main(self) -> bool: ...
+
+    def barrier(self) -> None: ...
+
+
+class _Alone:
+    """A single process: it writes, and there is no one to wait for."""
+
+    is_main = True
+
+    def barrier(self) -> None:
+        pass
+
+
+class StageCache:
+    """``root`` None disables caching (every stage runs). ``shard``: a zero-argument callable returning
+    the process's shard (pass ``medadv.dist.current`` from a command that may run under torchrun, so
+    that rank 0 alone writes a stage and the others wait); default: a single process."""
+
+    def __init__(self, root: str | Path | None, shard: Callable[[], Shard] | None = None) -> None:
         self.root = Path(root) if root is not None else None
+        self._shard = shard or _Alone
 
     def path(self, stage: str, config: dict[str, Any]) -> Path | None:
         return None if self.root is None else self.root / f"{stage}-{config_hash(config)}"
@@ -36,9 +60,7 @@ class StageCache:
             return load(folder)
         value = compute()
         if folder is not None:
-            from medadv.dist import current
-
-            shard = current()  # under torchrun every rank computed the same value: rank 0 alone writes it
+            shard = self._shard()  # under torchrun every rank computed the same value: rank 0 alone writes it
             if shard.is_main:
                 with atomic_dir(folder) as tmp:
                     save(value, tmp)
@@ -48,5 +70,10 @@ class StageCache:
 
 
 def model_fingerprint(checkpoint: str | Path) -> str:
-    """The checksum of a checkpoint's weights: what a cached attack on that model depends on."""
-    return sha256_file(Path(checkpoint) / "model.safetensors")
+    """The SHA-256 of a checkpoint's weights (hex): what a cached attack on that model depends on (the
+    same value as :func:`medadv.data.checksums.sha256_file`, computed here so the cache needs no data)."""
+    h = hashlib.sha256()
+    with open(Path(checkpoint) / "model.safetensors", "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()

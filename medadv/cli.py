@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -17,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from medadv.errors import MedadvError
+from medadv.jobs.gate import provenance_gate  # noqa: F401 (built by the jobs; importable here, as callers expect)
 from medadv.progress import Monitor
 
 T = TypeVar("T")
@@ -101,6 +101,11 @@ def _door(path: Path, kind: str, flag: str = "--out") -> None:
     check_output(path, kind=kind, flag=flag)
 
 
+def _warn(line: str, loud: bool = False) -> None:
+    """A job's warning (medadv.jobs.common.Warn) as one line on stderr; a loud one in bold red."""
+    err.print(f"medadv: warning: {line}", **({"style": "bold red"} if loud else {}), highlight=False, soft_wrap=True)
+
+
 def check_device(device: str) -> str:
     import torch
 
@@ -175,43 +180,20 @@ def train(
     A killed run resumes from its last finished epoch when started again with the same flags.
     """
     _door(out, "folder")
-    from medadv.models.train import TrainConfig, train as run_training
+    from medadv.jobs.train import TrainJob, train as run_train
 
-    if resplit_by_patient:  # a resplit: source travels in the checkpoint, so evaluate and attack read the same split
-        from medadv.data import RESPLIT, get_task, resolve_data_root, resolve_source
-
-        resolved = resolve_source(get_task(task), source, resolve_data_root(data_root))
-        source = resolved if resolved.startswith(RESPLIT) else RESPLIT + resolved
-    from medadv.data import data_class_names
-
-    names = tuple(n.strip() for n in class_names.split(",")) if class_names else \
-        data_class_names(task, source, data_root=data_root)
-    if names is not None and (len(names) != 2 or not all(names)):
-        raise MedadvError(f"--class-names {class_names!r} does not name two classes.", "pass e.g. --class-names normal,abnormal.")
-    cfg = TrainConfig(task=task, arch=arch, size=size, epochs=epochs, batch_size=batch_size, seed=seed,
-                      recipe=recipe, pretrained=pretrained, source=source, split_seed=split_seed,
-                      augment=not no_augment, max_train=max_train, data_size=data_size,
-                      adversarial=adversarial, adv_eps=parse_fraction(adv_eps, "--adv-eps"), adv_steps=adv_steps,
-                      trades_beta=trades_beta, noise_sigma=noise_sigma, sync_batchnorm=sync_batchnorm)
-    from medadv.data import split_leakage
-    from medadv.data.leakage import warning as leakage_warning
-
-    from medadv.dist import current
-
-    device, monitor = _join(device, quiet)  # under torchrun: DDP, rank 0 logs and writes
-    leak = leakage_warning(split_leakage(task, source, data_root=data_root, split_seed=split_seed))
-    if leak and current().is_main:  # said before the training time is spent: the validation figures would be optimistic
-        err.print(f"medadv: warning: {leak}", highlight=False, soft_wrap=True)
-    model, meta = run_training(cfg, out, data_root=data_root, monitor=monitor, device=device)
-    if not current().is_main:
+    job = TrainJob(task=task, out=out, arch=arch, size=size, data_size=data_size, epochs=epochs, batch_size=batch_size,
+                   recipe=recipe, pretrained=pretrained, source=source, split_seed=split_seed, max_train=max_train,
+                   augment=not no_augment, adversarial=adversarial, adv_eps=parse_fraction(adv_eps, "--adv-eps"),
+                   adv_steps=adv_steps, trades_beta=trades_beta, noise_sigma=noise_sigma,
+                   sync_batchnorm=sync_batchnorm, resplit_by_patient=resplit_by_patient, class_names=class_names,
+                   data_root=data_root, seed=seed)
+    job.device, monitor = _join(device, quiet)  # under torchrun: DDP, rank 0 logs and writes
+    result = run_train(job, monitor=monitor, warn=_warn)
+    if not result.is_main:
         return
-    if names is not None:
-        from medadv.models.checkpoint import set_class_names
-
-        set_class_names(out, names)
-    val = meta["validation"]
-    selection = meta["training"].get("selection", "validation AUC")
-    out_table(f"Validation, {val.get('n', '?')} images (model selected on {selection}; threshold by Youden's J)", val)
+    val = result.validation
+    out_table(f"Validation, {val.get('n', '?')} images (model selected on {result.selection}; {result.threshold_rule})", val)
     err.print(f"checkpoint written to {out}", highlight=False)
 
 
@@ -228,6 +210,8 @@ def evaluate(
     patient_pattern: Annotated[str | None, typer.Option(help="Regex whose first group is the patient in an npz's image ids (or 'chestxray14').")] = None,
     allow_outside_paths: Annotated[bool, typer.Option("--allow-outside-paths", help="Let labels.csv name images outside its folder.")] = False,
     fit: Annotated[str, typer.Option(help="Non-square images into the model's square input: letterbox or crop.")] = "letterbox",
+    allow_overlap: AllowOverlap = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
     require_provenance: RequireProvenance = None,
     provenance_flag_only: ProvenanceFlagOnly = False,
     trust_root: TrustRoot = None,
@@ -235,37 +219,22 @@ def evaluate(
     quiet: Quiet = False,
 ) -> None:
     """Clinical metrics of a checkpoint at its saved threshold: the paper's Table 1."""
-    if out is not None:
-        _door(out, "file")
-    from medadv.evaluate.clean import evaluate_model, model_split
-    from medadv.io import write_json
-    from medadv.defenses.checkpoint import load_defended
+    from medadv.jobs.common import DataOptions, Provenance
+    from medadv.jobs.evaluate import EvaluateJob, evaluate as run_evaluate
 
-    net, meta = load_defended(model)  # a defended checkpoint is evaluated through its defenses
-    data = model_split(meta, split, data_root=data_root, source=source, image_size=image_size, fit_to_model=True,
-                       resplit_by_patient=resplit_by_patient, patient_pattern=patient_pattern,
-                       allow_outside_paths=allow_outside_paths, fit=fit)
-    _leakage_warning(data)
-    gate = provenance_gate(require_provenance, provenance_flag_only, RichMonitor(quiet), trust_root)
-    provenance = gate(data) if gate else None
-    metrics = evaluate_model(net, data, batch_size)
-    metrics["model"] = str(model)
-    if meta.get("defense"):
-        metrics["defense"] = meta["defense"]
-    if provenance is not None:
-        metrics["provenance"] = provenance
-    if out is not None:
-        write_json(out, metrics)
-    out_table(f"{meta['task']} / {split} ({metrics['n']} images, {metrics['n_disease']} disease)", metrics)
+    job = EvaluateJob(model=model, split=split, out=out, source=source, image_size=image_size, batch_size=batch_size,
+                      data=DataOptions(resplit_by_patient, patient_pattern, allow_outside_paths, fit),
+                      allow_overlap=allow_overlap, force=force,
+                      provenance=Provenance(require_provenance, provenance_flag_only, trust_root), data_root=data_root)
+    result = run_evaluate(job, monitor=RichMonitor(quiet), warn=_warn)
+    metrics = result.metrics
+    counts = f", {metrics['n_disease']} disease" if "n_disease" in metrics else \
+        ": " + ", ".join(f"{v} {k}" for k, v in metrics.get("counts", {}).items())
+    out_table(f"{result.task} / {split} ({metrics['n']} images{counts})", metrics)
 
 
-def _leakage_warning(data) -> None:
-    """Patient leakage found on load: one warning line on stderr (it is also in the JSON outputs)."""
-    from medadv.data.leakage import warning
-
-    line = warning(data.meta.get("leakage"), data.split)
-    if line:
-        err.print(f"medadv: warning: {line}", highlight=False, soft_wrap=True)
+AllowOverlap = Annotated[bool, typer.Option(
+    "--allow-overlap", help="Measure a split that holds images the model was trained or validated on (refused by default; recorded).")]
 
 
 # --------------------------------------------------------------------------------------------- attack
@@ -299,19 +268,6 @@ def parse_fraction(value: str | None, flag: str) -> float | None:
     return result
 
 
-def read_mask(path: Path | None):
-    """A PNG/JPEG mask (nonzero = may change) as an H×W tensor of 0/1."""
-    if path is None:
-        return None
-    import numpy as np
-    import torch
-
-    from medadv.data.folder import read_image
-
-    x, _ = read_image(path)
-    return torch.from_numpy((x.max(axis=0) > 0).astype(np.float32))
-
-
 @app.command()
 def attack(
     model: Annotated[Path, typer.Option(help="Victim checkpoint folder.")],
@@ -324,7 +280,7 @@ def attack(
     steps: Annotated[int | None, typer.Option(help="Iterations.")] = None,
     step_size: Annotated[str | None, typer.Option(help="Step size in [0, 1] units (default eps/4 L-inf, eps/5 L2).")] = None,
     norm: Annotated[str | None, typer.Option(help="linf or l2.")] = None,
-    target: Annotated[str | None, typer.Option(help="opposite (the paper), disease, healthy, or none (untargeted).")] = None,
+    target: Annotated[str | None, typer.Option(help="opposite (the paper), disease, healthy, none (untargeted), or class:K (toward class K, e.g. a DR grade; for a graded model disease is the most severe grade and opposite the farthest one).")] = None,
     no_random_start: Annotated[bool, typer.Option("--no-random-start", help="Start from the clean image.")] = False,
     mask: Annotated[Path | None, typer.Option(help="PNG mask at the stored image size; nonzero pixels may change.")] = None,
     grid: Annotated[str, typer.Option(help="Storage grid of the output: 'data' (the images' own 8/16-bit), or 'none' (continuous; nothing is saved).")] = "data",
@@ -343,6 +299,7 @@ def attack(
     patient_pattern: Annotated[str | None, typer.Option(help="Regex whose first group is the patient in an npz's image ids (or 'chestxray14').")] = None,
     allow_outside_paths: Annotated[bool, typer.Option("--allow-outside-paths", help="Let labels.csv name images outside its folder.")] = False,
     fit: Annotated[str, typer.Option(help="Non-square images into the model's square input: letterbox or crop.")] = "letterbox",
+    allow_overlap: AllowOverlap = False,
     device: Device = "cpu",
     require_provenance: RequireProvenance = None,
     provenance_flag_only: ProvenanceFlagOnly = False,
@@ -352,116 +309,27 @@ def attack(
     quiet: Quiet = False,
 ) -> None:
     """Attack a model and write the adversarial images and results.json (schema medadv-results/1)."""
-    import numpy as np
-
-    from medadv.attacks import PAPER, ThreatModel
-    from medadv.evaluate.clean import model_split
-    from medadv.evaluate.runner import run_attack
-    from medadv.report.save import save_attack
-
     from medadv.dist import init_from_env
+    from medadv.jobs.attack import AttackJob, attack as run_attack_job
+    from medadv.jobs.common import DataOptions, Provenance
 
     device = check_device(device)
     _door(out, "folder")  # before any computing: an existing file, or a folder that cannot be written
     shard = init_from_env(device)  # rank 0 of 1 unless started by torchrun
     monitor = RichMonitor(quiet or not shard.is_main)  # one log, not one per process
-    from medadv.defenses.checkpoint import load_defended
-
-    # a defended checkpoint is attacked as the whole pipeline; adaptively (BPDA) unless asked otherwise
-    victim, meta = load_defended(model, device, adaptive=not non_adaptive)
-    if task is not None and task != meta["task"]:
-        raise MedadvError(f"--task {task} does not match the model, which was trained for {meta['task']}.",
-                          f"pass --task {meta['task']} or another model.")
-    crafter = load_defended(surrogate, device, adaptive=True)[0] if surrogate else None
-    options = dict(resplit_by_patient=resplit_by_patient, patient_pattern=patient_pattern,
-                   allow_outside_paths=allow_outside_paths, fit=fit, fit_to_model=True)
-    data = model_split(meta, split, data_root=data_root, source=source, image_size=image_size, **options)
-    _leakage_warning(data)
-    full = None
-    if limit is not None and limit < len(data):
-        from medadv.evaluate.battery import stratified_subset
-
-        full, data = data, stratified_subset(data, limit, seed)
-    gate = provenance_gate(require_provenance, provenance_flag_only, monitor, trust_root)
-    provenance = gate(data) if gate else None
-    if preset not in (None, "paper"):
-        raise MedadvError(f"unknown preset '{preset}'.", "use --preset paper or set --eps/--steps yourself.")
-    base = PAPER if preset == "paper" else ThreatModel(eps=8 / 255, steps=20, target="opposite")
-    changes = {k: v for k, v in dict(eps=parse_fraction(eps, "--eps"), steps=steps, norm=norm, target=target,
-                                     step_size=parse_fraction(step_size, "--step-size")).items() if v is not None}
-    if grid not in ("data", "none"):
-        raise MedadvError(f"--grid {grid!r} is not 'data' or 'none'.", "pass --grid data or --grid none.")
-    threat = base.with_(**changes, random_start=base.random_start and not no_random_start,
-                        levels=data.levels if grid == "data" else None, mask=read_mask(mask))
-    params: dict = {"max_queries": max_queries} if max_queries is not None else {}
-    if patch_fraction is not None:
-        if not 0 < patch_fraction < 1:
-            raise MedadvError(f"--patch-fraction {patch_fraction} is not between 0 and 1.", "pass e.g. --patch-fraction 0.1.")
-        params["patch_fraction"] = patch_fraction
-    if fast is not None:
-        if attack not in ("fgsm", "pgd", "pgd-l2") or fast not in ("fp32", "bf16"):
-            raise MedadvError(f"--fast {fast} with --attack {attack}: the fast path is fp32 or bf16, for fgsm and pgd.",
-                              "pass --fast fp32 or --fast bf16 with a gradient attack, or leave --fast out.")
-        params["fast"] = fast
-    if aa_version is not None:
-        if attack != "autoattack":
-            raise MedadvError(f"--version is AutoAttack's, not {attack}'s.", "pass --attack autoattack, or leave --version out.")
-        params["version"] = aa_version
-    if attack in ("patch", "uap") and steps is not None:
-        params["steps"] = steps  # optimization steps of the fitted perturbation
-    fit_data = model_split(meta, "train", data_root=data_root, source=source, image_size=image_size, **options) \
-        if attack in ("patch", "uap") else None
-    if fit_data is not None and gate:
-        gate(fit_data)
-    randomized = False
-    if meta.get("defense") and not non_adaptive:  # randomness detected -> expectation over transformation
-        from medadv.evaluate.adaptive import adaptive_victim
-
-        victim, randomized = adaptive_victim(victim, data.stored(np.arange(min(len(data), 16))).to(device))
-    resume = _shard_folder(out, model, surrogate, data, attack, threat, params, seed, batch_size) \
-        if shard.distributed else None
-    run = run_attack(attack, victim, data, threat, seed=seed, surrogate=crafter, fit_data=fit_data, params=params,
-                     batch_size=batch_size, monitor=monitor, shard=shard, resume_dir=resume)
-    if not shard.is_main:  # every rank holds the same record; rank 0 alone writes it
+    job = AttackJob(model=model, attack=attack, out=out, task=task, surrogate=surrogate, preset=preset,
+                    eps=parse_fraction(eps, "--eps"), steps=steps, step_size=parse_fraction(step_size, "--step-size"),
+                    norm=norm, target=target, random_start=not no_random_start, mask=mask, grid=grid,
+                    max_queries=max_queries, patch_fraction=patch_fraction, fast=fast, version=aa_version, split=split,
+                    limit=limit, save_images=save_images, source=source, image_size=image_size, batch_size=batch_size,
+                    non_adaptive=non_adaptive, data=DataOptions(resplit_by_patient, patient_pattern, allow_outside_paths, fit),
+                    allow_overlap=allow_overlap, provenance=Provenance(require_provenance, provenance_flag_only, trust_root),
+                    data_root=data_root, seed=seed, device=device)
+    result = run_attack_job(job, monitor=monitor, warn=_warn)
+    if not result.is_main:  # every rank holds the same record; rank 0 alone wrote it
         return
-    if full is not None:  # the split's clean figure, apart from the attacked subset's (clean and adversarial)
-        from medadv.evaluate.clean import evaluate_model
-
-        run.results["clean_full_split"] = evaluate_model(victim, full)
-    run.results["model"] = {"path": str(model), "arch": victim.spec.arch, "task": meta["task"],
-                            "threshold": victim.threshold, "input_size": victim.spec.input_size}
-    if meta.get("defense"):
-        from medadv.evaluate.adaptive import defense_record
-
-        run.results["defense"] = defense_record(victim, meta["defense"], data, seed, non_adaptive,
-                                                randomized=randomized)
-    if surrogate:
-        run.results["surrogate"] = {"path": str(surrogate), "arch": crafter.spec.arch}
-    if provenance is not None:
-        run.results["provenance"] = provenance
-    if shard.distributed:
-        run.results["distributed"] = {"world_size": shard.world_size, "sharded": "attack batches (batch b on rank b % N)"}
-    save_attack(out, data, run, victim, save_images=save_images and grid == "data", monitor=monitor)
-    if resume is not None:
-        import shutil
-
-        shutil.rmtree(resume.parent, ignore_errors=True)  # the job is written: its finished batches are not needed
-    attack_summary(run.results)
-    err.print(f"results written to {out / 'results.json'}", highlight=False)
-
-
-def _shard_folder(out: Path, model: Path, surrogate: Path | None, data, attack: str, threat, params: dict,
-                  seed: int, batch_size: int) -> Path:
-    """Where a sharded attack keeps its finished batches: beside ``out``, keyed by everything that decides
-    them, so a rerun of the same command resumes and any other command starts afresh."""
-    from medadv.cache import model_fingerprint
-    from medadv.evaluate.runner import threat_record
-    from medadv.runinfo import config_hash
-
-    key = config_hash({"model": model_fingerprint(model), "surrogate": surrogate and model_fingerprint(surrogate),
-                       "data": data.checksum, "ids": list(data.ids), "attack": attack,
-                       "threat": threat_record(threat), "params": params, "seed": seed, "batch_size": batch_size})
-    return out.parent / f".{out.name}.shards" / key
+    attack_summary(result.results)
+    err.print(f"results written to {result.results_file}", highlight=False)
 
 
 def attack_summary(results: dict) -> None:
@@ -469,19 +337,30 @@ def attack_summary(results: dict) -> None:
 
     table = Table(title=f"{results['attack']['name']} ({results['attack']['access']}) on {results['n_images']} images")
     table.add_column("", no_wrap=True)
-    for col in ("images", "accuracy", "auc", "sensitivity", "specificity", "mean confidence"):
-        table.add_column(col, justify="right")
+    # the columns are the task kind's: the paper's clinical metrics for binary, kappa and macro AUC for graders
+    keys = ("accuracy", "auc", "sensitivity", "specificity", "mean_confidence") if "classes" not in results["clean"] \
+        else ("accuracy", "balanced_accuracy", "macro_auc", "quadratic_kappa", "mean_confidence")
+    table.add_column("images", justify="right")
+    for col in keys:
+        table.add_column(col.replace("_", " ").replace("quadratic kappa", "kappa (quadratic)"), justify="right")
     # clean and adversarial are on the same (attacked) images; "split clean" is the whole split's figure
     rows = [("clean", results["clean"]), ("adversarial", results["adversarial"])]
+    memory = results.get("in_memory")
+    if memory:  # lossy write-back: the result is the written files' figure; in memory is only a secondary one
+        rows = [rows[0], ("adversarial (written files)", results["adversarial"]),
+                ("in memory, not saved*", memory["adversarial"])]
     if results.get("clean_full_split"):
         rows.append(("split clean", results["clean_full_split"]))
     for label, m in rows:
-        table.add_row(label, str(m["n"]), *("n/a" if m[k] is None else f"{m[k]:.3f}" for k in
-                                            ("accuracy", "auc", "sensitivity", "specificity", "mean_confidence")))
+        table.add_row(label, str(m["n"]), *("n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in keys))
     out.print(table)
     f, p = results["flips"], results["perturbation"]
-    line = (f"flips: {f['healthy_to_disease']} healthy->disease, {f['disease_to_healthy']} disease->healthy "
-            f"of {results['n_images']}; L-inf max {p['linf_max']:.4f}, SSIM {p['ssim_mean']:.4f}")
+    graded = f"{f['up']} up, {f['down']} down a class, " if "up" in f else ""
+    line = (f"flips: {graded}{f['healthy_to_disease']} healthy->disease, {f['disease_to_healthy']} disease->healthy "
+            f"of {results['n_images']}; L-inf max {p['linf_max']:.4f} (attacked tensor), SSIM {p['ssim_mean']:.4f}")
+    if p.get("written"):
+        line += (f"; written files: L-inf max {p['written']['linf_max']:.4f} = "
+                 f"{p['written']['linf_max_stored']:.0f} stored units")
     succ = results.get("success")
     if succ:
         line += f"; success {succ['succeeded']} of {succ['correct_before']} correctly classified"
@@ -491,13 +370,17 @@ def attack_summary(results: dict) -> None:
     if results.get("queries"):
         line += f"; queries median {results['queries']['median']:.0f}"
     out.print(line, highlight=False)
+    if memory:
+        out.print(f"judged on {results['judged_on']}; *the in-memory images were resampled on write-back, so no "
+                  "file holds them.", highlight=False)
 
 
 # ------------------------------------------------------------------------------ reproduce / demo
 @app.command()
 def reproduce(
     out: Annotated[Path, typer.Option(help="Report folder: report.html, results.json, figures/.")] = Path("runs/reproduce"),
-    tasks: Annotated[str, typer.Option(help="Comma-separated tasks.")] = "fundus-dr,chest-xray,derm-melanoma",
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks (default: fundus-dr,chest-xray,derm-melanoma, the shipped plans).")] = None,
+    plan: Annotated[list[str] | None, typer.Option("--plan", help="A plan file (JSON: start from `medadv plan show reproduce/chest-xray`, edit) or a shipped plan name, instead of --tasks; repeat for several.")] = None,
     cache: Annotated[Path | None, typer.Option(help="Stage cache (default: .<out>.cache beside --out); reused by later runs.")] = None,
     data_root: DataRoot = None,
     seed: Seed = 0,
@@ -509,25 +392,13 @@ def reproduce(
     """Reproduce the paper on its three tasks: Tables 1-2 next to the paper's, the talks' attacks, curves, figures."""
     _door(out, "folder")
     from medadv.budget import parse_budget
-    from medadv.study import REPRODUCE_PLANS, run_study
+    from medadv.jobs.reproduce import ReproduceJob, reproduce as run_reproduce
 
     seconds = parse_budget(budget) if budget is not None else None
-
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
-    unknown = [t for t in names if t not in REPRODUCE_PLANS]
-    if unknown or not names:
-        raise MedadvError(f"no reproduction plan for {', '.join(unknown) or 'an empty task list'}.",
-                          f"choose from {', '.join(REPRODUCE_PLANS)}.")
-    defenses = tuple(parse_defense(d) for d in defense or ())
-    if defenses:
-        from medadv.defenses import build_preprocessor
-
-        for d in defenses:  # unknown names and bad settings fail here, before any training
-            build_preprocessor(d["name"], **{k: v for k, v in d.items() if k != "name"})
-    plans = [replace(REPRODUCE_PLANS[t], defense=defenses) for t in names]
-    device, monitor = _join(device, quiet)
-    study = run_study("reproduce", plans, out, data_root=data_root, cache_dir=cache,
-                      seed=seed, monitor=monitor, device=device, budget=seconds)
+    job = ReproduceJob(out=out, tasks=tasks, plans=tuple(plan or ()), cache=cache, budget=seconds,
+                       defenses=tuple(parse_defense(d) for d in defense or ()), data_root=data_root, seed=seed)
+    job.device, monitor = _join(device, quiet)
+    study = run_reproduce(job, monitor=monitor).record
     _main_prints(study_summary, study, out)
 
 
@@ -539,29 +410,31 @@ def demo(
     seed: Seed = 0,
     device: Device = "cpu",
     budget: Annotated[str, typer.Option(help="Time budget: measure this machine, then size image counts and epochs to fit (the default fits 10 minutes with headroom). 'none' runs the documented plan.")] = "9m",
+    plan: Annotated[str | None, typer.Option("--plan", help="A plan file (JSON: start from `medadv plan show reproduce/demo`, edit) or a shipped plan name (default: demo).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """The smallest honest end-to-end run: chest X-ray victim and surrogate, PGD white and black box, report."""
     _door(out, "folder")
     from medadv.budget import parse_budget
-    from medadv.study import DEMO_PLAN, run_study
+    from medadv.jobs.reproduce import DemoJob, demo as run_demo
 
     seconds = None if budget == "none" else parse_budget(budget)
-    study = run_study("demo", [DEMO_PLAN], out, data_root=data_root, cache_dir=cache, seed=seed,
-                      monitor=RichMonitor(quiet), device=check_device(device), budget=seconds)
-    study_summary(study, out)
+    job = DemoJob(out=out, plan=plan, cache=cache, budget=seconds, data_root=data_root, seed=seed,
+                  device=check_device(device))
+    study_summary(run_demo(job, monitor=RichMonitor(quiet)).record, out)
 
 
 @app.command()
 def defend(
     out: Annotated[Path, typer.Option(help="Report folder: report.html (section Defenses), results.json, figures/.")] = Path("runs/defend"),
-    task: Annotated[str, typer.Option(help="chest-xray or fundus-dr (28 px MedMNIST, ResNet-18 from scratch).")] = "chest-xray",
-    epochs: Annotated[int, typer.Option(min=1, max=200, help="Training epochs of every model (the undefended one and each training defense).")] = 6,
-    n_images: Annotated[int, typer.Option(min=8, help="Test images every defense is judged on (the same ones).")] = 128,
-    adv_eps: Annotated[str, typer.Option(help="Adversarial-training L-inf budget in [0, 1] pixel units.")] = "4/255",
+    task: Annotated[str | None, typer.Option(help="chest-xray or fundus-dr, the shipped plans (28 px MedMNIST, ResNet-18 from scratch; default chest-xray).")] = None,
+    plan: Annotated[str | None, typer.Option("--plan", help="A plan file (JSON: start from `medadv plan show defend/chest-xray`, edit) instead of --task; the flags below override it.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, max=200, help="Training epochs of every model (the undefended one and each training defense; plan default 6).")] = None,
+    n_images: Annotated[int | None, typer.Option(min=8, help="Test images every defense is judged on, the same ones (plan default 128).")] = None,
+    adv_eps: Annotated[str | None, typer.Option(help="Adversarial-training L-inf budget in [0, 1] pixel units (plan default 4/255).")] = None,
     defenses: Annotated[str | None, typer.Option(help="Preprocessing defenses, comma-separated (default: the generic ones and the modality's own).")] = None,
-    trained: Annotated[str, typer.Option(help="Training defenses, comma-separated: pgd, trades, fast, noise.")] = "pgd,trades,fast,noise",
-    detectors: Annotated[str, typer.Option(help="Detectors, comma-separated: feature-squeezing, mahalanobis ('' for none).")] = "feature-squeezing,mahalanobis",
+    trained: Annotated[str | None, typer.Option(help="Training defenses, comma-separated (default: every registered one: pgd, trades, fast, noise).")] = None,
+    detectors: Annotated[str | None, typer.Option(help="Detectors, comma-separated, '' for none (default: every registered one: feature-squeezing, mahalanobis).")] = None,
     cache: Annotated[Path | None, typer.Option(help="Stage cache (default: .<out>.cache beside --out); a killed run resumes from it.")] = None,
     data_root: DataRoot = None,
     seed: Seed = 0,
@@ -570,16 +443,14 @@ def defend(
 ) -> None:
     """The defenses study: adversarial training, preprocessing, detectors and smoothing, each judged by adaptive attacks."""
     _door(out, "folder")
-    from medadv.defense_study import PLANS, run_defend
+    from medadv.jobs.defend import DefendJob, defend as run_defend
 
-    if task not in PLANS:
-        raise MedadvError(f"no defenses plan for task '{task}'.", f"choose from {', '.join(PLANS)}.")
-    split = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())  # noqa: E731
-    plan = replace(PLANS[task](epochs), n_images=n_images, adv_eps=parse_fraction(adv_eps, "--adv-eps"),
-                   trained=split(trained), detectors=split(detectors),
-                   preprocessing=None if defenses is None else split(defenses))
-    device, monitor = _join(device, quiet)
-    study = run_defend([plan], out, data_root=data_root, cache_dir=cache, seed=seed, monitor=monitor, device=device)
+    split = lambda v: None if v is None else tuple(x.strip() for x in v.split(",") if x.strip())  # noqa: E731
+    job = DefendJob(out=out, task=task, plan=plan, epochs=epochs, n_images=n_images,
+                    adv_eps=parse_fraction(adv_eps, "--adv-eps"), preprocessing=split(defenses), trained=split(trained),
+                    detectors=split(detectors), cache=cache, data_root=data_root, seed=seed)
+    job.device, monitor = _join(device, quiet)
+    study = run_defend(job, monitor=monitor).record
     _main_prints(defend_summary, study, out)
 
 
@@ -616,7 +487,7 @@ def audit(
     mean: Annotated[str | None, typer.Option(help="Normalization mean per channel, comma-separated, in [0, 1] units.")] = None,
     std: Annotated[str | None, typer.Option(help="Normalization std per channel, comma-separated.")] = None,
     threshold: Annotated[float | None, typer.Option(help="Operating threshold on P(disease).")] = None,
-    rows: Annotated[str, typer.Option(help="Battery rows, comma-separated.")] = "pgd_white,pgd_black,fgsm,square,hsja,patch,uap",
+    rows: Annotated[str | None, typer.Option(help="Battery rows, comma-separated (default: every row a registered attack adds to the battery, e.g. pgd_white,pgd_black,fgsm,square,hsja,patch,uap).")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Attack at most this many test images per row.")] = None,
     curves: Annotated[bool, typer.Option("--curves/--no-curves", help="Robustness curves and the smallest breaking eps.")] = True,
     image_size: Annotated[int | None, typer.Option(help="Fit every image to this size on load (default: as stored if all share one square size, else the model's input size).")] = None,
@@ -634,8 +505,8 @@ def audit(
 ) -> None:
     """The reproduce battery and report for your own model and data (checkpoint, TorchScript or ONNX)."""
     _door(out, "folder")
-    from medadv.evaluate.battery import BatteryConfig
-    from medadv.study import run_audit
+    from medadv.jobs.audit import AuditJob, audit as run_audit_job
+    from medadv.jobs.common import DataOptions, Provenance
 
     def floats(value: str | None, flag: str):
         if value is None:
@@ -645,29 +516,15 @@ def audit(
         except ValueError:
             raise MedadvError(f"{flag} {value!r} is not a comma-separated list of numbers.", f"pass e.g. {flag} 0.5,0.5,0.5.") from None
 
-    overrides = {"input_size": input_size, "data_channels": channels, "net_channels": net_channels or channels,
-                 "mean": floats(mean, "--mean"), "std": floats(std, "--std"), "threshold": threshold, "task": task}
-    battery = BatteryConfig(rows=tuple(r.strip() for r in rows.split(",") if r.strip()))
-    from medadv.attacks import attack_names
-    from medadv.evaluate.battery import PAPER_ROWS
-
-    known = (*PAPER_ROWS, *(n for n in attack_names() if n not in PAPER_ROWS))
-    unknown = set(battery.rows) - set(known)
-    if unknown:
-        raise MedadvError(f"unknown battery rows: {', '.join(sorted(unknown))}.", f"choose from {', '.join(known)}.")
-    if not curves:
-        battery.curve_eps, battery.break_search = (), ()
-    if limit is not None:
-        battery.n_images = limit
-        battery.n_query_images = min(battery.n_query_images, limit)
-        battery.curve_images = min(battery.curve_images, limit)
-    device, monitor = _join(device, quiet)
-    study = run_audit(model, out, task=task, source=data, data_root=data_root, surrogate_path=surrogate,
-                      train_surrogate=train_surrogate, overrides=overrides, battery=battery, image_size=image_size,
-                      seed=seed, gate=provenance_gate(require_provenance, provenance_flag_only, monitor, trust_root),
-                      monitor=monitor, device=device,
-                      data_options=dict(resplit_by_patient=resplit_by_patient, patient_pattern=patient_pattern,
-                                        allow_outside_paths=allow_outside_paths, fit=fit))
+    job = AuditJob(model=model, out=out, source=data, task=task, surrogate=surrogate, train_surrogate=train_surrogate,
+                   input_size=input_size, channels=channels, net_channels=net_channels, mean=floats(mean, "--mean"),
+                   std=floats(std, "--std"), threshold=threshold, limit=limit, curves=curves, image_size=image_size,
+                   rows=None if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip()),
+                   data=DataOptions(resplit_by_patient, patient_pattern, allow_outside_paths, fit),
+                   provenance=Provenance(require_provenance, provenance_flag_only, trust_root),
+                   data_root=data_root, seed=seed)
+    job.device, monitor = _join(device, quiet)
+    study = run_audit_job(job, monitor=monitor).record
     _main_prints(study_summary, study, out)
 
 
@@ -703,15 +560,14 @@ def certify(
     quiet: Quiet = False,
 ) -> None:
     """Randomized smoothing (Cohen et al. 2019): each image's certified class, or abstention, and L2 radius."""
-    from medadv.defenses.certify import certify_model
-    from medadv.dist import current
+    from medadv.jobs.certify import CertifyJob, certify as run_certify
 
     device, monitor = _join(device, quiet)  # under torchrun: images dealt by rank, rank 0 writes
-    record = certify_model(model, out, sigma=sigma, n=n, n0=n0, alpha=alpha, split=split, limit=limit, seed=seed,
-                           batch_size=batch_size, data_root=data_root, device=device, monitor=monitor)
-    if current().is_main:
-        certify_summary(record)
-        err.print(f"results written to {Path(out) / 'results.json'}", highlight=False)
+    result = run_certify(CertifyJob(model=model, out=out, sigma=sigma, n=n, n0=n0, alpha=alpha, split=split, limit=limit,
+                                    batch_size=batch_size, data_root=data_root, seed=seed, device=device), monitor=monitor)
+    if result.is_main:
+        certify_summary(result.record)
+        err.print(f"results written to {result.results}", highlight=False)
 
 
 def parse_defense(spec: str) -> dict:
@@ -740,63 +596,26 @@ def wrap(
 ) -> None:
     """Save a checkpoint behind preprocessing defenses: evaluate, attack, audit and certify then judge the whole pipeline."""
     _door(out, "folder")
-    from medadv.defenses import defend  # the package registers every defense
-    from medadv.defenses.checkpoint import save_defended
-    from medadv.models import load_checkpoint
+    from medadv.jobs.wrap import WrapJob, wrap as run_wrap
 
-    net, meta = load_checkpoint(model)
-    recorded = meta.get("defense") or {}
-    if recorded.get("kind") == "preprocessing":
-        raise MedadvError(f"{model} is already behind preprocessing defenses.",
-                          "wrap the undefended checkpoint, listing every defense in one command.")
-    defended = defend(net, [parse_defense(d) for d in defense])
-    # a robustly trained network keeps its training record beside the preprocessing one
-    save_defended(defended, out, {**meta, **({"training_defense": recorded} if recorded else {})})
-    names = ", ".join(d.name for d in defended.defenses)
-    err.print(f"defended checkpoint ({names}) written to {out}", highlight=False)
+    result = run_wrap(WrapJob(model=model, out=out, defenses=[parse_defense(d) for d in defense]))
+    err.print(f"defended checkpoint ({', '.join(result.defenses)}) written to {out}", highlight=False)
 
 
 @app.command()
 def export(
     model: Annotated[Path, typer.Option(help="medadv checkpoint folder.")],
-    out: Annotated[Path, typer.Option(help="Output file (.pt for TorchScript, .onnx for ONNX).")],
-    format: Annotated[str | None, typer.Option("--format", help="torchscript or onnx (default: from the file suffix).")] = None,
+    out: Annotated[Path, typer.Option(help="Output file (.pt2 for a torch.export program, .onnx for ONNX).")],
+    format: Annotated[str | None, typer.Option("--format", help="pt2 or onnx (default: from the file suffix).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
 ) -> None:
-    """Export a checkpoint's network to TorchScript or ONNX, with medadv's metadata embedded."""
-    if out is not None:
-        _door(out, "file")
-    from medadv.models import load_checkpoint
-    from medadv.models.external import export_model
+    """Export a checkpoint's network to a torch.export program (.pt2) or ONNX, with medadv's metadata embedded.
 
-    fmt = format or {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript"}.get(out.suffix)
-    if fmt is None:
-        raise MedadvError(f"cannot tell the format of {out}.", "use a .pt or .onnx suffix, or pass --format.")
-    net, meta = load_checkpoint(model)
-    if (meta.get("defense") or {}).get("kind") == "preprocessing":  # the export would silently drop it
-        raise MedadvError(f"{model} is a network behind preprocessing defenses, which an export cannot carry.",
-                          "export the undefended checkpoint and apply the defenses in your pipeline.")
-    export_model(net, fmt, out)
-    err.print(f"{fmt} model written to {out}", highlight=False)
+    TorchScript (deprecated in torch 2.13) is no longer written; old TorchScript files can still be audited."""
+    from medadv.jobs.export import ExportJob, export as run_export
 
-
-def provenance_gate(ledger: str | None, flag_only: bool, monitor: Monitor, trust_root: str | None = None):
-    """A callable that verifies an ImageSet against the ledger before any model sees it (or None).
-
-    The trust root is loaded here, before any computing, so a missing one fails fast."""
-    if ledger is None:
-        return None
-    from medadv.provenance.gate import check_imageset
-    from medadv.provenance.trust import load_trust_root
-
-    root = load_trust_root(trust_root)
-
-    def gate(images):
-        report = check_imageset(images, ledger, only_flag=flag_only, monitor=monitor, trust_root=root)
-        if not report.ok:
-            monitor.log(report.summary())
-        return report.to_dict()
-
-    return gate
+    result = run_export(ExportJob(model=model, out=out, format=format, force=force))
+    err.print(f"{result.format} model written to {out}", highlight=False)
 
 
 def study_summary(study: dict, folder: Path) -> None:
@@ -807,8 +626,10 @@ def study_summary(study: dict, folder: Path) -> None:
     for col in ("task", "", "clean", "white box", "black box", "eps to <= 1%"):
         table.add_column(col)
     # every cell states its image count: clean beside the attacked rows is measured on the same images
+    from medadv.report.html import metric_value  # binary AUC, or a multi-class model's macro AUC
+
     fmt = lambda m: "n/a" if not m else (f"{100 * m['accuracy']:.1f}% / "  # noqa: E731
-                                         f"{'n/a' if m['auc'] is None else format(m['auc'], '.3f')} / "
+                                         f"{'n/a' if metric_value(m, 'auc') is None else format(metric_value(m, 'auc'), '.3f')} / "
                                          f"{100 * m['mean_confidence']:.1f}%" + (f" (n={m['n']})" if m.get("n") else ""))
     for t in study["tasks"]:
         b = t["breaking_eps"]["eps"]
@@ -832,10 +653,27 @@ def out_table(title: str, metrics: dict) -> None:
     from rich.table import Table
 
     table = Table(title=title, show_header=False, min_width=len(title) + 4)
-    for key in ("accuracy", "auc", "sensitivity", "specificity", "mean_confidence", "threshold"):
-        value = metrics.get(key)
-        table.add_row(key.replace("_", " "), "n/a" if value is None else f"{value:.4f}")
+    for key, value in metric_rows(metrics):
+        table.add_row(key, "n/a" if value is None else f"{value:.4f}")
     out.print(table)
+
+
+def metric_rows(metrics: dict) -> list[tuple[str, float | None]]:
+    """(label, value) rows of a metrics record, binary or multi-class (the keys say which)."""
+    if "classes" not in metrics:  # binary: the paper's Table 1
+        return [(k.replace("_", " "), metrics.get(k))
+                for k in ("accuracy", "auc", "sensitivity", "specificity", "mean_confidence", "threshold")]
+    rows = [("accuracy", metrics.get("accuracy")), ("balanced accuracy", metrics.get("balanced_accuracy")),
+            ("macro AUC (one-vs-rest)", metrics.get("macro_auc"))]
+    if "quadratic_kappa" in metrics:
+        rows += [("quadratic-weighted kappa", metrics["quadratic_kappa"]),
+                 ("mean abs grade error", metrics.get("mean_abs_grade_error"))]
+    pos = metrics.get("positive")
+    if pos:
+        rows += [(f"sensitivity, {pos['rule']}", pos.get("sensitivity")), (f"specificity, {pos['rule']}", pos.get("specificity"))]
+    rows += [(f"recall {name} (n={metrics['counts'].get(name, 0)})", r) for name, r in metrics.get("recall", {}).items()]
+    rows.append(("mean confidence", metrics.get("mean_confidence")))
+    return rows
 
 
 # ==================================================================================================
@@ -875,12 +713,14 @@ def _echo_json(obj: object) -> None:
     typer.echo(to_json(obj), nl=False)
 
 
-def _write_json_new(path: Path, obj: object) -> None:
-    """Write JSON to ``path`` atomically; refuses a folder."""
+def _write_json_new(path: Path, obj: object, *, force: bool = True) -> None:
+    """Write JSON to ``path`` atomically; refuses a folder, and an existing file unless ``force``."""
     from medadv.io import atomic_path, to_json
 
     if path.is_dir():
         raise MedadvError(f"{path} is a folder.", "pass a file name.")
+    if path.exists() and not force:
+        raise MedadvError(f"{path} already exists.", "pass another --out, or --force to replace it.")
     with atomic_path(path) as tmp:
         tmp.write_text(to_json(obj))
 
@@ -937,15 +777,17 @@ def provenance_enroll(
     ledger: LedgerOpt = _DEFAULT_LEDGER,
     log_key: LogKeyOpt = None,
     keys: KeysOpt = None,
+    trust_root: TrustRootOpt = None,
 ) -> None:
     """Sign a device's enrollment with the root key and append it to the ledger (writes <device>.enrollment.json)."""
     from medadv.provenance.ledger import open_ledger
-    from medadv.provenance.org import enroll
+    from medadv.provenance.org import configured_root, enroll, require_root
     from medadv.provenance.trust import load_log_key, load_root_key, read_request
 
     device, pub = read_request(request)
     root, log = load_root_key(root_key), load_log_key(log_key, keys)
     with open_ledger(ledger) as book:
+        require_root(book, root, configured_root(trust_root))  # at the door: another key's entry would be ignored
         res = enroll(book, root, device, pub, log)
     record = {"type": "medadv-enrollment/1", "ledger": book.display, "device": device, "key_id": pub.key_id,
               "seq": res.last_seq, "record_hash": res.head_hash, "root_key_id": root.key_id, "head": res.head}
@@ -965,11 +807,12 @@ def provenance_revoke(
     ledger: LedgerOpt = _DEFAULT_LEDGER,
     log_key: LogKeyOpt = None,
     keys: KeysOpt = None,
+    trust_root: TrustRootOpt = None,
 ) -> None:
     """Revoke a device key from a ledger position on (a root-signed entry)."""
     from medadv.provenance.keys import check_device_name
     from medadv.provenance.ledger import open_ledger
-    from medadv.provenance.org import revoke
+    from medadv.provenance.org import configured_root, require_root, revoke
     from medadv.provenance.trust import load_log_key, load_root_key
 
     check_device_name(device)
@@ -977,6 +820,7 @@ def provenance_revoke(
         raise MedadvError(f"--key-id {key_id!r} is not a key id.", "pass the 32 hex characters keygen printed.")
     root, log = load_root_key(root_key), load_log_key(log_key, keys)
     with open_ledger(ledger) as book:
+        require_root(book, root, configured_root(trust_root))  # at the door: another key's entry would be ignored
         res = revoke(book, root, device, key_id, log, effective_seq=from_seq, reason=reason)
         out.print(f"key {key_id} of {device} revoked by {root.device} (entry #{res.last_seq}, effective from record "
                   f"#{from_seq or res.last_seq}) in {book.display}", highlight=False, soft_wrap=True)
@@ -989,16 +833,18 @@ def provenance_rotate(
     ledger: LedgerOpt = _DEFAULT_LEDGER,
     log_key: LogKeyOpt = None,
     keys: KeysOpt = None,
+    trust_root: TrustRootOpt = None,
 ) -> None:
     """Enrol a device's new key and revoke its old ones from the same position (one transaction)."""
     from medadv.provenance.keys import PublicKey
     from medadv.provenance.ledger import open_ledger
-    from medadv.provenance.org import rotate
+    from medadv.provenance.org import configured_root, require_root, rotate
     from medadv.provenance.trust import TrustRoot, load_log_key, load_root_key, read_request
 
     device, pub = read_request(request)
     root, log = load_root_key(root_key), load_log_key(log_key, keys)
     with open_ledger(ledger) as book:
+        require_root(book, root, configured_root(trust_root))  # at the door: another key's entry would be ignored
         state = book.trust_state(TrustRoot(PublicKey(root.device, root.private_key.public_key()), str(root_key)))
         old = [k for k, e in state.enrolled.items() if e.device == device and k != pub.key_id]
         res = rotate(book, root, device, pub, log, old)
@@ -1032,6 +878,7 @@ def provenance_register(
     log = load_log_key(log_key, keys)
     by_name = read_labels_csv(labels) if labels is not None else None
     with open_ledger(ledger) as book:
+        book.require_not_revoked(signer)  # its records would all be `revoked`: refuse now, not at verification
         res = register_paths(files, book, signer, log, labels=by_name, label=label, batch_size=batch_size,
                              skip_unreadable=skip_unreadable, monitor=RichMonitor(quiet or as_json))
         head_seq, head_hash = book.head()
@@ -1042,6 +889,8 @@ def provenance_register(
                    "unreadable": [{"file": f, "why": w} for f, w in res.unreadable]}
     for f, w in res.unreadable:
         err.print(f"medadv: not registered: {w}", highlight=False, soft_wrap=True)
+    for w in res.warnings:
+        err.print(f"medadv: warning: {w}", highlight=False, soft_wrap=True)
     if as_json:
         _echo_json(summary)
         if res.unreadable:
@@ -1064,6 +913,8 @@ def provenance_verify(
     files: Annotated[list[Path], typer.Argument(help="PNG, JPEG, DICOM or .npz files, or folders of them.")],
     ledger: LedgerOpt = _DEFAULT_LEDGER,
     trust_root: TrustRootOpt = None,
+    head: Annotated[Path | None, typer.Option(
+        "--head", help="A signed head kept earlier (`provenance head --out`): nothing verifies unless the log extends it.")] = None,
     as_json: JsonOpt = False,
     quiet: Quiet = False,
 ) -> None:
@@ -1073,14 +924,16 @@ def provenance_verify(
     from collections import Counter
 
     from medadv.provenance.ledger import open_ledger
-    from medadv.provenance.trust import load_trust_root
+    from medadv.provenance.trust import load_trust_root, read_head_file
     from medadv.provenance.verify import prepare, trust_bundle, verify_paths
 
     root = load_trust_root(trust_root)
+    kept = read_head_file(head) if head is not None else None
     with open_ledger(ledger, readonly=True) as book:
-        verdicts = verify_paths(files, book, root, monitor=RichMonitor(quiet or as_json))
+        ctx = prepare(book, root, kept_head=kept)  # the log must be the one its signed head commits to
+        verdicts = verify_paths(files, book, root, monitor=RichMonitor(quiet or as_json), ctx=ctx)
         display = book.display
-        bundle = trust_bundle(prepare(book, root), verdicts) if as_json else None
+        bundle = trust_bundle(ctx, verdicts) if as_json else None
     counts = Counter(v.status.value for v in verdicts)
     failed = sum(not v.ok for v in verdicts)
     if as_json:
@@ -1113,22 +966,26 @@ def provenance_check_proof(
     trust_root: TrustRootOpt = None,
 ) -> None:
     """Re-check every verified image's proof offline, from the trust root alone (no ledger); exit 1 if any fails."""
-    import json
-
+    from medadv import strictjson
     from medadv.provenance.trust import load_trust_root
     from medadv.provenance.verify import check_bundle
 
     root = load_trust_root(trust_root)
+    fix = "save the output of `medadv provenance verify --json` and pass it here."
     try:
-        doc = json.loads(results.read_text()[:1 << 28])
+        data = results.read_bytes()[:(1 << 28) + 1]
+    except OSError as exc:
+        raise MedadvError(f"cannot read {results} ({exc.strerror}).", fix) from exc
+    doc = strictjson.loads(data, max_bytes=1 << 28, max_depth=32, what=str(results), fix=fix)
+    try:
         items = [r for r in doc["results"] if r.get("status") == "verified"]
         bundle = doc["trust"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (KeyError, TypeError, AttributeError) as exc:
         raise MedadvError(f"{results} is not the JSON of `medadv provenance verify --json` ({str(exc)[:80]}).",
-                          "save that command's output and pass it here.") from exc
+                          fix) from exc
     bad = 0
-    for r in items:
-        why = check_bundle(r.get("proof") or {}, bundle if isinstance(bundle, dict) else {}, root)
+    for r in items:  # each proof must be of the image its row names (digest, name, record), not just valid
+        why = check_bundle(r.get("proof") or {}, bundle if isinstance(bundle, dict) else {}, root, image=r)
         bad += why is not None
         out.print(f"{r.get('id')}: {'proof ok' if why is None else 'FAILED: ' + why}", highlight=False, soft_wrap=True)
     out.print(f"{len(items) - bad} of {len(items)} proofs check against trust root {root.key_id}",
@@ -1142,12 +999,16 @@ def provenance_head(
     ledger: LedgerOpt = _DEFAULT_LEDGER,
     trust_root: TrustRootOpt = None,
     out_file: Annotated[Path | None, typer.Option("--out", help="Write the signed tree head to this JSON file (keep it: check-ledger --head proves later logs extend it).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file (it may be the head you kept).")] = False,
 ) -> None:
     """Print (or save) the ledger's newest tree head signed by a log key the root enrolled."""
     from medadv.provenance.ledger import open_ledger
     from medadv.provenance.trust import load_trust_root
 
     root = load_trust_root(trust_root)
+    if out_file is not None and out_file.exists() and not out_file.is_dir() and not force:
+        raise MedadvError(f"{out_file} already exists (it may be the head you kept, which check-ledger --head needs).",
+                          "pass another --out, or --force to replace it.")
     with open_ledger(ledger, readonly=True) as book:
         state = book.trust_state(root)
         head, why = book.latest_head(state.log_keys)
@@ -1156,7 +1017,7 @@ def provenance_head(
         raise MedadvError(f"ledger {display} has no tree head signed by a log key the trust root enrolled"
                           + (f" ({why})." if why else "."), "run `medadv provenance check-ledger` to see why.")
     if out_file is not None:
-        _write_json_new(out_file, head)
+        _write_json_new(out_file, head, force=force)
         err.print(f"signed head of {head['size']} records written to {out_file}", highlight=False, soft_wrap=True)
     else:
         _echo_json(head)
@@ -1260,19 +1121,14 @@ def serve(
     """Serve the analysis API (/v1, docs at /docs) and the web page (/) until interrupted."""
     if ctx.invoked_subcommand is not None:
         return
-    from medadv.serve.analysis import Limits, ScreenConfig
-    from medadv.serve.app import ServiceConfig, create_app, run
+    from medadv.serve.app import create_app, run
+    from medadv.serve.config import service_config
 
     if model is None:
         raise MedadvError("medadv serve needs a model.", "pass --model DIR (a checkpoint folder from `medadv train`).")
-    if not 0 < max_upload_mb <= 1024 or max_pixels < 1:
-        raise MedadvError("--max-upload-mb must be in (0, 1024] and --max-pixels positive.",
-                          "pass e.g. --max-upload-mb 20 --max-pixels 16777216.")
-    config = ServiceConfig(model=model, ledger=ledger, policy=policy, trust_root=str(trust_root) if trust_root else None,
-                           service_key=str(service_key) if service_key else None, max_batch=max_batch,
-                           max_wait_ms=max_wait_ms, rate=rate, burst=burst,
-                           limits=Limits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels),
-                           screen=ScreenConfig(threshold=screen_threshold))
+    config = service_config(model, ledger, policy=policy, trust_root=trust_root, service_key=service_key,
+                            max_upload_mb=max_upload_mb, max_pixels=max_pixels, screen_threshold=screen_threshold,
+                            max_batch=max_batch, max_wait_ms=max_wait_ms, rate=rate, burst=burst)
     if workers != 1:
         from medadv.serve.app import check_workers, run_workers
 
@@ -1313,29 +1169,22 @@ def serve_batch(
     quiet: Quiet = False,
 ) -> None:
     """The service's offline batch mode: each file analysed as POST /v1/analyses would, receipted in the log (shards under torchrun)."""
-    from medadv.dist import current
-    from medadv.serve.analysis import Limits, ScreenConfig
-    from medadv.serve.app import ServiceConfig
-    from medadv.serve.offline import analyze_files, collect_images
+    from medadv.jobs.serve_batch import ServeBatchJob
+    from medadv.serve.offline import run_batch
 
-    if not 0 < max_upload_mb <= 1024 or max_pixels < 1:
-        raise MedadvError("--max-upload-mb must be in (0, 1024] and --max-pixels positive.",
-                          "pass e.g. --max-upload-mb 20 --max-pixels 16777216.")
-    config = ServiceConfig(model=model, ledger=ledger, policy=policy, trust_root=str(trust_root) if trust_root else None,
-                           service_key=str(service_key) if service_key else None,
-                           limits=Limits(max_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels),
-                           screen=ScreenConfig(threshold=screen_threshold))
+    job = ServeBatchJob(images=images, model=model, out=out_dir, ledger=ledger, policy=policy, trust_root=trust_root,
+                        service_key=service_key, submitter=submitter, max_upload_mb=max_upload_mb,
+                        max_pixels=max_pixels, screen_threshold=screen_threshold, resume=resume)
     _, monitor = _join("cpu", quiet)
-    record = analyze_files(config, collect_images(images), out_dir, submitter=submitter, monitor=monitor, resume=resume)
-    if not current().is_main:
+    result = run_batch(job, monitor=monitor)
+    if not result.is_main:
         return
     if as_json:
-        _echo_json(record)
+        _echo_json(result.record)
         return
-    for row in record["files"]:
-        if row["status"] == "error":
-            err.print(f"medadv: {row['file']}: {row['error']}", highlight=False, soft_wrap=True)
-    sm = record["summary"]
+    for row in result.errors:
+        err.print(f"medadv: {row['file']}: {row['error']}", highlight=False, soft_wrap=True)
+    sm = result.record["summary"]
     out.print(f"{sm['files']} files: {sm['analysed']} analysed ({sm['new_receipts']} new receipts, {sm['resumed']} "
               f"reused), {sm['errors']} errors, {sm['withheld']} withheld; provenance {sm['provenance']}; "
               f"{sm['flagged']} flagged by screening, {sm['positive']} positive; written to {out_dir}",
@@ -1346,19 +1195,67 @@ def serve_batch(
 def serve_token_create(
     role: Annotated[str, typer.Option("--role", help="submitter (uploads), reader (audits) or admin (issues tokens).")],
     ledger: LedgerOpt = _DEFAULT_LEDGER,
-    label: Annotated[str, typer.Option("--label", help="Who the token is for (stored with it).")] = "",
+    label: Annotated[str, typer.Option("--label", "--name", help="Who the token is for (stored with it).")] = "",
+    expires_in: Annotated[str | None, typer.Option(
+        "--expires-in", help="Refuse the token after this long: e.g. 30d, 12h, 45m, 2w (default: never).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Issue a bearer token; only its SHA-256 is stored, so it is printed once."""
+    from medadv.serve.store import open_store, parse_duration
+
+    span = parse_duration(expires_in) if expires_in is not None else None  # before the database is touched
+    with open_store(ledger) as store:
+        issued = store.create_token(role, label, span)
+    if as_json:
+        _echo_json({"token": issued.token, "token_id": issued.token_id, "role": issued.role,
+                    "expires_at": issued.expires_at})
+    else:
+        until = f", expires {issued.expires_at}" if issued.expires_at else ""
+        out.print(f"{role} token {issued.token_id}{until} (shown once; only its hash is stored):\n{issued.token}",
+                  highlight=False, soft_wrap=True)
+
+
+@serve_token_app.command("list")
+def serve_token_list(ledger: LedgerOpt = _DEFAULT_LEDGER, as_json: JsonOpt = False) -> None:
+    """List the service's tokens (id, role, label, created, expires, revoked); never the tokens or their hashes."""
     from medadv.serve.store import open_store
 
     with open_store(ledger) as store:
-        issued = store.create_token(role, label)
+        rows = store.token_rows()
     if as_json:
-        _echo_json({"token": issued.token, "token_id": issued.token_id, "role": issued.role})
-    else:
-        out.print(f"{role} token {issued.token_id} (shown once; only its hash is stored):\n{issued.token}",
+        _echo_json({"tokens": rows})
+        return
+    if not rows:
+        out.print("no tokens (issue one with `medadv serve token create --role R`)", highlight=False)
+        return
+    # plain lines, never cut to the terminal's width (the times are what an operator checks); the label,
+    # whatever its issuer typed, last and not read as markup
+    out.print(f"{'id':<12}  {'role':<9}  {'created':<27}  {'expires':<27}  {'revoked':<27}  label", highlight=False,
+              markup=False, soft_wrap=True)
+    for r in rows:
+        out.print(f"{r['token_id']:<12}  {r['role']:<9}  {r['created_at']:<27}  {r['expires_at'] or 'never':<27}  "
+                  f"{r['revoked_at'] or '-':<27}  {r['label']}", highlight=False, markup=False, soft_wrap=True)
+
+
+@serve_token_app.command("revoke")
+def serve_token_revoke(
+    token_id: Annotated[str, typer.Argument(help="The token's id (the id column of `medadv serve token list`).")],
+    ledger: LedgerOpt = _DEFAULT_LEDGER,
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke a token: every request with it is refused (401) from now on."""
+    from medadv.serve.store import open_store
+
+    with open_store(ledger) as store:
+        row, already = store.revoke_token(token_id)
+    if as_json:
+        _echo_json({"token": row, "already_revoked": already})
+    elif already:
+        out.print(f"token {row['token_id']} was already revoked at {row['revoked_at']}; nothing changed",
                   highlight=False, soft_wrap=True)
+    else:
+        out.print(f"token {row['token_id']} ({row['role']}) revoked at {row['revoked_at']}", highlight=False,
+                  soft_wrap=True)
 
 
 @provenance_app.command("verify-receipt")
@@ -1368,9 +1265,18 @@ def provenance_verify_receipt(
     as_json: JsonOpt = False,
 ) -> None:
     """Check an analysis receipt offline; exit 1 if it was edited or not signed by this key."""
+    from medadv import strictjson
     from medadv.serve.receipts import verify_receipt_file
 
-    ok, why, _ = verify_receipt_file(receipt, public_key)
+    try:  # strict and bounded before anything else parses it: NaN or 100,000-deep nesting is not a receipt
+        strictjson.loads(receipt.read_bytes()[:(1 << 24) + 1], max_bytes=1 << 24, max_depth=32, what=str(receipt))
+        ok, why, _ = verify_receipt_file(receipt, public_key)
+    except OSError as exc:
+        raise MedadvError(f"cannot read receipt {receipt} ({exc.strerror}).", "check the path.") from exc
+    except MedadvError as exc:
+        if not exc.what.startswith(f"{receipt} is not valid JSON"):
+            raise
+        ok, why = False, exc.what.rstrip(".")
     if as_json:
         _echo_json({"receipt": str(receipt), "verified": ok, "detail": why})
     elif ok:
@@ -1382,6 +1288,67 @@ def provenance_verify_receipt(
 # ==================================================================================================
 # end of serve
 # ==================================================================================================
+
+
+# ------------------------------------------------------------------------------ plan: the plans as data
+plan_app = typer.Typer(help="The reproduce and defend plans as JSON files: list them, print one to copy and edit "
+                            "(then pass it with --plan).", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(plan_app, name="plan")
+
+
+@plan_app.command("list")
+def plan_list(as_json: JsonOpt = False) -> None:
+    """The shipped plans (kind/name) and what each runs."""
+    import json
+
+    from medadv import plans
+
+    rows = []
+    for ref in plans.shipped():
+        kind, name = ref.split("/", 1)
+        body = json.loads((plans.HERE / kind / f"{name}.json").read_text())
+        rows.append({"plan": ref, "command": f"medadv {'demo' if ref == 'reproduce/demo' else kind}",
+                     "description": body.get("description", "").split(". ")[0]})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title="Shipped plans (medadv plan show NAME prints one; --plan FILE runs an edited copy)")
+    for col in ("plan", "command", "description"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["plan"], r["command"], r["description"])
+    out.print(table)
+
+
+@plan_app.command("show")
+def plan_show(
+    name: Annotated[str, typer.Argument(help="A shipped plan (reproduce/chest-xray, defend/fundus-dr; see `medadv plan list`) or a plan file.")],
+    resolved: Annotated[bool, typer.Option("--resolved", help="Check the plan and print every field, defaults filled in (a plan file too).")] = False,
+) -> None:
+    """Print a plan as JSON on stdout: save it, edit it, run it with --plan FILE."""
+    import json
+
+    from medadv import plans
+
+    kind = plans.kind_of(name)
+    if not resolved:
+        typer.echo(plans.locate(name, kind).read_text(), nl=False)
+        return
+    if kind == "reproduce":
+        from medadv.study import check_task_plan, reproduce_plan
+
+        plan = reproduce_plan(name)
+        check_task_plan(plan)
+    else:
+        from medadv.defense_study import check_plan, defend_plan
+
+        plan = defend_plan(name)
+        check_plan(plan)
+    data, _ = plans.read(name, kind)
+    doc = plans.document(plan, kind, data.get("name") or Path(name).stem, data.get("description", ""))
+    typer.echo(json.dumps(doc, indent=2, ensure_ascii=False))
 
 
 def _click_exceptions():

@@ -24,6 +24,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,11 @@ import numpy as np
 import torch
 
 from medadv.cache import StageCache, model_fingerprint
+from medadv.dist import current as current_shard
 from medadv.data import get_task, resolve_data_root
 from medadv.defenses import defend
+from medadv.defenses.detect import build_detector, detector_names
+from medadv.defenses.training import TRAINING_DEFENSES, training_defense
 from medadv.errors import MedadvError
 from medadv.evaluate.adaptive import AdaptiveConfig, evaluate_robustness
 from medadv.evaluate.battery import stratified_subset
@@ -49,17 +53,20 @@ SCHEMA = "medadv-study/1"
 # opportunity); registered defenses by name, used when present in the registry
 MODALITY_DEFENSES = {"xray": ("histeq",), "fundus": ("fundus-fov",), "dermoscopy": ("derm-color-constancy",)}
 GENERIC_DEFENSES = ("bit-depth", "jpeg", "median", "gaussian")
-TRAINED = ("pgd", "trades", "fast", "noise")
+# training defenses and detectors come from their registries (medadv.defenses.training, .detect): a plan
+# runs every registered one unless it names its own
+TRAINED = tuple(TRAINING_DEFENSES)  # the built-in ones, in registration order (pgd, trades, fast, noise)
 
 
 @dataclass
 class DefendPlan:
-    """What ``medadv defend`` runs for one task. Eps and sigma in [0, 1] units of the stored pixels."""
+    """What ``medadv defend`` runs for one task. Eps and sigma in [0, 1] units of the stored pixels. The
+    shipped plans are JSON files (medadv/plans/defend/), read by :func:`defend_plan`."""
 
     base: TrainConfig
-    trained: tuple[str, ...] = TRAINED
+    trained: tuple[str, ...] = field(default_factory=lambda: tuple(TRAINING_DEFENSES))  # every registered one
     preprocessing: tuple[str, ...] | None = None  # None: GENERIC_DEFENSES + the modality's own
-    detectors: tuple[str, ...] = ("feature-squeezing", "mahalanobis")
+    detectors: tuple[str, ...] = field(default_factory=detector_names)  # every registered detector
     adv_eps: float = 4 / 255
     adv_steps: int = 5
     trades_beta: float = 6.0
@@ -82,15 +89,23 @@ class DefendPlan:
         return d
 
 
+def defend_plan(ref: str | Path, epochs: int | None = None) -> DefendPlan:
+    """A defend plan: a shipped one by task name (``chest-xray``, ``fundus-dr``; ``medadv plan list``) or
+    a JSON plan file a user wrote, checked strictly (:mod:`medadv.plans`); ``epochs`` (optional) replaces
+    the training epochs of every model. The registry names it holds are checked by :func:`check_plan`."""
+    from medadv import plans
+
+    plan = plans.load(ref, "defend", DefendPlan)
+    return plan if epochs is None else replace(plan, base=replace(plan.base, epochs=epochs))
+
+
 def chest_plan(epochs: int = 6) -> DefendPlan:
     """The default: PneumoniaMNIST at 28 px, ResNet-18 from scratch (BENCHMARKS.md: under 30 min on 2 cores)."""
-    return DefendPlan(TrainConfig(task="chest-xray", arch="resnet18", size=28, epochs=epochs, seed=0))
+    return defend_plan("chest-xray", epochs)
 
 
-PLANS = {
-    "chest-xray": chest_plan,
-    "fundus-dr": lambda epochs=6: DefendPlan(TrainConfig(task="fundus-dr", arch="resnet18", size=28, epochs=epochs, seed=0)),
-}
+# the shipped plans (medadv/plans/defend/*.json) by task: PLANS[task](epochs) -> DefendPlan
+PLANS = {name: partial(defend_plan, name) for name in ("chest-xray", "fundus-dr")}
 
 
 def training_configs(plan: DefendPlan) -> dict[str, TrainConfig]:
@@ -98,13 +113,8 @@ def training_configs(plan: DefendPlan) -> dict[str, TrainConfig]:
     out = {"undefended": replace(plan.base, adversarial=None, noise_sigma=0.0)}
     base = replace(out["undefended"], **plan.trained_overrides)
     for method in plan.trained:
-        if method == "noise":
-            out[f"noise σ={plan.noise_sigma:g}"] = replace(base, noise_sigma=plan.noise_sigma)
-        elif method in ("pgd", "trades", "fast"):
-            out[{"pgd": "PGD-AT", "trades": "TRADES", "fast": "fast AT"}[method]] = replace(
-                base, adversarial=method, adv_eps=plan.adv_eps, adv_steps=plan.adv_steps, trades_beta=plan.trades_beta)
-        else:
-            raise MedadvError(f"unknown training defense '{method}'.", f"choose from {', '.join(TRAINED)}.")
+        d = training_defense(method)  # a MedadvError naming the registered ones
+        out[d.row_name(plan)] = replace(base, **d.fields(plan))
     return out
 
 
@@ -119,16 +129,19 @@ def preprocessing_names(plan: DefendPlan, modality: str) -> list[str]:
     return [n for n in names if n in PREPROCESSORS]
 
 
-DETECTORS = ("feature-squeezing", "mahalanobis")
-
-
 def check_plan(plan: DefendPlan) -> None:
-    """Raise MedadvError for a plan that names an unknown defense or detector, or has no images."""
+    """Raise MedadvError for a plan that names an unknown defense or detector, has no images, or has a
+    number out of its bounds (a plan built in code or changed by flags gets a plan file's check)."""
+    from medadv import plans
+    from medadv.models.zoo import get_arch
+
+    plans.build(DefendPlan, plans.to_data(plan), f"the {plan.base.task} defend plan")
     training_configs(plan)
     preprocessing_names(plan, get_task(plan.base.task).modality)
-    unknown = [d for d in plan.detectors if d not in DETECTORS]
+    get_arch(plan.base.arch)
+    unknown = [d for d in plan.detectors if d not in detector_names()]
     if unknown:
-        raise MedadvError(f"unknown detector(s) {', '.join(unknown)}.", f"choose from {', '.join(DETECTORS)}.")
+        raise MedadvError(f"unknown detector(s) {', '.join(unknown)}.", f"choose from {', '.join(detector_names())}.")
     if plan.n_images < 2 or not plan.robust.eps:
         raise MedadvError("a defenses study needs at least 2 test images and one eps.", "pass --n-images 128.")
 
@@ -174,19 +187,6 @@ def evaluate_defense(name: str, kind: str, model, x: torch.Tensor, y: torch.Tens
             "masking": masking, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def build_detector(name: str, model, x_fit: torch.Tensor, y_fit: torch.Tensor):
-    """A detector by its report name, fitted where it needs clean training images (N×C×H×W, N labels)."""
-    if name == "feature-squeezing":
-        from medadv.defenses.detect import FeatureSqueezing
-
-        return FeatureSqueezing(model)
-    if name == "mahalanobis":
-        from medadv.defenses.mahalanobis import Mahalanobis
-
-        return Mahalanobis(model).fit(x_fit, y_fit)
-    raise MedadvError(f"unknown detector '{name}'.", f"choose from {', '.join(DETECTORS)}.")
-
-
 def evaluate_detector(name: str, model, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor,
                       x_fit: torch.Tensor, y_fit: torch.Tensor, plan: DefendPlan, *, levels: int, seed: int,
                       monitor: Monitor) -> dict[str, Any]:
@@ -194,6 +194,7 @@ def evaluate_detector(name: str, model, x: torch.Tensor, y: torch.Tensor, x_val:
     images; per eps, the non-adaptive PGD's successful images it flags (and its detection AUC), and how
     many successful images the adaptive attack (network and detector together, BPDA) gets past it."""
     from medadv.attacks import ThreatModel
+    from medadv.attacks.steps import pgd_step
     from medadv.defenses.detect import adaptive_attack, detection_auc
     from medadv.evaluate.adaptive import attack_images, decide, in_batches
 
@@ -207,7 +208,7 @@ def evaluate_detector(name: str, model, x: torch.Tensor, y: torch.Tensor, x_val:
         fooled = (decide(model, x_na, op, plan.robust.batch_size) != y).numpy()
         flagged = detector.flags(x_na).numpy()
         threat = ThreatModel(norm="linf", eps=eps, steps=plan.robust.adaptive_steps,
-                             step_size=max(eps / 4, 2.5 * eps / plan.robust.adaptive_steps),
+                             step_size=pgd_step(eps, plan.robust.adaptive_steps),
                              random_start=True, target="none", levels=levels)
         base_seed = (seed * 101 + k) * 1_000_003
         x_ad = in_batches(lambda b, xb, yb: adaptive_attack(detector, xb, yb, threat, seed=base_seed + b),
@@ -343,7 +344,7 @@ def run_defend(plans: list[DefendPlan], out: Path, *, data_root: str | Path | No
     for plan in plans:  # every name is checked before any training starts
         check_plan(plan)
     root = resolve_data_root(data_root)
-    cache = StageCache(Path(cache_dir) if cache_dir else out.parent / f".{out.name}.cache")
+    cache = StageCache(Path(cache_dir) if cache_dir else out.parent / f".{out.name}.cache", shard=current_shard)
     t0 = time.perf_counter()
     seed_everything(seed)
     tasks = []

@@ -28,8 +28,11 @@ from medadv.errors import MedadvError
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds."""
+def atomic_path(path: str | os.PathLike[str], suffix: str = "", *, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds.
+
+    ``replace`` False: a file that appeared at ``path`` meanwhile is kept and the write refused (the
+    temporary file is hard-linked into place, which fails on an existing name, instead of renamed)."""
     path = Path(path)
     if path.is_dir():
         raise MedadvError(f"{path} is a folder, and a file was to be written there.",
@@ -41,7 +44,20 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode (keys set their own)
     try:
         yield tmp_path
-        os.replace(tmp_path, path)
+        if replace:
+            os.replace(tmp_path, path)
+        else:
+            taken = MedadvError(f"{path} already exists; medadv does not replace an existing output.",
+                                "choose another output name, or add --force to replace it.")
+            try:
+                os.link(tmp_path, path)  # fails on an existing name: no window between check and write
+            except FileExistsError:
+                raise taken from None
+            except OSError:  # a file system without hard links: the narrow window is the price
+                if path.exists():
+                    raise taken from None
+                os.replace(tmp_path, path)
+            tmp_path.unlink(missing_ok=True)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -53,14 +69,14 @@ def _umask() -> int:
     return mask
 
 
-def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    with atomic_path(path) as tmp:
+def write_bytes(path: str | os.PathLike[str], data: bytes, *, replace: bool = True) -> Path:
+    with atomic_path(path, replace=replace) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
 
-def write_text(path: str | os.PathLike[str], text: str) -> Path:
-    return write_bytes(path, text.encode("utf-8"))
+def write_text(path: str | os.PathLike[str], text: str, *, replace: bool = True) -> Path:
+    return write_bytes(path, text.encode("utf-8"), replace=replace)
 
 
 def _json_default(obj: Any) -> Any:
@@ -90,8 +106,8 @@ def _nan_to_none(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    return write_text(path, to_json(obj))
+def write_json(path: str | os.PathLike[str], obj: Any, *, replace: bool = True) -> Path:
+    return write_text(path, to_json(obj), replace=replace)
 
 
 @contextlib.contextmanager
@@ -144,13 +160,19 @@ def remove_stale_partials(path: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def check_output(path: str | os.PathLike[str], *, kind: str = "folder", flag: str = "--out") -> Path:
+def check_output(path: str | os.PathLike[str], *, kind: str = "folder", flag: str = "--out",
+                 force: bool | None = None) -> Path:
     """The door check before any computing: ``path`` can be written as a ``kind`` ("folder" or "file").
 
     Refuses an existing file where a folder goes (and a folder where a file goes), and a location whose
     folder cannot be created or written, naming ``flag`` in the fix. Creates the parent folder.
+    ``force`` False: an existing output of the same kind is refused too (the command has ``--force`` to
+    replace it); None: the caller replaces it (folders written whole by :func:`atomic_dir`).
     """
     path = Path(path)
+    if force is False and kind == "file" and path.is_file():
+        raise MedadvError(f"{flag} {path} already exists; medadv does not replace an existing output.",
+                          f"pass another {flag}, or add --force to replace it.")
     if kind == "folder" and path.exists() and not path.is_dir():
         raise MedadvError(f"{flag} {path} is an existing file; it would be replaced by a folder.",
                           f"pass a folder name to {flag}, or remove the file.")

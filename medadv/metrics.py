@@ -1,6 +1,9 @@
-"""Clinical metrics at the model's operating threshold (the paper's Table 1), from scikit-learn."""
+"""Clinical metrics at the model's operating threshold (the paper's Table 1) and of multi-class graders,
+from scikit-learn."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score, roc_curve
@@ -45,3 +48,65 @@ def youden_threshold(labels: np.ndarray, p_disease: np.ndarray) -> float:
     fpr, tpr, thresholds = roc_curve(y, np.asarray(p_disease).ravel())
     best = int(np.argmax(tpr - fpr))
     return float(np.clip(thresholds[best], 0.0, 1.0))
+
+
+def multiclass_metrics(labels: np.ndarray, probs: np.ndarray, *, class_names: tuple[str, ...] | None = None,
+                       graded: bool = False, positive_from: int | None = None) -> dict[str, Any]:
+    """Metrics of a K-class model from its N×K class probabilities (decision: the most probable class).
+
+    Accuracy, balanced accuracy, per-class recall (sensitivity of each class) and one-vs-rest AUC (None
+    for a class absent from ``labels`` or present alone: not estimable, never 0.5), macro AUC over the
+    estimable classes, the confusion matrix (rows: true, columns: predicted) and mean confidence.
+    ``graded`` (ordinal classes such as DR grades 0-4): quadratic-weighted Cohen's kappa, the grading
+    literature's figure, and the mean absolute grade error. ``positive_from``: the clinically first
+    decision derived from the grade (e.g. referable DR = grade >= 2), with its sensitivity and specificity.
+    """
+    y = np.asarray(labels).astype(np.int64).ravel()
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or len(p) != len(y) or len(y) == 0 or p.shape[1] < 2:
+        raise MedadvError(f"{len(y)} labels but probabilities of shape {p.shape}.", "score every image once, N×K.")
+    if not np.isfinite(p).all():
+        raise MedadvError("the model returned NaN or infinite probabilities.", "check the model and its input.")
+    k = p.shape[1]
+    if y.min() < 0 or y.max() >= k:
+        raise MedadvError(f"labels run from {y.min()} to {y.max()} but the model has {k} classes.",
+                          "evaluate the model on the task it was trained for.")
+    names = list(class_names) if class_names and len(class_names) == k else [str(i) for i in range(k)]
+    pred = p.argmax(1)
+    cm = confusion_matrix(y, pred, labels=list(range(k)))
+    support = cm.sum(1)
+    recall = [float(cm[i, i] / support[i]) if support[i] else None for i in range(k)]
+    auc: list[float | None] = []
+    for i in range(k):
+        pos = y == i
+        auc.append(float(roc_auc_score(pos, p[:, i])) if 0 < pos.sum() < len(y) else None)
+    estimable = [a for a in auc if a is not None]
+    out: dict[str, Any] = {
+        "n": int(len(y)), "classes": k, "class_names": names,
+        "counts": {names[i]: int(support[i]) for i in range(k)},
+        "accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": float(np.mean([r for r in recall if r is not None])),
+        "recall": {names[i]: recall[i] for i in range(k)},
+        "auc_ovr": {names[i]: auc[i] for i in range(k)},
+        "macro_auc": float(np.mean(estimable)) if estimable else None,
+        "auc_not_estimable": [names[i] for i in range(k) if auc[i] is None],
+        "mean_confidence": float(p.max(1).mean()),
+        "confusion": cm.tolist(),
+    }
+    if graded:
+        from sklearn.metrics import cohen_kappa_score
+
+        # kappa is undefined (NaN in scikit-learn) when both raters use one grade only: say None
+        kappa = cohen_kappa_score(y, pred, weights="quadratic", labels=list(range(k))) if len(set(y) | set(pred)) > 1 else None
+        out["quadratic_kappa"] = None if kappa is None or not np.isfinite(kappa) else float(kappa)
+        out["mean_abs_grade_error"] = float(np.abs(pred - y).mean())
+    if positive_from is not None:
+        yt, yp = y >= positive_from, pred >= positive_from
+        tp, fn = int((yt & yp).sum()), int((yt & ~yp).sum())
+        tn, fp = int((~yt & ~yp).sum()), int((~yt & yp).sum())
+        out["positive"] = {"rule": f"class >= {positive_from} ({names[positive_from]} or worse)",
+                           "n_positive": int(yt.sum()), "accuracy": float((yt == yp).mean()),
+                           "sensitivity": tp / (tp + fn) if tp + fn else None,
+                           "specificity": tn / (tn + fp) if tn + fp else None,
+                           "tp": tp, "tn": tn, "fp": fp, "fn": fn}
+    return out

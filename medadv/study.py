@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from medadv.cache import StageCache, model_fingerprint
+from medadv.dist import current as current_shard
 from medadv.errors import MedadvError
-from medadv.data import ImageSet, get_task, resolve_data_root, resolve_source
+from medadv.data import get_task, resolve_data_root, resolve_source
 from medadv.evaluate.adaptive import adaptive_victim, defense_record
-from medadv.evaluate.battery import BatteryConfig, BatteryOutput, run_battery
+from medadv.evaluate.battery import BatteryConfig, BatteryOutput, needs_fit, run_battery
 from medadv.evaluate.clean import evaluate_model, model_split
 from medadv.models import load_checkpoint
 from medadv.models.train import TrainConfig, train
@@ -35,7 +35,8 @@ STUDY_SCHEMA = "medadv-study/1"
 
 @dataclass
 class TaskPlan:
-    """How one task is run: the victim's training configuration and the battery's budget."""
+    """How one task is run: the victim's training configuration and the battery's budget. The shipped
+    plans are JSON files (medadv/plans/reproduce/), read by :func:`reproduce_plan`."""
 
     train: TrainConfig
     battery: BatteryConfig = field(default_factory=BatteryConfig)
@@ -45,37 +46,47 @@ class TaskPlan:
     defense: tuple[dict[str, Any], ...] = ()
 
 
-def _lite(task: str, size: int, epochs: int, batch_size: int = 32, **kw) -> TrainConfig:
-    return TrainConfig(task=task, arch="efficientnet-lite0", size=size, epochs=epochs, batch_size=batch_size,
-                       pretrained="imagenet", recipe="paper", **kw)
-
-
 LOW_RES = ("The data are the 28 px MedMNIST files (the paper used 224-299 px photographs); the network sees them "
            "upsampled to its input size, and the attack perturbs the 28 px stored pixels.")
 
-# The full study's budget on 2 CPU cores (all three tasks in under 30 minutes, see BENCHMARKS.md): the paper
-# rows on up to 300 test images, query attacks on 32 with 500 queries each, the patch and the universal
-# perturbation fitted on 256 training images for 150 steps, curves on 96 images.
-REPRODUCE_BATTERY = BatteryConfig(n_images=300, n_query_images=32, max_queries=500, n_fit_images=256, fit_steps=150,
-                                  curve_images=96, curve_steps=20)
 
-REPRODUCE_PLANS: dict[str, TaskPlan] = {
-    "fundus-dr": TaskPlan(_lite("fundus-dr", 64, 6), REPRODUCE_BATTERY, caveats=(
-        "RetinaMNIST (DeepDRiD, 1,600 images) stands in for the paper's Kaggle EyePACS photographs.",)),
-    "chest-xray": TaskPlan(_lite("chest-xray", 64, 3), REPRODUCE_BATTERY, caveats=(
-        "PneumoniaMNIST (pediatric pneumonia) stands in for the paper's adult pneumothorax (ChestX-ray14).",)),
-    # batch 16: twice the paper-recipe updates for the same compute (test AUC 0.741 vs 0.709 at batch 32)
-    "derm-melanoma": TaskPlan(_lite("derm-melanoma", 128, 6, batch_size=16), REPRODUCE_BATTERY, caveats=(
-        "ISIC 2017 challenge images resized to 256 px by the source repository; the network sees 128 px.",)),
-}
+def reproduce_plan(ref: str | Path) -> TaskPlan:
+    """A reproduce plan: a shipped one by name (``chest-xray``, ``demo``; ``medadv plan list``) or a JSON
+    plan file a user wrote (``medadv plan show`` prints one to start from), checked strictly
+    (:mod:`medadv.plans`); the registry names it holds are checked by :func:`check_task_plan`."""
+    from medadv import plans
 
-DEMO_PLAN = TaskPlan(
-    TrainConfig(task="chest-xray", arch="resnet18", size=28, epochs=3, seed=0),
-    BatteryConfig(rows=("pgd_white", "pgd_black"), curve_eps=(0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255),
-                  curve_images=192, examples_per_class=3),
-    caveats=(LOW_RES, "A ResNet-18 trained from scratch for 3 epochs (the demo's budget), not an ImageNet-pretrained "
-             "ResNet-50: small images and small networks need a larger eps than the paper's to break."),
-)
+    return plans.load(ref, "reproduce", TaskPlan)
+
+
+def check_task_plan(plan: TaskPlan) -> None:
+    """Raise MedadvError, before any training, for a plan naming an unknown task, architecture, recipe,
+    battery row or preprocessing defense, or a number out of its bounds (a plan built in code or changed
+    by flags gets the same check as a plan file)."""
+    from medadv import plans
+    from medadv.defenses import build_preprocessor
+    from medadv.evaluate.battery import known_rows
+    from medadv.models.recipes import pick_recipe
+    from medadv.models.zoo import get_arch
+
+    plans.build(TaskPlan, plans.to_data(plan), f"the {plan.train.task} plan")
+    get_task(plan.train.task)
+    get_arch(plan.train.arch)
+    get_arch(plan.surrogate_arch or plan.train.arch)
+    pick_recipe(plan.train.recipe, plan.train.pretrained is not None)
+    unknown = [r for r in plan.battery.rows if r not in known_rows()]
+    if unknown:
+        raise MedadvError(f"unknown battery row(s) {', '.join(unknown)} in the {plan.train.task} plan.",
+                          f"choose from {', '.join(known_rows())}.")
+    for d in plan.defense:  # unknown names and bad settings fail here
+        build_preprocessor(d["name"], **{k: v for k, v in d.items() if k != "name"})
+
+
+# The shipped plans are data (medadv/plans/reproduce/*.json), loaded once here: the paper's three tasks
+# (the full study's budget on 2 CPU cores, all three in under 30 minutes, see BENCHMARKS.md) and the demo.
+REPRODUCE_TASKS = ("fundus-dr", "chest-xray", "derm-melanoma")
+REPRODUCE_PLANS: dict[str, TaskPlan] = {t: reproduce_plan(t) for t in REPRODUCE_TASKS}
+DEMO_PLAN = reproduce_plan("demo")
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -93,7 +104,9 @@ def trained_model(cfg: TrainConfig, cache: StageCache, data_root: Path, monitor:
         monitor.log(f"reusing {folder}")
         return folder
     monitor.log(f"training {cfg.arch} for {cfg.task} (seed {cfg.seed}, {cfg.epochs} epochs)")
-    train(cfg, folder, data_root=data_root, monitor=monitor, device=device)
+    from medadv.defenses.training import robust_training  # the job hands the training defense to train()
+
+    train(cfg, folder, data_root=data_root, monitor=monitor, device=device, robust=robust_training(cfg))
     return folder
 
 
@@ -166,7 +179,8 @@ def run_task(plan: TaskPlan, cache: StageCache, data_root: Path, seed: int, moni
         victim = defend(victim, list(plan.defense), adaptive=True)
     surrogate, s_meta = load_checkpoint(surrogate_dir, device)
     test = model_split(meta, "test", data_root=data_root)
-    train_set = model_split(meta, "train", data_root=data_root) if {"patch", "uap"} & set(plan.battery.rows) else None
+    # the registry says which rows' attacks are fitted on training images (patch, universal perturbation)
+    train_set = model_split(meta, "train", data_root=data_root) if needs_fit(plan.battery.rows) else None
     table1 = evaluate_model(victim, test)
     key = {"battery": plan.battery.to_json(), "victim": model_fingerprint(victim_dir),
            "surrogate": model_fingerprint(surrogate_dir), "test": test.checksum, "seed": seed,
@@ -227,7 +241,8 @@ def _budgeted(plans: list[TaskPlan], seconds: float, cache: StageCache, root: Pa
 
     shard = current()
     # under torchrun rank 0 alone measures (the others would disturb it) and every rank takes its sizing
-    mine = fit_study(plans, seconds, root, device, monitor)[1] if shard.is_main else None
+    mine = fit_study(plans, seconds, root, device, monitor, resolve=lambda p: fit_to_data(p, root))[1] \
+        if shard.is_main else None
     records = shard.gather([mine])[0]
     fitted = [_apply_sizing(p, r) for p, r in zip(plans, records)]
     if folder is not None and shard.is_main:
@@ -256,8 +271,10 @@ def run_study(kind: str, plans: list[TaskPlan], out: Path, *, data_root: str | P
     ``budget`` (seconds) sizes the plans to this machine's measured throughput (:mod:`medadv.budget`)."""
     from medadv.report.html import write_report
 
+    for plan in plans:  # every name is checked before any training starts
+        check_task_plan(plan)
     root = resolve_data_root(data_root)
-    cache = StageCache(Path(cache_dir) if cache_dir else out.parent / f".{out.name}.cache")
+    cache = StageCache(Path(cache_dir) if cache_dir else out.parent / f".{out.name}.cache", shard=current_shard)
     t0 = time.perf_counter()
     budgets: list[dict[str, Any] | None] = [None] * len(plans)
     if budget is not None:
@@ -347,7 +364,7 @@ def run_audit(model_path: Path, out: Path, *, task: str | None, source: str | No
     except MedadvError as exc:
         monitor.log(f"no training images for the patch/UAP rows: {exc}")
         train_set = None
-    cache = StageCache(cache_dir or out.parent / f".{out.name}.cache")
+    cache = StageCache(cache_dir or out.parent / f".{out.name}.cache", shard=current_shard)
     surrogate = None
     if surrogate_path is not None:
         surrogate, _ = load_checkpoint(surrogate_path, device)

@@ -26,6 +26,7 @@ from medadv import dist
 from medadv.defenses import smoothing
 from medadv.defenses.certify import certify_model
 from medadv.models import train as train_module
+from medadv.defenses.training import robust_training
 from medadv.models.train import TrainConfig, train
 
 CERTIFY = dict(sigma=0.25, n0=16, n=64, alpha=0.01, limit=12, seed=3, batch_size=32)
@@ -60,7 +61,7 @@ def run_jobs(data_root: str | Path, out: Path, jobs: list[str], shared: Path) ->
             if job == "pgd":
                 cfg = TrainConfig(**{**TRAIN, "max_train": 64, "batch_size": 32, "recipe": "auto"}, adversarial="pgd",
                                   adv_steps=2, robust_val_images=32)
-            model, meta = train(cfg, out / job, data_root=data_root)
+            model, meta = train(cfg, out / job, data_root=data_root, robust=robust_training(cfg))
             digests = shard.gather([weights_digest(model)])
             norms = {type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__}
             summary[job] = {"history": meta["training"]["history"], "world_size": meta["training"]["world_size"],

@@ -176,10 +176,12 @@ def test_a_mask_of_the_wrong_shape_is_a_medadv_error(kind):
         make_attack(kind, threat)(tiny_net(), torch.rand(2, 1, 6, 6), torch.tensor([0, 1]))
 
 
-class ThreeLogits(nn.Module):
+class OneLogit(nn.Module):
+    """A single score per image: not logits medadv can read (K-class models give K >= 2)."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.fc = nn.Linear(36, 3)
+        self.fc = nn.Linear(36, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x.flatten(1))
@@ -187,8 +189,8 @@ class ThreeLogits(nn.Module):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_model_with_the_wrong_logit_shape_is_a_medadv_error(kind):
-    with pytest.raises(MedadvError, match="N×2 logits"):
-        make_attack(kind, ThreatModel(eps=0.05, steps=1))(ThreeLogits(), torch.rand(2, 1, 6, 6), torch.tensor([0, 1]))
+    with pytest.raises(MedadvError, match=r"N×K \(K >= 2\) logits"):
+        make_attack(kind, ThreatModel(eps=0.05, steps=1))(OneLogit(), torch.rand(2, 1, 6, 6), torch.tensor([0, 1]))
 
 
 def test_bad_images_labels_and_fast_path_names_are_medadv_errors():

@@ -21,7 +21,6 @@ from torch import nn
 
 from medadv.attacks import PGD, ThreatModel
 from medadv.attacks.apgd import APGD, AutoAttack, checkpoints, decide, per_image_loss
-from medadv.errors import MedadvError
 
 
 class Steep(nn.Module):
@@ -166,20 +165,31 @@ def test_zero_gradients_and_square_stronger_are_flagged_on_a_masked_gradient():
     assert result.info["flags"]["square_stronger"] == aa.flags["square_stronger"]
 
 
-def test_three_classes_work_without_square():
+def test_three_classes_run_the_whole_ensemble_with_square():
     net = Steep(classes=3)
     x = images(16)
     with torch.no_grad():
         y = net(x).argmax(1)
-    threat = ThreatModel(eps=8 / 255, target="none")
-    aa = AutoAttack(threat, 0, version="fast", steps=10)
+    threat = ThreatModel(eps=8 / 255, target="none")  # classes left at 2: the attack reads K from the logits
+    aa = AutoAttack(threat, 0, version="fast", steps=10, max_queries=50)
     result = aa(net, x, y)
     with torch.no_grad():
-        robust = float((net(result.x_adv).argmax(1) == y).float().mean())
-    assert robust < 1.0 and result.queries is None and aa.flags["broken_by"]["square"] == 0
+        pred = net(result.x_adv).argmax(1)
+    robust = float((pred == y).float().mean())
+    broken = aa.flags["broken_by"]
+    assert robust < 1.0 and broken["apgd-ce"] + broken["apgd-margin"] + broken["square"] == int((pred != y).sum())
+    # Square ran with the K-class margin on the images the APGD stages left (none were out of range)
+    left = 16 - broken["apgd-ce"] - broken["apgd-margin"]
+    assert (result.queries is None) == (left == 0)
+    if left:
+        assert int((result.queries > 0).sum()) == left and int(result.queries.max()) <= 50
     assert (torch.round(result.x_adv * 255) - torch.round(x * 255)).abs().max() <= 8
-    with pytest.raises(MedadvError, match="opposite"):
-        AutoAttack(threat.with_(target="opposite"), 0, version="fast", steps=2)(net, x, y)
+    # "opposite" on three classes is the farthest class: 0 <-> 2, and 1 -> 2
+    far = AutoAttack(threat.with_(target="opposite"), 0, version="fast", steps=10, max_queries=20)
+    out = far(net, x, y)
+    with torch.no_grad():
+        hit = net(out.x_adv).argmax(1) == torch.where(2 * y < 2, 2, 0)
+    assert int(hit.sum()) == sum(far.flags["broken_by"].values()) > 0  # no clean image is at its farthest class
 
 
 def test_autoattack_runs_through_the_runner_like_the_cli():
@@ -226,3 +236,92 @@ def test_cli_autoattack_on_the_chest_victim_is_no_weaker_than_pgd40(chest_model,
         assert results["perturbation"]["linf_max"] <= 4 / 255 + 1e-6
         accuracy[name] = results["adversarial"]["accuracy"]
     assert accuracy["autoattack"] <= accuracy["pgd"], accuracy
+
+
+class WholeBatch(APGD):
+    """Reference: APGD as first written, every image stepped to the end (the first adversarial iterate kept
+    aside). The early exit must return what this returns while passing fewer images through the model."""
+
+    def _ascend(self, model, x, y, target, threat, generator, thr):
+        from medadv.attacks.apgd import MOMENTUM, RHO
+
+        geo, eps, n, mask = threat.geometry, threat.radius, len(x), threat.mask_for(x)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        x_hit, hit = x.clone(), torch.zeros(n, dtype=torch.bool)
+
+        def loss_grad(xa):
+            xa = xa.detach().requires_grad_(True)
+            logits = model(xa)
+            loss = per_image_loss(logits, y, target, self.loss, thr)
+            (grad,) = torch.autograd.grad(loss.sum(), xa)
+            grad = grad if mask is None else grad * mask
+            new = threat.succeeded(decide(logits.detach(), thr), y) & ~hit
+            x_hit[new], hit[new] = xa.detach()[new], True
+            return loss.detach(), grad
+
+        delta = geo.random_start(x, eps, generator)
+        x_cur = threat.project(x + (delta if mask is None else delta * mask), x, mask)
+        loss, grad = loss_grad(x_cur)
+        self.zero_gradients += int((grad.flatten(1).abs().amax(1) == 0).sum())
+        best_loss, x_best, g_best, x_prev = loss.clone(), x_cur.clone(), grad.clone(), x_cur.clone()
+        eta, rises, last = torch.full((n,), 2 * eps), torch.zeros(n), 0
+        halved, best_at = torch.zeros(n, dtype=torch.bool), best_loss.clone()
+        marks = set(checkpoints(self.steps))
+        for it in range(self.steps):
+            z = threat.project(x_cur + eta.view(shape) * geo.normalize(grad), x, mask)
+            a = 1.0 if it == 0 else MOMENTUM
+            x_next = threat.project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev), x, mask)
+            new_loss, new_grad = loss_grad(x_next)
+            rises += (new_loss > loss).float()
+            better = new_loss > best_loss
+            best_loss = torch.where(better, new_loss, best_loss)
+            x_best[better], g_best[better] = x_next[better], new_grad[better]
+            x_prev, x_cur, loss, grad = x_cur, x_next, new_loss, new_grad
+            if it + 1 in marks:
+                halve = (rises < RHO * (it + 1 - last)) | (~halved & (best_loss <= best_at))
+                eta = torch.where(halve, eta / 2, eta)
+                x_cur = torch.where(halve.view(shape), x_best, x_cur)
+                grad = torch.where(halve.view(shape), g_best, grad)
+                loss = torch.where(halve, best_loss, loss)
+                last, rises, halved, best_at = it + 1, torch.zeros_like(rises), halve, best_loss.clone()
+        return torch.where(hit.view(shape), x_hit, x_best)
+
+
+class Counting(nn.Module):
+    """Counts the images the attack passes through the model with gradients on (its costly passes)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net, self.rows = net, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            self.rows += len(x)
+        return self.net(x)
+
+
+# 5 steps: a checkpoint after every step. Three classes: being adversarial is no level set of the loss, so
+# an image can break on an iterate below its best loss, on a step where its step size is halved
+@pytest.mark.parametrize("loss,target,levels,eps,steps,classes", [
+    ("ce", "none", None, 4 / 255, 25, 2), ("margin", "none", 255, 6 / 255, 25, 2), ("ce", "opposite", 255, 8 / 255, 25, 2),
+    ("margin", "disease", None, 3 / 255, 25, 2), ("ce", "none", None, 8 / 255, 5, 3), ("margin", "none", 255, 8 / 255, 5, 3),
+    ("ce", "none", None, 6 / 255, 25, 3)])
+def test_apgd_drops_broken_images_and_returns_what_the_whole_batch_loop_returns(loss, target, levels, eps, steps,
+                                                                                 classes):
+    """Issue 22 item 12: an image leaves APGD's batch at its first adversarial iterate. The images, the
+    success flags and the zero-gradient count equal the whole-batch loop's, with fewer images passed
+    through the model (the loop's cost) whenever some image breaks before the last step."""
+    x = images(32, seed=3)
+    with torch.no_grad():
+        y = decide(Steep(classes)(x), 0.5)
+    if levels is not None:
+        x = torch.round(x * levels) / levels
+    threat = ThreatModel(eps=eps, target=target, levels=levels, classes=classes)
+    ours, ref = Counting(Steep(classes)), Counting(Steep(classes))
+    fast, slow = APGD(threat, 5, loss=loss, steps=steps), WholeBatch(threat, 5, loss=loss, steps=steps)
+    a, b = fast(ours, x, y), slow(ref, x, y)
+    assert torch.equal(a.info["success"], b.info["success"]) and torch.equal(a.x_adv, b.x_adv)
+    assert fast.zero_gradients == slow.zero_gradients
+    broken = int(a.info["success"].sum())
+    assert 0 < broken < len(x)  # the case is informative: some images break, some hold
+    assert ours.rows < ref.rows, (ours.rows, ref.rows)

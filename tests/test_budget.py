@@ -77,7 +77,7 @@ def test_calibration_measures_this_machine(data_root):
 def test_fit_study_shares_the_budget_and_a_resumed_run_reuses_the_sizing(data_root, tmp_path, monkeypatch):
     import medadv.budget
     from medadv.cache import StageCache
-    from medadv.study import _budgeted
+    from medadv.study import _budgeted, fit_to_data
 
     calls = []
 
@@ -87,7 +87,8 @@ def test_fit_study_shares_the_budget_and_a_resumed_run_reuses_the_sizing(data_ro
 
     monkeypatch.setattr(medadv.budget, "calibrate", fake_calibrate)
     plans = [DEMO_PLAN, REPRODUCE_PLANS["fundus-dr"]]
-    fitted, records = fit_study(plans, 120.0, data_root)
+    # the study hands the budget its data resolution (budget never imports study: no circle)
+    fitted, records = fit_study(plans, 120.0, data_root, resolve=lambda p: fit_to_data(p, data_root))
     assert sum(r["seconds"] for r in records) == pytest.approx(120.0)  # shares add up to the budget
     assert all(r["study_seconds"] == 120.0 for r in records)
     cache = StageCache(tmp_path)

@@ -3,14 +3,13 @@ loop, stay inside their budget, select the model on robust validation accuracy a
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medadv.defenses.training import fast_examples, make_step_loss, pgd_examples, trades_examples
+from medadv.defenses.training import fast_examples, make_step_loss, pgd_examples, trades_examples, robust_training
 from medadv.errors import MedadvError
 from defense_support import _one_thread  # noqa: F401  (autouse fixture)
 
@@ -72,7 +71,7 @@ def test_trades_training_runs_and_records_its_defense(data_root, tmp_path):
     cfg = TrainConfig(task="chest-xray", arch="resnet18", size=28, epochs=1, batch_size=32, max_train=64,
                       augment=False, adversarial="trades", adv_eps=4 / 255, adv_steps=2, robust_val_images=32,
                       trades_beta=3.0)
-    train(cfg, tmp_path / "ck", data_root=data_root)
+    train(cfg, tmp_path / "ck", data_root=data_root, robust=robust_training(cfg))
     saved = read_metadata(tmp_path / "ck")
     assert saved["defense"] == {"kind": "training", "method": "trades", "noise_sigma": 0.0, "eps": pytest.approx(4 / 255),
                                 "eps_levels_8bit": pytest.approx(4.0), "steps": 2, "norm": "linf", "trades_beta": 3.0}
@@ -92,7 +91,7 @@ def test_noise_training_selects_on_clean_auc_and_plain_hash_is_unchanged(data_ro
                                                                "noise_sigma", "robust_val_images", "sync_batchnorm"}
     cfg = TrainConfig(task="chest-xray", arch="resnet18", size=28, epochs=1, batch_size=16, max_train=32,
                       augment=False, noise_sigma=0.25)
-    _, meta = train(cfg, tmp_path / "ck", data_root=data_root)
+    _, meta = train(cfg, tmp_path / "ck", data_root=data_root, robust=robust_training(cfg))
     assert meta["defense"] == {"kind": "training", "method": "noise", "noise_sigma": 0.25}
     assert meta["training"]["selection"] == "validation AUC"
     assert "val_robust_accuracy" not in meta["training"]["history"][0]
@@ -120,7 +119,7 @@ def test_pgd_training_records_its_defense_and_resumes_to_the_same_weights(data_r
 
     cfg = dict(task="chest-xray", arch="resnet18", size=28, epochs=2, batch_size=16, max_train=32, augment=False,
                adversarial="pgd", adv_eps=4 / 255, robust_val_images=16, adv_steps=2, seed=3)
-    full, meta_full = train(TrainConfig(**cfg), tmp_path / "full", data_root=data_root)
+    full, meta_full = train(TrainConfig(**cfg), tmp_path / "full", data_root=data_root, robust=robust_training(TrainConfig(**cfg)))
     saved = read_metadata(tmp_path / "full")  # PGD-AT records its defense, selects on robust accuracy
     assert saved["defense"]["method"] == "pgd" and saved["defense"]["eps"] == pytest.approx(4 / 255)
     assert saved["training"]["adversarial"] == "pgd" and saved["training"]["adv_steps"] == 2
@@ -131,8 +130,8 @@ def test_pgd_training_records_its_defense_and_resumes_to_the_same_weights(data_r
     assert saved["training"]["best_epoch"] == best["epoch"]
     assert saved["training"]["best_val_auc"] == best["val_auc"]  # the clean AUC of the selected epoch
     with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(**cfg), tmp_path / "resumed", data_root=data_root, monitor=Kill())
-    resumed, meta = train(TrainConfig(**cfg), tmp_path / "resumed", data_root=data_root)
+        train(TrainConfig(**cfg), tmp_path / "resumed", data_root=data_root, monitor=Kill(), robust=robust_training(TrainConfig(**cfg)))
+    resumed, meta = train(TrainConfig(**cfg), tmp_path / "resumed", data_root=data_root, robust=robust_training(TrainConfig(**cfg)))
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
     assert meta["training"]["best_epoch"] == meta_full["training"]["best_epoch"]

@@ -250,7 +250,13 @@ def test_name_swap_copy_over_and_duplicates(tmp_path: Path, capsys) -> None:
     dup = tmp_path / "acq2" / "copy.png"
     dup.parent.mkdir()
     shutil.copy(a, dup)
-    _register(where, key, dup)
+    with pytest.raises(MedadvError, match=rf"copy.png has the same pixels as {a.name}, already registered"):
+        _register(where, key, dup)  # refused at registration, naming the first (issue 22)
+    assert _verdicts(where, a, dup) == [Status.VERIFIED, Status.NAME_MISMATCH]
+    with open_ledger(where) as ledger:  # appended anyway (below the register door): both are `duplicate`
+        from medadv.provenance.digest import digest_path
+
+        ledger.append(digest_path(dup, with_view=True), key, org_of(where).log)
     assert _verdicts(where, a, dup) == [Status.DUPLICATE, Status.DUPLICATE]
 
 
@@ -281,9 +287,10 @@ def test_gate_checks_pixels_names_and_labels(tmp_path: Path) -> None:
     # the label the user supplies differs from the one signed at acquisition
     with pytest.raises(MedadvError, match=r"img1.png \(label-mismatch\)"):
         check_imageset(_imageset(imgs, [0, 0, 0, 1]), where, only_flag=False, trust_root=trust)
-    # the files are swapped after loading: the gate judges the pixels the model gets, which stay verified
+    # the files are swapped after loading: the gate judges the sources as `verify` does (one path, issue 22)
+    # and fails closed: the swapped file no longer verifies, though the pixels in memory are the original's
     shutil.copy(imgs[0], imgs[3])
-    assert check_imageset(good, where, only_flag=False, trust_root=trust).ok
+    assert check_imageset(good, where, only_flag=True, trust_root=trust).statuses[3] == "name-mismatch"
     # ...and loading the swapped file is caught, by name
     flagged = check_imageset(_imageset(imgs, [0, 1, 0, 1]), where, only_flag=True, trust_root=trust)
     assert flagged.statuses == ["verified", "verified", "verified", "name-mismatch"]
@@ -360,15 +367,25 @@ def test_rows_of_wrong_types_are_corrupt_not_crashes(tmp_path: Path, capsys) -> 
     _register(where, key, *imgs)
     with open_ledger(where) as ledger:
         rec = next(r for r in ledger.iter_records() if r.name == imgs[1].name)
-    drop_guards(where)
-    raw_sql(where, f"UPDATE records SET meta = 'not json', signature = 42 WHERE seq = {rec.seq}",
-            "INSERT INTO records VALUES (2.5, 'p1', 'h1', 'image', 'd', NULL, 'n', 's', NULL, NULL, 'x', 'k', 'l', "
-            "'c', 'l', '{}', 's')",
+    # rows at no log position (plain INSERTs): corrupt where matched, the other images still verify
+    raw_sql(where, "INSERT INTO records VALUES (2.5, 'p1', 'h1', 'image', 'd', NULL, 'n', 's', NULL, NULL, 'x', "
+            "'k', 'l', 'c', 'l', '{}', 's')",
             "INSERT INTO records VALUES ('abc', 'p2', 'h2', 'image', 'd2', NULL, 'n', 's', NULL, NULL, 'x', 'k', "
             "'l', 'c', 'l', '{}', 's')")
+    assert _verdicts(where, *imgs) == [Status.VERIFIED, Status.VERIFIED]
+    # a record of the signed log edited in place: it might have been a revocation, so no verdict is
+    # trusted until the log matches its signed head again (issue 22: fail closed, naming the record)
+    drop_guards(where)
+    raw_sql(where, f"UPDATE records SET meta = 'not json', signature = 42 WHERE seq = {rec.seq}")
+    # this process audited the log before the edit: what it audited stands (the edited row is corrupt)
     assert _verdicts(where, *imgs) == [Status.VERIFIED, Status.CORRUPT]
-    code, report = _cli_verify(where, imgs[1], capsys=capsys)
-    assert code == 1 and "corrupt" in report["results"][0]["detail"]
+    from medadv.provenance import audit
+
+    audit.forget()  # as a fresh process sees it
+    assert _verdicts(where, *imgs) == [Status.NOT_LOGGED, Status.CORRUPT]
+    code, report = _cli_verify(where, *imgs, capsys=capsys)
+    assert code == 1 and f"record #{rec.seq} is corrupt" in report["results"][0]["detail"]
+    assert "corrupt" in report["results"][1]["detail"]
     code, text = _cli_check(where, capsys)  # terminates, names the rows
     assert code == 1 and "corrupt" in text and "'abc'" in text and "2.5" in text
     code, _, err = run_main(["provenance", "register", *_pngs(tmp_path / "more", 1, seed=4, prefix="m"), "--device",
@@ -412,9 +429,9 @@ def test_a_read_only_ledger_can_be_verified(tmp_path: Path, monkeypatch, capsys)
     key = make_device(where, tmp_path / "keys")
     imgs = _pngs(tmp_path / "acq", 2)
     _register(where, key, *imgs)
-    import medadv.provenance.ledger as ledger_mod
+    import medadv.db as db_mod  # the ledger's engines are made there
 
-    monkeypatch.setattr(ledger_mod, "_writable", lambda path: False)  # as on a read-only mount (tests may run as root)
+    monkeypatch.setattr(db_mod, "_writable", lambda path: False)  # as on a read-only mount (tests may run as root)
     code, report = _cli_verify(where, *imgs, capsys=capsys)
     assert code == 0 and report["counts"] == {"verified": 2}
     assert _cli_check(where, capsys)[0] == 0

@@ -174,11 +174,6 @@ def test_truncation_is_found_with_a_kept_head(ledger_where: str, tmp_path: Path)
     assert any("truncated" in r for _, r in problems(ledger_where, old_head=kept))
 
 
-def _insert(where: str, rec: Record) -> None:
-    with open_ledger(where) as ledger, ledger.engine.begin() as conn:
-        conn.execute(insert(records).values(**rec.row()))
-
-
 def test_forged_signature_is_rejected(ledger_where: str, tmp_path: Path) -> None:
     """Someone with database access but not the device key appends a record claiming the device's key."""
     from dataclasses import replace

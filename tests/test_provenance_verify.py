@@ -182,9 +182,11 @@ def test_gate_refuses_or_flags_a_folder_imageset(setup: tuple[str, DeviceKey], t
         arr = np.asarray(im).copy()
     arr[0, 0, 0] = int(arr[0, 0, 0]) ^ 1
     Image.fromarray(arr).save(victim, format="JPEG", quality=100)  # overwritten in place, same name
-    # the gate judges the pixels handed to the model: those loaded before the swap still verify...
-    assert check_imageset(images, where, only_flag=False, trust_root=trust(where)).ok
-    # ...and once the swapped file is loaded, it is refused
+    # the gate judges the source as `verify` does (one path, issue 22): swapped after loading, it is refused
+    # (fail closed) though the pixels in memory are the original's...
+    with pytest.raises(MedadvError, match=rf"1 of 8 images .* {victim.name} \(modified\)"):
+        check_imageset(images, where, only_flag=False, trust_root=trust(where))
+    # ...and once the swapped file is loaded, it is refused too
     images = load_split("derm-melanoma", "test", source=str(folder))
     with pytest.raises(MedadvError, match=rf"1 of 8 images .* {victim.name} \(modified\)"):
         check_imageset(images, where, only_flag=False, trust_root=trust(where))

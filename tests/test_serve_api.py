@@ -88,7 +88,8 @@ def test_admin_issues_tokens_that_work_with_their_role(world, flag_client):  # n
     assert_error_line(client.post("/v1/tokens", json={"role": "root"}, headers=bearer(world.tokens["admin"])), 422,
                       "is not one of")
     listed = client.get("/v1/tokens", headers=bearer(world.tokens["admin"])).json()["tokens"]
-    assert all(set(t) == {"token_id", "role", "label", "created_at"} for t in listed)  # no secrets, no hashes
+    assert all(set(t) == {"token_id", "role", "label", "created_at", "expires_at", "revoked_at"}
+               for t in listed)  # no secrets, no hashes
 
 
 # -------------------------------------------------------------------------------------- provenance

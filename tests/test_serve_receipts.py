@@ -75,7 +75,7 @@ def test_a_receipt_verifies_offline_and_any_edit_fails(world, analysed, tmp_path
     # not JSON, and a missing public key: one line each
     (tmp_path / "junk.json").write_text("{not json")
     code, _, err = run_main(["provenance", "verify-receipt", tmp_path / "junk.json", "--public-key", pub], capsys)
-    assert code == 1 and "is not JSON" in err
+    assert code == 1 and "is not valid JSON" in err
     code, _, err = run_main(["provenance", "verify-receipt", tmp_path / "r.json", "--public-key", tmp_path / "no.pub"],
                             capsys)
     assert code == 2 and err.startswith("medadv: error:") and "does not exist" in err

@@ -1,5 +1,5 @@
 """End to end: `medadv demo` on the real chest X-rays, its report in headless Chromium, and the audit of
-TorchScript and ONNX exports."""
+torch.export (.pt2) and ONNX exports."""
 
 from __future__ import annotations
 
@@ -106,10 +106,10 @@ def test_report_renders_in_headless_chromium(demo, tmp_path):
     shutil.copy(shot, out / "screenshot.png")
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
 def test_audit_of_an_export_matches_the_native_checkpoint(fmt, chest_model, data_root, tmp_path):
     path, _, _ = chest_model
-    suffix = ".pt" if fmt == "torchscript" else ".onnx"
+    suffix = f".{fmt}"
     cli(["export", "--model", str(path), "--out", str(tmp_path / f"m{suffix}")])
     common = ["--rows", "fgsm,square", "--limit", "12", "--no-curves", "--data-root", str(data_root), "-q"]
     cli(["audit", "--model", str(path), "--out", str(tmp_path / "native"), *common])

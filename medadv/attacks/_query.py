@@ -1,8 +1,10 @@
 """What the query (black-box) attacks share: success and margin at the victim's operating threshold, and
 per-image query bookkeeping against a budget.
 
-Score attacks see N×2 probabilities; the victim's decision is P(disease) >= threshold (its operating
-point, not argmax), so success and the margin loss are both measured against that threshold.
+Score attacks see N×K probabilities. A binary victim's decision is P(disease) >= threshold (its operating
+point, not argmax), so success and the margin loss are both measured against that threshold; a K-class
+victim's decision is the most probable class, and the margin is in log-probabilities against the best
+other class.
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ from medadv.errors import MedadvError
 
 def wanted_class(threat: ThreatModel, y: torch.Tensor) -> torch.Tensor:
     """The class each image must be predicted as to count as a success (binary task: untargeted means
-    the class that is not its label)."""
+    the class that is not its label). For a K-class untargeted threat there is no single such class:
+    the label to leave is returned, and :func:`margin` is told ``untargeted``."""
     goal = threat.goal(y)
-    return goal if threat.targeted else 1 - goal
+    return goal if threat.targeted or threat.classes > 2 else 1 - goal
 
 
 def predicted(probs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The victim's labels at its operating threshold: 1 where P(disease) >= threshold."""
-    return (probs[:, 1] >= threshold).long()
+    """The victim's labels: binary, 1 where P(disease) >= threshold; K classes, the most probable."""
+    return (probs[:, 1] >= threshold).long() if probs.shape[1] == 2 else probs.argmax(1)
 
 
 def score_success(probs: torch.Tensor, y: torch.Tensor, threat: ThreatModel, threshold: float) -> torch.Tensor:
@@ -39,11 +42,19 @@ def log_odds(probs: torch.Tensor) -> torch.Tensor:
     return probs[:, 1].clamp_min(tiny).log() - probs[:, 0].clamp_min(tiny).log()
 
 
-def margin(probs: torch.Tensor, want: torch.Tensor, threshold: float) -> torch.Tensor:
+def margin(probs: torch.Tensor, want: torch.Tensor, threshold: float, untargeted: bool = False) -> torch.Tensor:
     """Margin loss to minimize, in log-odds: how far each image is from being predicted ``want``.
 
-    <= 0 on the wanted side of logit(threshold) (< 0 for ``want`` = healthy, where ties go to disease).
+    Binary: <= 0 on the wanted side of logit(threshold) (< 0 for ``want`` = healthy, where ties go to
+    disease). K classes: log P(want) against the best other class (``untargeted``: ``want`` is the label
+    to leave, and the margin is how far the label still leads).
     """
+    if probs.shape[1] > 2:
+        tiny = torch.finfo(probs.dtype).tiny
+        logp = probs.clamp_min(tiny).log()
+        own = logp.gather(1, want[:, None])[:, 0]
+        best_other = logp.scatter(1, want[:, None], -float("inf")).amax(1)
+        return own - best_other if untargeted else best_other - own
     if not 0.0 < threshold < 1.0:
         raise MedadvError(f"operating threshold {threshold} is not inside (0, 1).", "pass the victim's threshold.")
     s = log_odds(probs) - math.log(threshold / (1.0 - threshold))

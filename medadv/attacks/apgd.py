@@ -30,7 +30,7 @@ from torch import nn
 from medadv.attacks.base import Attack, AttackResult, ProbabilityOracle, check_logits
 from medadv.attacks.gradient import frozen
 from medadv.attacks.pgd import check_schedule
-from medadv.attacks.registry import Access, register
+from medadv.attacks.registry import Access, per_query, register
 from medadv.attacks.square import Square
 from medadv.attacks.threat_model import ThreatModel
 from medadv.errors import MedadvError
@@ -86,7 +86,9 @@ def _threshold(model: nn.Module) -> float:
     return float(t) if isinstance(t, (int, float)) and 0 < t < 1 else 0.5
 
 
-@register("apgd", kind=Access.WHITE_BOX, title="APGD")
+# price: steps per restart (an upper bound: restarts run only on the images still unbroken)
+@register("apgd", kind=Access.WHITE_BOX, title="APGD",
+          cost=lambda threat, p: float(p.get("steps") or 100) * (p.get("restarts") or 1))
 class APGD(Attack):
     """Auto-PGD, L-inf or L2. ``loss``: ce or margin (two classes: logit margin at the threshold; K >= 3:
     DLR). ``steps``: iterations per restart (default 100); ``restarts``: random restarts for the images
@@ -123,10 +125,8 @@ class APGD(Attack):
         threat, thr = self.threat, _threshold(model)
         with torch.no_grad():
             clean_logits = check_logits(model(x), len(x), None)
-        k = clean_logits.shape[1]
-        if k > 2 and threat.target == "opposite":
-            raise MedadvError(f"the model has {k} classes; 'opposite' is defined for two.",
-                              "use --target none (untargeted) or a class.")
+        if clean_logits.shape[1] != threat.classes:
+            threat = self.threat = threat.with_(classes=clean_logits.shape[1])  # targets mean K-class goals
         mask_full = threat.mask_for(x)
         x_out = x.clone()
         ok = threat.succeeded(decide(clean_logits, thr), y)
@@ -160,41 +160,56 @@ class APGD(Attack):
 
     def _ascend(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
                 threat: ThreatModel, generator: torch.Generator, thr: float) -> torch.Tensor:
+        """Per image (N×C×H×W in, same out): its first adversarial iterate, else its point of highest loss.
+
+        An image leaves the batch at its first adversarial iterate, which is what it returns: every
+        per-image quantity (loss, step size, checkpoint test) is its own, so the images left follow the
+        same path as in the whole batch and no forward or backward pass is spent on a finished image.
+        """
         geo, eps, n = threat.geometry, threat.radius, len(x)
         mask = threat.mask_for(x)
         shape = (-1,) + (1,) * (x.ndim - 1)
+        x_out = x.clone()
+        idx = torch.arange(n, device=x.device)  # the active images, as indices into x
+        goal = target
 
-        x_hit = x.clone()
-        hit = torch.zeros(n, dtype=torch.bool, device=x.device)
-
-        def loss_grad(xa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def loss_grad(xa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             xa = xa.detach().requires_grad_(True)
             logits = check_logits(model(xa), len(xa), None)
-            loss = per_image_loss(logits, y, target, self.loss, thr)
+            loss = per_image_loss(logits, y, goal, self.loss, thr)
             (grad,) = torch.autograd.grad(loss.sum(), xa)
             if mask is not None:
                 grad = grad * mask
-            new = threat.succeeded(decide(logits.detach(), thr), y) & ~hit  # keep the first adversarial point
-            x_hit[new] = xa.detach()[new]
-            hit[new] = True
-            return loss.detach(), grad
+            return loss.detach(), grad, threat.succeeded(decide(logits.detach(), thr), y)
 
         delta = geo.random_start(x, eps, generator)
         x_cur = threat.project(x + (delta if mask is None else delta * mask), x, mask)
-        loss, grad = loss_grad(x_cur)
+        loss, grad, adv = loss_grad(x_cur)
         self.zero_gradients += int((grad.flatten(1).abs().amax(1) == 0).sum())
+        x_prev = x_cur.clone()
         best_loss, x_best, g_best = loss.clone(), x_cur.clone(), grad.clone()
         eta = torch.full((n,), 2 * eps, device=x.device, dtype=x.dtype)
-        x_prev = x_cur.clone()
-        marks = set(checkpoints(self.steps))
-        last_mark, rises = 0, torch.zeros(n, device=x.device)
+        rises = torch.zeros(n, device=x.device)
         halved_at_mark = torch.zeros(n, dtype=torch.bool, device=x.device)
         best_at_mark = best_loss.clone()
-        for it in range(self.steps):
+        marks, last_mark = set(checkpoints(self.steps)), 0
+        for it in range(self.steps + 1):
+            if bool(adv.any()):  # keep the first adversarial iterates, then drop those images
+                x_out[idx[adv]] = x_cur[adv]
+                keep = ~adv
+                idx, x, y, x_cur, x_prev, grad, loss, best_loss, x_best, g_best, eta, rises, halved_at_mark, \
+                    best_at_mark = (t[keep] for t in (idx, x, y, x_cur, x_prev, grad, loss, best_loss, x_best,
+                                                      g_best, eta, rises, halved_at_mark, best_at_mark))
+                goal = None if goal is None else goal[keep]
+                mask = None if mask is None else mask[keep]
+                if len(idx) == 0:
+                    return x_out
+            if it == self.steps:
+                break
             z = threat.project(x_cur + eta.view(shape) * geo.normalize(grad), x, mask)
             a = 1.0 if it == 0 else MOMENTUM
             x_next = threat.project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev), x, mask)
-            new_loss, new_grad = loss_grad(x_next)
+            new_loss, new_grad, adv = loss_grad(x_next)
             rises += (new_loss > loss).float()
             better = new_loss > best_loss
             best_loss = torch.where(better, new_loss, best_loss)
@@ -205,22 +220,30 @@ class APGD(Attack):
                 # too few rises since the last checkpoint, or neither a halving there nor any progress since
                 halve = (rises < RHO * span) | (~halved_at_mark & (best_loss <= best_at_mark))
                 eta = torch.where(halve, eta / 2, eta)
+                # an adversarial iterate is kept as is: a halving does not move an image that leaves now
+                halve = halve & ~adv
                 x_cur = torch.where(halve.view(shape), x_best, x_cur)
                 grad = torch.where(halve.view(shape), g_best, grad)
                 loss = torch.where(halve, best_loss, loss)
                 last_mark, rises = it + 1, torch.zeros_like(rises)
                 halved_at_mark, best_at_mark = halve, best_loss.clone()
-        # an adversarial iterate where one was found (the loss need not peak there: CE ignores the
-        # operating threshold), else the point of highest loss
-        return torch.where(hit.view(shape), x_hit, x_best)
+        # images never adversarial: their point of highest loss (the loss need not peak at an adversarial
+        # point: CE ignores the operating threshold)
+        x_out[idx] = x_best
+        return x_out
 
 
-@register("autoattack", kind=Access.WHITE_BOX, title="AutoAttack")
+# price: APGD-CE and one APGD-T target (two classes) plus Square's queries; an upper bound (each runs on
+# the images the previous ones left unbroken)
+@register("autoattack", kind=Access.WHITE_BOX, title="AutoAttack", cost=lambda threat, p: (
+    2 * float(p.get("steps") or VERSIONS[p.get("version") or "standard"]["steps"]) * (p.get("restarts") or 1)
+    + per_query(VERSIONS[p.get("version") or "standard"]["max_queries"])(threat, p)))
 class AutoAttack(Attack):
     """APGD-CE, APGD-margin (targeted) and Square, worst case per image. ``version``: standard (100 steps,
     5,000 Square queries, 9 target classes) or fast (25 steps, 1,000 queries, 3 targets); ``steps`` and
-    ``max_queries`` override the version's. Square runs for two-class models only (its oracle is
-    binary); for K >= 3 the ensemble is the two APGD runs. ``flags`` accumulates the checks over batches."""
+    ``max_queries`` override the version's; Square's margin is the task kind's (binary: log-odds at the
+    threshold; K classes: log-probability against the best other class). ``flags`` accumulates the checks
+    over batches."""
 
     name = "autoattack"
     access = "white-box"
@@ -250,6 +273,10 @@ class AutoAttack(Attack):
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> AttackResult:
         threat, thr = self.threat, _threshold(model)
+        with torch.no_grad():
+            classes = check_logits(model(x[:1]), 1, None).shape[1]
+        if classes != threat.classes:  # targets and Square's margin mean K-class goals (the runner sets it too)
+            threat = self.threat = threat.with_(classes=classes)
         flags = {"randomness": False, "zero_gradients": 0, "square_stronger": 0,
                  "broken_by": {"apgd-ce": 0, "apgd-margin": 0, "square": 0}}
         queries = None
@@ -274,7 +301,7 @@ class AutoAttack(Attack):
                 ok[todo] = hit
                 flags["broken_by"][stage] = int(hit.sum())
             todo = (~ok).nonzero()[:, 0]
-            if len(todo) and logits.shape[1] == 2:
+            if len(todo):
                 sub = self._sub(x, todo)
                 square = Square(sub, self.seed, max_queries=self.max_queries, threshold=thr)
                 oracle = ProbabilityOracle.from_model(model)

@@ -1,6 +1,7 @@
 """What every attack shares: the result type, the black-box oracles, and one small base class.
 
-White-box attacks get the model (an ``nn.Module`` returning N×2 logits for images in [0, 1]).
+White-box attacks get the model (an ``nn.Module`` returning N×K logits for images in [0, 1]; binary
+models K = 2).
 Black-box attacks get only an oracle: :class:`ProbabilityOracle` (score-based) or :class:`LabelOracle`
 (label-only). Oracles run the victim under ``torch.no_grad`` and count every image they score, so a
 black-box attack cannot use gradients by accident and its query budget is auditable.
@@ -32,18 +33,18 @@ class AttackResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def check_logits(logits: torch.Tensor, n: int, classes: int | None = 2) -> torch.Tensor:
+def check_logits(logits: torch.Tensor, n: int, classes: int | None = None) -> torch.Tensor:
     """``logits`` if it is N×``classes`` (``classes=None``: N×K for any K >= 2), else a MedadvError."""
     ok = logits.ndim == 2 and logits.shape[0] == n and (logits.shape[1] == classes if classes else logits.shape[1] >= 2)
     if not ok:
         want = f"N×{classes}" if classes else "N×K (K >= 2)"
         raise MedadvError(f"the model returned shape {tuple(logits.shape)} for {n} images; medadv needs {want} logits.",
-                          "wrap the network so it returns two logits (healthy, disease) per image.")
+                          "wrap the network so it returns one logit per class (binary: healthy, disease) per image.")
     return logits
 
 
 class ProbabilityOracle:
-    """Score-based black-box access: ``oracle(x)`` returns N×2 class probabilities and counts N queries."""
+    """Score-based black-box access: ``oracle(x)`` returns N×K class probabilities and counts N queries."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 512) -> None:
         self._fn = fn
@@ -61,16 +62,17 @@ class ProbabilityOracle:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.total_queries += len(x)
         out = torch.cat([self._fn(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
-        if out.shape != (len(x), 2) or not torch.isfinite(out).all():
+        if out.ndim != 2 or out.shape[0] != len(x) or out.shape[1] < 2 or not torch.isfinite(out).all():
             raise MedadvError(f"the victim returned {tuple(out.shape)} probabilities for {len(x)} images.",
-                              "the victim must return N×2 finite probabilities.")
+                              "the victim must return N×K finite probabilities (K >= 2 classes).")
         return out.detach()
 
 
 class LabelOracle:
-    """Label-only black-box access: ``oracle(x)`` returns N predicted labels (0/1) and counts N queries.
+    """Label-only black-box access: ``oracle(x)`` returns N predicted labels and counts N queries.
 
-    The label is the victim's decision at its operating threshold on P(disease).
+    The label is the victim's decision: at its operating threshold on P(disease) for a binary model, the
+    most probable class for a K-class one.
     """
 
     def __init__(self, probability: ProbabilityOracle, threshold: float = 0.5) -> None:
@@ -82,7 +84,8 @@ class LabelOracle:
         return self._probability.total_queries
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (self._probability(x)[:, 1] >= self.threshold).long()
+        probs = self._probability(x)
+        return (probs[:, 1] >= self.threshold).long() if probs.shape[1] == 2 else probs.argmax(1)
 
 
 class Attack(ABC):

@@ -11,11 +11,11 @@ from medadv.attacks.base import Attack, AttackResult
 from medadv.attacks.fast import PRECISIONS
 from medadv.attacks.gradient import ascend, autograd_gradient, frozen
 from medadv.attacks.pgd import crafting_model
-from medadv.attacks.registry import Access, register
+from medadv.attacks.registry import Access, one_pass, register
 from medadv.errors import MedadvError
 
 
-@register("fgsm", kind=Access.WHITE_BOX, title="FGSM", norm="linf")
+@register("fgsm", kind=Access.WHITE_BOX, title="FGSM", norm="linf", battery=True, cost=one_pass)
 class FGSM(Attack):
     """``fast``: None, ``fp32`` or ``bf16``, as for :class:`~medadv.attacks.pgd.PGD`."""
 

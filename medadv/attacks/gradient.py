@@ -26,11 +26,12 @@ def objective(logits: torch.Tensor, goal: torch.Tensor, targeted: bool, loss: st
     """Summed per-image objective to ascend: toward ``goal`` if targeted, away from it otherwise.
 
     ``ce``: cross-entropy (negated when targeted). ``margin``: the logit margin of the goal class
-    over the other one (Carlini-Wagner style; it does not saturate on confident models).
+    over the best other one (Carlini-Wagner style; it does not saturate on confident models; for two
+    classes the other one).
     """
     if loss == "margin":
         z_goal = logits.gather(1, goal[:, None])[:, 0]
-        margin = z_goal - logits.gather(1, (1 - goal)[:, None])[:, 0]
+        margin = z_goal - logits.scatter(1, goal[:, None], -float("inf")).amax(1)
         return margin.sum() if targeted else -margin.sum()
     ce = F.cross_entropy(logits, goal, reduction="sum")
     return -ce if targeted else ce

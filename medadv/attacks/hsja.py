@@ -26,14 +26,14 @@ import torch
 from medadv.attacks._query import QueryBudget, check_budget, wanted_class
 from medadv.attacks.base import Attack, AttackResult, LabelOracle
 from medadv.attacks.geometry import L2_BALL
-from medadv.attacks.registry import Access, register
+from medadv.attacks.registry import Access, per_query, register
 from medadv.errors import MedadvError
 
 _HALVINGS = 30  # step-size search: at most this many halvings before the point stays where it is
 _CHUNK = 1 << 24  # gradient-estimate probes held in memory at once (elements)
 
 
-@register("hsja", kind=Access.LABEL, title="HopSkipJump")
+@register("hsja", kind=Access.LABEL, title="HopSkipJump", battery=True, cost=per_query(1000))
 class HopSkipJump(Attack):
     """Label-only HopSkipJump. ``max_queries`` per image (the clean image's query included);
     ``init_evals``/``max_evals``: probes per gradient estimate at the first iteration / at most;
@@ -187,7 +187,9 @@ class HopSkipJump(Attack):
             return p, found
         flat = x.flatten(1)
         far = torch.cdist(flat[idx], flat)  # nearest image the victim already puts in the wanted class
-        far = far.masked_fill(clean_label[None, :] != want[idx][:, None], float("inf"))
+        other = clean_label[None, :] != want[idx][:, None]
+        # K-class untargeted: ``want`` is the label to leave, so any image of another class will do
+        far = far.masked_fill(~other if self.threat.classes > 2 and not self.threat.targeted else other, float("inf"))
         near = torch.full((n,), -1, dtype=torch.long, device=dev)
         near[idx] = torch.where(torch.isfinite(far.amin(1)), far.argmin(1), -1)
         scale = self.threat.geometry.per_pixel(self.threat.radius, x[0].numel())

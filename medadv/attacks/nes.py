@@ -15,12 +15,12 @@ import torch
 
 from medadv.attacks._query import QueryBudget, check_budget, margin, score_success, wanted_class
 from medadv.attacks.base import Attack, AttackResult, ProbabilityOracle
-from medadv.attacks.registry import Access, register
+from medadv.attacks.registry import Access, per_query, register
 from medadv.attacks.gradient import ascend
 from medadv.errors import MedadvError
 
 
-@register("nes", kind=Access.SCORE, title="NES")
+@register("nes", kind=Access.SCORE, title="NES", cost=per_query(1000))
 class NES(Attack):
     """Score-based NES. ``samples`` (even) antithetic samples per gradient estimate; as many steps of
     ``threat.alpha`` as fit in ``max_queries`` per image (the first query scores the clean image);
@@ -71,7 +71,7 @@ class NES(Attack):
             # queries stay valid images: clipping to [0, 1] biases pixels at 0/1 a little, never the sign
             probes = (xa[:, None] + self.sigma * u).clamp(0.0, 1.0).flatten(0, 1)
             owner = todo[active].repeat_interleave(self.samples)
-            loss = -margin(budget(probes, owner), want[owner], self.threshold).view(k, self.samples)
+            loss = -margin(budget(probes, owner), want[owner], self.threshold, not threat.targeted).view(k, self.samples)
             return (loss.view(k, self.samples, *([1] * (xa.ndim - 1))) * u).mean(1) / self.sigma
 
         def stop(xa: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 
 from medadv.attacks.base import AttackResult, check_logits
 from medadv.attacks.gradient import objective
-from medadv.attacks.registry import Access, register
+from medadv.attacks.registry import Access, fit_steps, one_pass, register
 from medadv.attacks.threat_model import ThreatModel
 from medadv.attacks.universal import UniversalAttack, minibatches
 from medadv.errors import MedadvError
@@ -53,7 +53,8 @@ def place(patch: torch.Tensor, shape: torch.Size, center: torch.Tensor, side: to
     return image, coverage
 
 
-@register("patch", kind=Access.UNIVERSAL, title="Adversarial patch")
+@register("patch", kind=Access.UNIVERSAL, title="Adversarial patch", battery=True, needs_fit=True, cost=one_pass,
+          fit_cost=fit_steps(300))
 class AdversarialPatch(UniversalAttack):
     """One square patch (C×s×s, s² ≈ patch_fraction·H·W) pushing images toward ``threat.goal(y)``.
 

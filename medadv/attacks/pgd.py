@@ -14,7 +14,7 @@ from torch import nn
 from medadv.attacks.base import Attack, AttackResult, check_logits
 from medadv.attacks.fast import PRECISIONS, accelerated
 from medadv.attacks.gradient import ascend, autograd_gradient, frozen
-from medadv.attacks.registry import Access, register
+from medadv.attacks.registry import Access, per_step, register
 from medadv.errors import MedadvError
 
 LOSSES = ("ce", "margin")
@@ -53,7 +53,7 @@ def decided(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @register("pgd-l2", kind=Access.WHITE_BOX, title="PGD (L2)", norm="l2")
-@register("pgd", kind=Access.WHITE_BOX, title="PGD")
+@register("pgd", kind=Access.WHITE_BOX, title="PGD", battery=("pgd_white", "pgd_black"), cost=per_step)
 class PGD(Attack):
     """``loss``: ce or margin. ``fast``: None (the model as given), ``fp32`` (an equivalent copy with
     BatchNorm folded and channels_last: same result up to float rounding, faster) or ``bf16``

@@ -2,10 +2,14 @@
 
 ``@register("pgd", kind=Access.WHITE_BOX, title="PGD")`` on a class (stackable: ``pgd-l2`` is PGD with
 the norm fixed to L2) records its name, typed access kind, one-line title, the norm it fixes if any and
-its parameters (read from its constructor). Everything else is derived from here: ``ATTACKS`` (the
-name -> (class, fixed norm) map the runner uses), the CLI's ``--attack`` help (:func:`attacks_help`),
-the battery's rows for attacks it has no special row for, and report row titles (:func:`row_title`,
-from each row's own threat model, so a title cannot disagree with what was run).
+its parameters (read from its constructor), and what other modules used to decide by the attack's name:
+whether it is fitted on training images (``needs_fit``), its price for the time budget (``cost``,
+``fit_cost``: gradient-pass equivalents, see :mod:`medadv.budget`) and the battery rows it contributes by
+default (``battery``). Everything else is derived from here: ``ATTACKS`` (the name -> (class, fixed
+norm) map the runner uses), the CLI's ``--attack`` help (:func:`attacks_help`) and which flags an
+attack takes (:func:`takes`), the battery's default rows, the budget's prices, report row titles
+(:func:`row_title`, from each row's own threat model, so a title cannot disagree with what was run) and
+the attack table of ``docs/results-schema.md`` (:func:`schema_markdown`).
 
 Adding an attack is one file (the class with its decorator, imported once) plus its test.
 """
@@ -40,16 +44,64 @@ class Access(str, Enum):
                 "universal": "universal"}[self.value]
 
 
+# The budget's price of a row, in gradient-pass equivalents (one forward + input-gradient pass of one image).
+#   cost(threat, params) -> passes per attacked image;  fit_cost(threat, params, n_fit) -> passes to fit once.
+Cost = Callable[[ThreatModel, Mapping[str, Any]], float]
+FitCost = Callable[[ThreatModel, Mapping[str, Any], int], float]
+FORWARD_FRACTION = 1 / 3  # a forward pass (a query) costs about a third of forward + input gradient
+FIT_BATCH = 64  # the budget's images per fitting step (the fitted attacks' minibatches are at most this)
+
+
+def per_step(threat: ThreatModel, params: Mapping[str, Any]) -> float:
+    """One gradient pass per iteration (PGD and kin): the ``steps`` option, else the threat model's."""
+    return float(params.get("steps") or threat.steps)
+
+
+def one_pass(threat: ThreatModel, params: Mapping[str, Any]) -> float:
+    """A single gradient pass (FGSM), or applying a fitted perturbation."""
+    return 1.0
+
+
+def per_query(default: int) -> Cost:
+    """Score- and label-based attacks: ``max_queries`` forward passes (``default`` when not given)."""
+    def cost(threat: ThreatModel, params: Mapping[str, Any]) -> float:
+        return float(params.get("max_queries") or default) * FORWARD_FRACTION
+    return cost
+
+
+def fit_steps(default: int) -> FitCost:
+    """A fitted (universal) attack: ``steps`` optimization steps on minibatches of the fitting images."""
+    def cost(threat: ThreatModel, params: Mapping[str, Any], n_fit: int) -> float:
+        return float(params.get("steps") or default) * min(FIT_BATCH, n_fit)
+    return cost
+
+
 @dataclass(frozen=True)
 class AttackSpec:
-    """One registered attack: ``name`` -> class, access kind, title, fixed norm, parameters."""
+    """One registered attack: ``name`` -> class, access kind, title, fixed norm, parameters, and what the
+    rest of medadv needs to know about it (fitting data, budget price, default battery rows)."""
 
     name: str
     cls: type[Attack]
     kind: Access
     title: str
     norm: str | None = None  # the norm this name fixes (pgd-l2: l2), None: the threat model's
-    battery: bool = False  # run by default in the reproduce / audit battery
+    battery: tuple[str, ...] = ()  # the rows it adds to the default reproduce / audit battery
+    needs_fit: bool = False  # fitted on training images before it is applied (patch, universal perturbation)
+    cost: Cost = per_step  # gradient-pass equivalents per attacked image (the budget's price)
+    fit_cost: FitCost | None = None  # gradient-pass equivalents of fitting it once (needs_fit attacks)
+
+    def takes(self, param: str) -> bool:
+        """Whether the attack has the option ``param`` (a CLI flag is accepted only where it does)."""
+        return param in self.params
+
+    def passes(self, threat: ThreatModel, params: Mapping[str, Any], n_images: int, n_fit: int = 0) -> float:
+        """Gradient-pass equivalents of one row: ``n_images`` attacked under ``threat`` with ``params``,
+        plus fitting on ``n_fit`` images when the attack is fitted."""
+        total = n_images * float(self.cost(threat, params))
+        if self.fit_cost is not None:
+            total += float(self.fit_cost(threat, params, n_fit))
+        return total
 
     @property
     def params(self) -> dict[str, Any]:
@@ -82,13 +134,28 @@ class AttackSpec:
 REGISTRY: dict[str, AttackSpec] = {}
 
 
-def register(name: str, *, kind: Access | str, title: str, norm: str | None = None, battery: bool = False,
-             replace: bool = False) -> Callable[[A], A]:
+_DEFAULT_COST: dict[Access, Cost] = {Access.WHITE_BOX: per_step, Access.SCORE: per_query(1000),
+                                     Access.LABEL: per_query(1000), Access.UNIVERSAL: one_pass}
+
+
+def register(name: str, *, kind: Access | str, title: str, norm: str | None = None,
+             battery: bool | tuple[str, ...] = False, needs_fit: bool | None = None, cost: Cost | None = None,
+             fit_cost: FitCost | None = None, replace: bool = False) -> Callable[[A], A]:
     """Class decorator: register the attack under ``name``. Stack it to register one class under several
-    names (each may fix a norm). ``replace`` allows re-registering a name (tests, plugins)."""
+    names (each may fix a norm). ``replace`` allows re-registering a name (tests, plugins).
+
+    ``battery``: True adds a default battery row named ``name``; a tuple names the rows (pgd: its white-
+    and black-box rows). ``needs_fit``: fitted on training images (default: universal attacks).
+    ``cost``/``fit_cost``: the budget's price (default by access kind: one pass per step for white box,
+    a third of one per query for score and label, one pass plus ``fit_steps(100)`` for universal), so a
+    new attack is never free."""
     kind = Access(kind)
     if norm is not None and norm not in GEOMETRIES:
         raise MedadvError(f"unknown norm '{norm}' for attack {name}.", f"use {' or '.join(GEOMETRIES)}.")
+    rows = (name,) if battery is True else tuple(battery or ())
+    fits = kind is Access.UNIVERSAL if needs_fit is None else needs_fit
+    price = cost or _DEFAULT_COST[kind]
+    fit_price = fit_cost or (fit_steps(100) if fits else None)
 
     def decorate(cls: A) -> A:
         if name in REGISTRY and not replace and REGISTRY[name].cls is not cls:
@@ -98,7 +165,9 @@ def register(name: str, *, kind: Access | str, title: str, norm: str | None = No
             cls.name = name  # the first (innermost) registration names the class
         if "title" not in cls.__dict__:
             cls.title = title
-        REGISTRY[name] = AttackSpec(name, cls, kind, title, norm, battery)
+        if getattr(cls, "access", None) is None:  # (universal attacks inherit "white-box": the model at fit time)
+            cls.access = kind.value  # what the runner hands it and records, when the class does not say
+        REGISTRY[name] = AttackSpec(name, cls, kind, title, norm, rows, fits, price, fit_price)
         return cls
 
     return decorate
@@ -120,6 +189,11 @@ def spec(name: str) -> AttackSpec:
         return REGISTRY[name]
     except KeyError:
         raise MedadvError(f"unknown attack '{name}'.", f"choose one of {', '.join(REGISTRY)}.") from None
+
+
+def takes(param: str) -> tuple[str, ...]:
+    """The registered attacks that have the option ``param`` (for a CLI error's fix)."""
+    return tuple(n for n, s in REGISTRY.items() if s.takes(param))
 
 
 def make_attack(name: str, threat: ThreatModel, seed: int = 0, **params: Any) -> Attack:
@@ -196,3 +270,49 @@ def record_title(row: Mapping[str, Any]) -> str:
     """:func:`row_title` of one results row (``medadv-results`` record with an ``attack`` block)."""
     a = row.get("attack") or {}
     return row_title(a.get("name", "?"), a.get("threat_model") or {}, access=a.get("access"), params=a.get("params"))
+
+
+# ------------------------------------------------------------------ the attack table of docs/results-schema.md
+
+SCHEMA_BEGIN = "<!-- attacks:begin (generated from the attack registry: python -m medadv.attacks.registry docs/results-schema.md) -->"
+SCHEMA_END = "<!-- attacks:end -->"
+
+
+def _default_text(value: Any) -> str:
+    return "required" if value is inspect.Parameter.empty else repr(value)
+
+
+def schema_markdown() -> str:
+    """The registered attacks as the Markdown table of ``docs/results-schema.md`` (``attack.name`` values,
+    access, norms, fitting, default battery rows, options with defaults)."""
+    lines = ["| `attack.name` | title | access | norms | fitted on training images | default battery rows | "
+             "`attack.params` (default) |", "|---|---|---|---|---|---|---|"]
+    for s in REGISTRY.values():
+        norms = "/".join(GEOMETRIES[n].title for n in s.norms) if s.cls.bounded else "region"
+        options = ", ".join(f"`{k}` ({_default_text(v)})" for k, v in s.params.items()) or "none"
+        rows = ", ".join(f"`{r}`" for r in s.battery) or "none"
+        lines.append(f"| `{s.name}` | {s.title} | `{s.kind.value}` | {norms} | {'yes' if s.needs_fit else 'no'} | "
+                     f"{rows} | {options} |")
+    return "\n".join(lines)
+
+
+def schema_doc(text: str) -> str:
+    """``text`` (the schema document) with the part between the markers replaced by :func:`schema_markdown`."""
+    head, sep, rest = text.partition(SCHEMA_BEGIN)
+    _, sep2, tail = rest.partition(SCHEMA_END)
+    if not sep or not sep2:
+        raise MedadvError("the schema document has no generated attack table.",
+                          f"put the lines {SCHEMA_BEGIN} and {SCHEMA_END} where it belongs.")
+    return f"{head}{SCHEMA_BEGIN}\n{schema_markdown()}\n{SCHEMA_END}{tail}"
+
+
+if __name__ == "__main__":  # python -m medadv.attacks.registry docs/results-schema.md: regenerate the table
+    import sys
+    from pathlib import Path
+
+    # run as __main__ this file is a second copy of the module: use the package's registry, which importing
+    # medadv.attacks fills
+    from medadv.attacks import registry
+
+    target = Path(sys.argv[1])
+    target.write_text(registry.schema_doc(target.read_text()))

@@ -21,7 +21,7 @@ import torch
 
 from medadv.attacks._query import QueryBudget, check_budget, margin, score_success, wanted_class
 from medadv.attacks.base import Attack, AttackResult, ProbabilityOracle
-from medadv.attacks.registry import Access, register
+from medadv.attacks.registry import Access, per_query, register
 from medadv.errors import MedadvError
 
 # The paper's schedule (its reference code): p is halved past each of these iterations of 10,000.
@@ -36,7 +36,7 @@ def p_schedule(p_init: float, it: int, n_iters: int) -> float:
     return p_init / 2 ** sum(i > t for t in _HALVINGS)
 
 
-@register("square", kind=Access.SCORE, title="Square")
+@register("square", kind=Access.SCORE, title="Square", battery=True, cost=per_query(1000))
 class Square(Attack):
     """Score-based Square attack, L-inf or L2 by the threat model's norm. ``p_init``: initial fraction of
     the image a square covers; ``threshold``: the victim's operating point on P(disease)."""
@@ -70,7 +70,7 @@ class Square(Attack):
 
         def loss_and_success(xq: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             probs = budget(xq, idx)
-            return margin(probs, want[idx], self.threshold), score_success(probs, y[idx], threat, self.threshold)
+            return margin(probs, want[idx], self.threshold, not threat.targeted), score_success(probs, y[idx], threat, self.threshold)
 
         all_idx = torch.arange(n, device=dev)
         _, done = loss_and_success(x, all_idx)

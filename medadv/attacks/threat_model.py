@@ -20,10 +20,13 @@ import torch
 
 from medadv.attacks.geometry import GEOMETRIES, Geometry, geometry
 from medadv.errors import MedadvError
+from medadv.kinds import get_kind, parse_target
 
 Norm = Literal["linf", "l2"]
-Target = Literal["opposite", "disease", "healthy", "none"]
+Target = str  # opposite | disease | healthy | none | class:<k> (medadv.kinds.parse_target)
 HEALTHY, DISEASE = 0, 1
+# a classifier's targets mean the same for binary and K-class models (binary is K = 2)
+_CLASSIFICATION = get_kind("binary")
 
 
 def from_signed_unit(value: float) -> float:
@@ -39,7 +42,10 @@ class ThreatModel:
     (default eps/4 for linf, eps/5 for l2). steps: iterations. random_start: start from a random point
     of the ball (seeded). target: ``opposite`` (each image toward the class it is not, as in the paper),
     ``disease`` (force "disease": a provider's fraud), ``healthy`` (force "healthy": an insurer's), or
-    ``none`` (untargeted: any error). mask: 1 where pixels may change (H×W, 1×H×W, C×H×W or N×C×H×W;
+    ``none`` (untargeted: any error), or ``class:<k>`` (toward class k, e.g. a DR grade); for a K-class
+    model ``disease`` is the last class (the most severe grade) and ``opposite`` the class farthest from
+    the true one (:meth:`medadv.kinds.TaskKind.goal`). classes: the victim's number of classes K (the
+    job sets it from the model; 2 for binary). mask: 1 where pixels may change (H×W, 1×H×W, C×H×W or N×C×H×W;
     e.g. a fundus field of view), None for everywhere. levels: the storage grid, 255 (8-bit) or 65535
     (16-bit); the returned images lie on it, still within eps. None keeps them continuous.
     """
@@ -52,6 +58,7 @@ class ThreatModel:
     target: Target = "opposite"
     mask: torch.Tensor | None = None
     levels: int | None = 255
+    classes: int = 2
 
     def __post_init__(self) -> None:
         if self.norm not in GEOMETRIES:
@@ -64,8 +71,10 @@ class ThreatModel:
             raise MedadvError(f"step size must be > 0; got {self.step_size}.", "pass a positive --step-size.")
         if self.steps < 1:
             raise MedadvError(f"steps must be >= 1; got {self.steps}.", "pass --steps 1 or more.")
-        if self.target not in ("opposite", "disease", "healthy", "none"):
-            raise MedadvError(f"unknown target '{self.target}'.", "use opposite, disease, healthy or none.")
+        parse_target(self.target)  # one line on an unknown target
+        if isinstance(self.classes, bool) or not isinstance(self.classes, int) or self.classes < 2:
+            raise MedadvError(f"a threat model needs the victim's number of classes (>= 2); got {self.classes}.",
+                              "set classes from the model's spec.")
         if self.levels not in (None, 255, 65535):
             raise MedadvError(f"storage grid of {self.levels} levels is not supported.", "use 255 or 65535.")
 
@@ -93,19 +102,13 @@ class ThreatModel:
         return replace(self, **changes)
 
     def goal(self, labels: torch.Tensor) -> torch.Tensor:
-        """The class each image is pushed toward (targeted) or away from (untargeted: its label)."""
-        if self.target == "opposite":
-            return 1 - labels
-        if self.target == "disease":
-            return torch.full_like(labels, DISEASE)
-        if self.target == "healthy":
-            return torch.full_like(labels, HEALTHY)
-        return labels
+        """The class each image is pushed toward (targeted) or away from (untargeted: its label); what a
+        target means is the task kind's (:meth:`medadv.kinds.TaskKind.goal`)."""
+        return _CLASSIFICATION.goal(parse_target(self.target), labels, self.classes)
 
     def succeeded(self, predicted: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per image: did the prediction reach the goal (targeted) or leave the label (untargeted)?"""
-        goal = self.goal(labels)
-        return predicted == goal if self.targeted else predicted != goal
+        return _CLASSIFICATION.succeeded(parse_target(self.target), predicted, labels, self.classes)
 
     def mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """The mask broadcast to x's shape (checked), or None."""

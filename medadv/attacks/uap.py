@@ -14,14 +14,15 @@ from torch import nn
 
 from medadv.attacks.base import AttackResult, check_logits
 from medadv.attacks.gradient import objective
-from medadv.attacks.registry import Access, register
+from medadv.attacks.registry import Access, fit_steps, one_pass, register
 from medadv.attacks.threat_model import ThreatModel
 from medadv.attacks.universal import UniversalAttack, minibatches
 from medadv.errors import MedadvError
 from medadv.progress import Monitor
 
 
-@register("uap", kind=Access.UNIVERSAL, title="Universal adversarial perturbation")
+@register("uap", kind=Access.UNIVERSAL, title="Universal adversarial perturbation", battery=True, needs_fit=True,
+          cost=one_pass, fit_cost=fit_steps(200))
 class UniversalPerturbation(UniversalAttack):
     """One delta (C×H×W, at the stored image size) within eps and the mask, applied as clip(x + delta).
 

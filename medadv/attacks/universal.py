@@ -100,7 +100,8 @@ class UniversalAttack(Attack):
 
     def _success(self, model: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-image success (float) of a training minibatch at the model's operating threshold."""
-        pred = (logits.detach().softmax(1)[:, 1] >= getattr(model, "threshold", 0.5)).long()
+        probs = logits.detach().softmax(1)
+        pred = (probs[:, 1] >= getattr(model, "threshold", 0.5)).long() if probs.shape[1] == 2 else probs.argmax(1)
         return self.threat.succeeded(pred, y).float()
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:

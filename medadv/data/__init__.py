@@ -183,11 +183,13 @@ def data_class_names(task: str | Task, source: str | None = None, *,
 def _binary(task: Task, raw: np.ndarray, where: str) -> np.ndarray:
     """The task's labels for ``raw``, refused when a raw class falls outside what the task knows."""
     labels = task.binarize(raw)
-    bad = ~np.isin(labels, (0, 1, EXCLUDED))
+    bad = ~np.isin(labels, (*range(task.classes), EXCLUDED))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
+        allowed = " or ".join(f"{i} ({n})" for i, n in enumerate(task.class_names)) if task.classes <= 3 else \
+            f"0 ({task.class_names[0]}) to {task.classes - 1} ({task.class_names[-1]})"
         raise MedadvError(f"{where}: label {raw[row].tolist()} at row {row} is out of range for task {task.name} "
-                          f"({int(bad.sum())} such rows); labels are 0 ({task.class_names[0]}) or 1 ({task.class_names[1]}).",
+                          f"({int(bad.sum())} such rows); labels are {allowed}.",
                           "fix the labels, or pick the task these labels belong to.")
     return labels
 
@@ -270,8 +272,23 @@ def _from_npz(task: Task, split: str, path: Path, size: int | None, *, resplit: 
     )
 
 
-def _from_folder(task: Task, split: str, folder: Path, size: int | None, *, resplit: bool, split_seed: int,
-                 pattern: str | None, fit: str, allow_outside: bool = False, fit_size: int | None = None) -> ImageSet:
+def folder_source(task: str | Task, source: str | None, data_root: str | os.PathLike[str] | None = None
+                  ) -> tuple[Path, bool] | None:
+    """The folder a source names and whether it is re-split, or None when it is not a folder source."""
+    task = get_task(task) if isinstance(task, str) else task
+    root = resolve_data_root(data_root)
+    spec = resolve_source(task, source, root)
+    resplit = spec.startswith(RESPLIT)
+    spec = spec[len(RESPLIT):] if resplit else spec
+    kind, _, name = spec.partition(":")
+    path = root / name if kind == "folder" and name else Path(spec).expanduser()
+    return (path, resplit) if kind != "medmnist" and path.is_dir() else None
+
+
+def folder_members(folder: Path, split: str, *, resplit: bool = False, split_seed: int = 0,
+                   allow_outside: bool = False):
+    """The labels.csv rows of one split of a folder, as :func:`load_split` picks them, without decoding
+    an image; and the leakage record of the folder's splits."""
     rows = read_labels(folder, allow_outside)
     given = [r.split for r in rows]
     has_patients = any(r.patient_id for r in rows)
@@ -289,7 +306,13 @@ def _from_folder(task: Task, split: str, folder: Path, size: int | None, *, resp
     record = leakage.unchecked("labels.csv has no patient_id column") if not has_patients else \
         leakage.split_overlap({s: [r.patient_id for r, a in zip(rows, splits) if a == s] for s in medmnist.SPLITS},
                               "labels.csv's patient_id column")
-    picked = [r for r, s in zip(rows, splits) if s == split]
+    return [r for r, s in zip(rows, splits) if s == split], record, how
+
+
+def _from_folder(task: Task, split: str, folder: Path, size: int | None, *, resplit: bool, split_seed: int,
+                 pattern: str | None, fit: str, allow_outside: bool = False, fit_size: int | None = None) -> ImageSet:
+    picked, record, how = folder_members(folder, split, resplit=resplit, split_seed=split_seed,
+                                         allow_outside=allow_outside)
     if not picked:
         return ImageSet(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64), [], task.name, split,
                         str(folder), "")

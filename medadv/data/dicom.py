@@ -13,8 +13,9 @@ the rest, and an edit there would move a pixel to the window's edge, far more th
 and linearly onto [0, 1] over the full BitsStored range (MONOCHROME1 inverted, so bright still means
 dense), plus the window as an affine ``(a, b)`` that the model applies (``clip(a * x + b, 0, 1)``).
 
-Malformed headers fail with one line naming the tag and the file; only a missing decoder is met with
-"install the codecs".
+Malformed headers fail with one line naming the file, the tag (keyword and (gggg,eeee)) and the value
+as stored; only a missing decoder is met with "install the codecs". pydicom's own warnings are kept off
+the console (:func:`quiet`): what they foretell is raised as that one line.
 
 Writing puts an edited image back into a copy of its source file at the source's bit depth and
 representation, with a new SOPInstanceUID. Unchanged pixels keep their stored value bit for bit; a
@@ -24,6 +25,9 @@ requested one (an attack's eps budget survives the write).
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,12 +53,61 @@ class DicomMap:
         return np.clip(self.a * stored.astype(np.float64) + self.b, 0.0, 1.0)
 
 
+@contextlib.contextmanager
+def quiet() -> Iterator[list]:
+    """pydicom's warnings (an invalid value for a VR, a deprecated option) kept off the console: every
+    failure they foretell is raised as one line naming the file and the tag (:func:`bad_element`)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+
+
+# The image-header elements medadv and pydicom's decoder read: pydicom keeps a malformed value of these as
+# a raw string with only a warning, and the failure would come later and nameless.
+USED = frozenset({"Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated", "BitsStored", "HighBit",
+                  "PixelRepresentation", "PlanarConfiguration", "PhotometricInterpretation", "WindowCenter",
+                  "WindowWidth", "RescaleSlope", "RescaleIntercept", "VOILUTFunction"})
+
+
+def bad_element(ds, groups: tuple[int, ...] = (0x0028,)) -> tuple[str, str, str, str] | None:
+    """The first element of ``groups`` (the image header) whose value cannot be read, or (for the ones
+    medadv uses, :data:`USED`) that pydicom warns is invalid for its VR: (keyword, "(gggg,eeee)", the raw
+    value as stored, pydicom's complaint); None when all read."""
+    from pydicom.datadict import keyword_for_tag
+
+    for tag in list(ds.keys()):
+        if tag.group not in groups:
+            continue
+        keyword = keyword_for_tag(tag) or "private tag"
+        why = None
+        try:
+            with quiet() as caught:
+                ds[tag].value  # noqa: B018 -- converting the raw bytes is what fails on a malformed value
+            if keyword in USED and caught:
+                why = str(caught[0].message).split(". Please see")[0][:80]
+        except Exception as exc:  # pydicom raises ValueError, TypeError or its own errors here
+            why = f"{type(exc).__name__}: {str(exc)[:60]}"
+        if why is not None:
+            raw = ds.get_item(tag).value
+            text = raw.decode("latin-1", "replace").strip() if isinstance(raw, bytes) else str(raw)
+            return keyword, f"({tag.group:04X},{tag.element:04X})", text[:40], why
+    return None
+
+
+def _header_error(path: Path, bad: tuple[str, str, str, str]) -> MedadvError:
+    keyword, tag, raw, why = bad
+    return MedadvError(f"{path}: DICOM tag {keyword} {tag} holds an invalid value {raw!r} ({why}).",
+                       f"correct {keyword} {tag} in the header (e.g. with dcmodify) or re-export the file from the "
+                       "PACS; installing codecs will not help.")
+
+
 def _read(path: Path):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(path)
+        with quiet():
+            ds = pydicom.dcmread(path)
     except FileNotFoundError as exc:
         raise MedadvError(f"DICOM file {path} does not exist.", "check the path in labels.csv.") from exc
     except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as exc:
@@ -62,17 +115,22 @@ def _read(path: Path):
             f"{path} is not a readable DICOM file ({type(exc).__name__}: {str(exc)[:80]}).",
             "re-export it from the PACS or remove it from labels.csv.",
         ) from exc
+    bad = bad_element(ds)  # a malformed image-header value, named here rather than failing deep in decoding
+    if bad is not None:
+        raise _header_error(path, bad)
+    return ds
 
 
 def _stored(ds, path: Path) -> np.ndarray:
     if "PixelData" not in ds:
         raise MedadvError(f"{path} holds no image (no PixelData).", "remove it from the dataset.")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = int(_num(ds, "NumberOfFrames", path, 1) or 1)
     if frames != 1:
         raise MedadvError(f"{path} has {frames} frames; medadv classifies single 2D images.",
                           "export the frame you want as its own DICOM file.")
     try:
-        arr = ds.pixel_array  # pydicom converts YBR_* to RGB here
+        with quiet():
+            arr = ds.pixel_array  # pydicom converts YBR_* to RGB here
     except Exception as exc:  # missing codec, malformed header or damaged pixel data
         raise pixel_error(path, exc, ds) from exc
     return np.asarray(arr)
@@ -96,6 +154,9 @@ def pixel_error(path: Path, exc: Exception, ds=None) -> MedadvError:
     import re
 
     tag = re.search(r"\(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)\s*'([^']+)'", text)
+    bad = None if tag or ds is None else bad_element(ds)
+    if bad is not None:  # the message did not name the tag, but one image-header value is unreadable
+        return _header_error(path, bad)
     what = f"tag {tag.group(3)} ({tag.group(1)},{tag.group(2)})" if tag else "its image header (group 0028) or pixel data"
     return MedadvError(f"{path} has a malformed DICOM header: {what} does not fit the pixel data "
                        f"({type(exc).__name__}: {text[:120]}).",
@@ -267,20 +328,21 @@ def write_dicom_like(source: str | Path, image: np.ndarray, out: str | Path, *, 
     new = np.clip(new, m.stored_min, m.stored_max).astype(stored.dtype)
     new = new[0] if stored.ndim == 2 else np.moveaxis(new, 0, -1)
 
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        ds.decompress(as_rgb=True, generate_instance_uid=False)
-    if m.photometric == "RGB":
-        ds.PhotometricInterpretation = "RGB"
-        ds.PlanarConfiguration = 0
-    ds.PixelData = np.ascontiguousarray(new).astype(new.dtype.newbyteorder("<")).tobytes()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    _mark_derived(ds, derivation or "medadv: edited pixel data")
-    uid = generate_uid()
-    ds.SOPInstanceUID = uid
-    ds.file_meta.MediaStorageSOPInstanceUID = uid
-    out = Path(out)
-    with atomic_path(out, suffix=".dcm") as tmp:
-        ds.save_as(tmp, enforce_file_format=True)
+    with quiet():  # pydicom's notes on the source's other elements stay off the console
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            ds.decompress(as_rgb=True, generate_instance_uid=False)
+        if m.photometric == "RGB":
+            ds.PhotometricInterpretation = "RGB"
+            ds.PlanarConfiguration = 0
+        ds.PixelData = np.ascontiguousarray(new).astype(new.dtype.newbyteorder("<")).tobytes()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        _mark_derived(ds, derivation or "medadv: edited pixel data")
+        uid = generate_uid()
+        ds.SOPInstanceUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        out = Path(out)
+        with atomic_path(out, suffix=".dcm") as tmp:
+            ds.save_as(tmp, enforce_file_format=True)
     return out
 
 

@@ -4,6 +4,9 @@ PNG, JPEG or DICOM files of any size, grey or colour.
 ``label`` is the binary task label (0 healthy, 1 disease). Without a ``split`` column the folder is split
 70/10/20 by :func:`medadv.data.splits.patient_split`, seeded, stratified and patient-level.
 
+A file listed twice is one image: identical rows are kept once; rows that give it different labels,
+splits or patients are refused (naming the file and both lines).
+
 Paths are relative to the folder and must stay inside it: ``..`` that climbs out, or an absolute path,
 is refused unless the caller allows outside paths (``--allow-outside-paths``), so a labels.csv from
 elsewhere cannot make medadv read (and report on) arbitrary files.
@@ -65,20 +68,44 @@ def read_labels(folder: Path, allow_outside: bool = False) -> list[Row]:
             raw = list(reader)
     except (UnicodeDecodeError, csv.Error) as exc:
         raise MedadvError(f"{csv_path} is not a readable CSV file ({exc}).", "save it as UTF-8 CSV.") from exc
-    rows = []
+    rows: list[Row] = []
+    seen: dict[Path, tuple[Row, int]] = {}
     for line, r in enumerate(raw, start=2):
         label = (r.get("label") or "").strip()
         if label not in ("0", "1"):
-            raise MedadvError(f"{csv_path} line {line}: label '{label}' is out of range; labels are 0 (healthy) or 1 (disease).",
-                              "fix the label column.")
+            image = (r.get("path") or "").strip() or "(no path)"
+            shown = ("the label is empty (a missing value; pandas writes NaN so)" if not label
+                     else f"label '{label}' is out of range")
+            raise MedadvError(f"{csv_path} line {line} ({image}): {shown}; labels are 0 (healthy) or 1 (disease).",
+                              f"give line {line} a label of 0 or 1, or remove the row.")
         split = (r.get("split") or "").strip().lower() or None
         if split is not None and split not in SPLIT_NAMES:
             raise MedadvError(f"{csv_path} line {line}: split '{split}' is not train, val or test.", "fix the split column.")
-        rows.append(Row(_inside(folder, (r.get("path") or "").strip(), csv_path, line, allow_outside), int(label), (r.get("patient_id") or "").strip() or None,
-                        SPLIT_NAMES.get(split) if split else None))
+        row = Row(_inside(folder, (r.get("path") or "").strip(), csv_path, line, allow_outside), int(label),
+                  (r.get("patient_id") or "").strip() or None, SPLIT_NAMES.get(split) if split else None)
+        key = row.path.resolve()
+        if key in seen:  # the same file twice: one image, so the rows must agree (it is then kept once)
+            first, first_line = seen[key]
+            _same_or_refuse(csv_path, first, first_line, row, line)
+            continue
+        seen[key] = (row, line)
+        rows.append(row)
     if not rows:
         raise MedadvError(f"{csv_path} lists no images.", "add one row per image.")
     return rows
+
+
+def _same_or_refuse(csv_path: Path, a: Row, line_a: int, b: Row, line_b: int) -> None:
+    """Two rows naming one file: identical rows are one image listed twice (kept once, so it is neither
+    counted twice nor split across train and test); rows that disagree on its label, split or patient
+    are refused, naming the file and both lines, since either could be the wrong one."""
+    for field, name in (("label", "label"), ("split", "split"), ("patient_id", "patient_id")):
+        va, vb = getattr(a, field), getattr(b, field)
+        if va != vb:
+            raise MedadvError(f"{csv_path}: image {b.path.name} is listed twice with different {name}s: line {line_a} "
+                              f"says {va if va is not None else '(empty)'}, line {line_b} says "
+                              f"{vb if vb is not None else '(empty)'}.",
+                              f"keep one row for {b.path.name} with the right {name}.")
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""The task registry: the paper's three problems (plus pneumothorax) and how raw labels become binary.
+"""The task registry: the paper's three problems (plus pneumothorax), diabetic retinopathy grading, and how
+raw labels become the task's classes.
 
-Every task is binary: class 0 is healthy, class 1 is the disease. ``sources`` lists where the images
+A task names its kind (:mod:`medadv.kinds`): binary tasks have class 0 healthy and class 1 the disease;
+multi-class tasks have K classes, ordered by severity when ``graded``. ``sources`` lists where the images
 come from, in order of preference: the first one present under the data root is used; when none is,
 the last one (an official MedMNIST file) is downloaded.
 """
@@ -22,10 +24,17 @@ class Task:
     name: str
     title: str
     modality: str  # chest-xray | fundus | dermoscopy: picks the training augmentation
-    class_names: tuple[str, str]
+    class_names: tuple[str, ...]
     sources: tuple[str, ...]  # "medmnist:<flag>" or "folder:<dir under the data root>"
-    binarize: Callable[[np.ndarray], np.ndarray]  # raw MedMNIST labels (N×K) -> {0, 1, EXCLUDED}
+    binarize: Callable[[np.ndarray], np.ndarray]  # raw MedMNIST labels (N×K) -> {0..classes-1, EXCLUDED}
     note: str = ""
+    kind: str = "binary"  # a registered task kind (medadv.kinds)
+    graded: bool = False  # ordinal classes (grades): quadratic-weighted kappa is reported
+    positive_from: int | None = None  # multi-class: the clinically first decision, class >= this (referable)
+
+    @property
+    def classes(self) -> int:
+        return len(self.class_names)
 
 
 def _identity(raw: np.ndarray) -> np.ndarray:
@@ -53,6 +62,11 @@ TASKS: dict[str, Task] = {
     for t in (
         Task("fundus-dr", "Referable diabetic retinopathy (fundus)", "fundus", ("no referable DR", "referable DR"),
              ("medmnist:retinamnist",), _dr_referable, "RetinaMNIST grades 0-4; referable = grade >= 2."),
+        Task("fundus-grade", "Diabetic retinopathy grade (fundus)", "fundus",
+             ("no DR", "mild NPDR", "moderate NPDR", "severe NPDR", "proliferative DR"),
+             ("medmnist:retinamnist",), _identity,
+             "RetinaMNIST's own grades 0-4 (ICDR scale); referable DR = grade >= 2 is reported beside them.",
+             kind="multiclass", graded=True, positive_from=2),
         Task("chest-xray", "Pneumonia (chest X-ray)", "chest-xray", ("normal", "pneumonia"),
              ("medmnist:pneumoniamnist",), _identity,
              "PneumoniaMNIST stands in for the paper's pneumothorax task (pediatric pneumonia)."),

@@ -23,11 +23,11 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 
 from medadv.errors import MedadvError
+from medadv.models.interface import ModelBase
 
 
 class Preprocessor(nn.Module):
@@ -130,11 +130,12 @@ def apply_preprocessor(pre: Preprocessor, x: torch.Tensor, adaptive: bool) -> to
     return (_BPDA if adaptive else _MaskedGradient).apply(x, pre)
 
 
-class ModelWrapper(nn.Module):
-    """A module around ``self.model`` that is still a model: ``spec``, ``threshold``, ``device``,
-    ``differentiable``, ``probabilities`` and ``predict`` are the wrapped model's, computed through this
-    wrapper's ``forward``, so code written for a ``MedicalClassifier`` (attacks, battery, clinical metrics)
-    runs on it. Subclasses set ``self.model`` and define ``forward``."""
+class ModelWrapper(ModelBase):
+    """A module around ``self.model`` that is still a model (:class:`medadv.models.interface.Model`):
+    ``spec``, ``threshold``, ``kind`` and ``differentiable`` are the wrapped model's; ``probabilities`` and
+    ``predict`` are computed through this wrapper's ``forward`` (:class:`~medadv.models.interface.ModelBase`),
+    so code written for a ``MedicalClassifier`` (attacks, battery, clinical metrics) runs on it.
+    Subclasses set ``self.model`` and define ``forward``."""
 
     model: nn.Module
 
@@ -145,32 +146,6 @@ class ModelWrapper(nn.Module):
     @property
     def threshold(self) -> float:
         return float(getattr(self.model, "threshold", 0.5))
-
-    @property
-    def device(self) -> torch.device:
-        param = next(self.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
-
-    @property
-    def differentiable(self) -> bool:
-        """Whether white-box attacks can run (the wrapped network's property)."""
-        return getattr(self.model, "differentiable", True)
-
-    @torch.no_grad()
-    def probabilities(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """P(disease) per image (N floats) through this wrapper, eval mode, in batches."""
-        was_training = self.training
-        self.eval()
-        device = self.device
-        try:
-            out = [torch.softmax(self(x[i:i + batch_size].to(device)), dim=1)[:, 1].float().cpu()
-                   for i in range(0, len(x), batch_size)]
-        finally:
-            self.train(was_training)
-        return torch.cat(out) if out else torch.zeros(0)
-
-    def predict(self, p_disease: torch.Tensor | np.ndarray) -> np.ndarray:
-        return (np.asarray(p_disease) >= self.threshold).astype(np.int64)
 
 
 class DefendedModel(ModelWrapper):

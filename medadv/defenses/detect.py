@@ -17,6 +17,10 @@ through whatever the detector computes without a useful gradient (the squeezers)
 the network and stays under the detector at once. :func:`adaptive_attack` runs it on any
 :class:`Detector`. Report how many adversarial images it gets past the detector beside the non-adaptive
 detection rate, and :func:`detection_auc` for the threshold-free picture.
+
+Detectors register themselves where they are defined (:func:`register_detector`, like attacks and
+preprocessing defenses); :data:`DETECTORS` is what the defenses study offers and builds
+(:func:`build_detector`), so adding a detector is one file plus its import in ``medadv.defenses``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from medadv.defenses.base import Preprocessor, apply_preprocessor
 from medadv.errors import MedadvError
@@ -87,6 +95,67 @@ class Detector(nn.Module):
         return self.scores(x) > self.threshold
 
 
+D = TypeVar("D", bound=type[Detector])
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """One registered detector: ``name`` (what a plan says) -> class, the report's title, and whether it
+    is fitted on clean training images (``cls(model).fit(x, y)``) before calibration."""
+
+    name: str
+    cls: type[Detector]
+    title: str
+    needs_fit: bool = False
+
+    def build(self, model: nn.Module, x_fit: torch.Tensor | None = None, y_fit: torch.Tensor | None = None,
+              **params: Any) -> Detector:
+        """The detector around ``model``, fitted on x_fit (N×C×H×W in [0, 1]) / y_fit (N) if it needs it."""
+        detector = self.cls(model, **params)
+        if self.needs_fit:
+            if x_fit is None or y_fit is None:
+                raise MedadvError(f"the {self.name} detector is fitted on clean training images.",
+                                  "pass x_fit and y_fit.")
+            detector = detector.fit(x_fit, y_fit)
+        return detector
+
+
+DETECTORS: dict[str, DetectorSpec] = {}
+
+
+def register_detector(name: str, *, title: str, needs_fit: bool = False,
+                      replace: bool = False) -> Callable[[D], D]:
+    """Class decorator: register a :class:`Detector` under ``name`` (``replace``: tests, plugins)."""
+    def decorate(cls: D) -> D:
+        if name in DETECTORS and not replace and DETECTORS[name].cls is not cls:
+            raise MedadvError(f"a detector named '{name}' is already registered.", "pick another name, or pass replace=True.")
+        DETECTORS[name] = DetectorSpec(name, cls, title, needs_fit)
+        return cls
+    return decorate
+
+
+def unregister_detector(name: str) -> None:
+    DETECTORS.pop(name, None)
+
+
+def detector_names() -> tuple[str, ...]:
+    """Every registered detector, in registration order."""
+    return tuple(DETECTORS)
+
+
+def detector_spec(name: str) -> DetectorSpec:
+    try:
+        return DETECTORS[name]
+    except KeyError:
+        raise MedadvError(f"unknown detector '{name}'.", f"choose from {', '.join(DETECTORS)}.") from None
+
+
+def build_detector(name: str, model: nn.Module, x_fit: torch.Tensor | None = None,
+                   y_fit: torch.Tensor | None = None) -> Detector:
+    """The registered detector ``name`` around ``model``, fitted where it needs clean training images."""
+    return detector_spec(name).build(model, x_fit, y_fit)
+
+
 def default_squeezers() -> list[Preprocessor]:
     from medadv.defenses.bitdepth import BitDepth
     from medadv.defenses.median import Median
@@ -94,6 +163,7 @@ def default_squeezers() -> list[Preprocessor]:
     return [BitDepth(5), Median(3)]
 
 
+@register_detector("feature-squeezing", title="Feature squeezing")
 class FeatureSqueezing(Detector):
     """Detector around ``model`` (N×C×H×W in [0, 1] -> N×2 logits). ``threshold``: flag above it (set it
     with :meth:`calibrate`). ``adaptive``: gradients through the squeezers by BPDA (True) or masked."""

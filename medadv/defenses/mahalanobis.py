@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medadv.defenses.detect import Detector, adaptive_attack, detection_auc
+from medadv.defenses.detect import Detector, adaptive_attack, detection_auc, register_detector
 from medadv.errors import MedadvError
 
 __all__ = ["COVARIANCES", "Mahalanobis", "adaptive_attack", "detection_auc"]
@@ -35,6 +35,7 @@ __all__ = ["COVARIANCES", "Mahalanobis", "adaptive_attack", "detection_auc"]
 COVARIANCES = ("ledoit-wolf", "empirical")
 
 
+@register_detector("mahalanobis", title="Mahalanobis", needs_fit=True)
 class Mahalanobis(Detector):
     """Detector around ``model``, a :class:`~medadv.models.wrapper.MedicalClassifier` (anything with
     ``features(x) -> N×D`` and ``forward(x) -> N×2 logits``). ``covariance``: ``ledoit-wolf`` or

@@ -58,8 +58,9 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshold: flo
 
 def _pgd_accuracy(model, x, y, eps: float, steps: int, seed: int, threshold: float) -> float:
     from medadv.attacks import PGD, ThreatModel
+    from medadv.attacks.steps import pgd_step
 
-    threat = ThreatModel(norm="linf", eps=eps, steps=steps, step_size=max(eps / 4, 2.5 * eps / steps),
+    threat = ThreatModel(norm="linf", eps=eps, steps=steps, step_size=pgd_step(eps, steps),
                          random_start=True, target="none", levels=None)
     x_adv = PGD(threat, seed=seed)(model, x, y).x_adv
     return _accuracy(model, x_adv, y, threshold)

@@ -16,11 +16,18 @@ crafting passes neither update BatchNorm statistics nor form weight gradients.
 * ``fast`` (Wong, Rice and Kolter 2020): one FGSM step of 1.25·eps from a uniform random start.
 * ``noise_sigma`` > 0 (Cohen et al. 2019): Gaussian noise N(0, σ²) on the input before the step, the
   training that randomized smoothing needs; it combines with the methods above (noise first).
+
+Each training defense is registered (:data:`TRAINING_DEFENSES`, :func:`register_training`) with its report
+title, its step loss and the training-configuration fields it sets; the defenses study, ``--adversarial``'s
+check and :func:`make_step_loss` read the registry, so adding one is one registration. PGD steps follow
+medadv's one step rule (:func:`medadv.attacks.steps.pgd_step`) and the ball is the geometry's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,16 +35,79 @@ from torch import nn
 
 from medadv.errors import MedadvError
 
-METHODS = ("pgd", "trades", "fast")
-
 # (model, x, soft_target, y, generator) -> scalar loss to minimize
 StepLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class Settings:
+    """An adversarial method's settings: eps and step size in [0, 1] pixel units, PGD steps, TRADES β."""
+
+    eps: float
+    steps: int
+    trades_beta: float
+    step_size: float | None = None
+
+
+# (model, x, soft_target, y, generator, settings) -> scalar loss: one adversarial method's training step
+MethodLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator, Settings], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainingDefense:
+    """A registered training defense. ``title``: the report's row name, formatted with the plan's fields
+    (``"noise σ={noise_sigma:g}"``); ``loss``: an adversarial method's step loss (None for an
+    augmentation, such as noise, that :func:`make_step_loss` applies from the configuration);
+    ``fields(plan)``: the :class:`~medadv.models.train.TrainConfig` fields it sets, read from a plan with
+    ``adv_eps``, ``adv_steps``, ``trades_beta`` and ``noise_sigma``."""
+
+    name: str
+    title: str
+    loss: MethodLoss | None
+    fields: Callable[[Any], dict[str, Any]]
+
+    def row_name(self, plan: Any) -> str:
+        return self.title.format(**{k: getattr(plan, k) for k in ("adv_eps", "adv_steps", "trades_beta", "noise_sigma")})
+
+
+TRAINING_DEFENSES: dict[str, TrainingDefense] = {}
+
+
+def register_training(name: str, *, title: str, loss: MethodLoss | None = None,
+                      fields: Callable[[Any], dict[str, Any]] | None = None, replace: bool = False) -> TrainingDefense:
+    """Register a training defense. An adversarial method (``loss`` given) sets ``adversarial=name`` and
+    the plan's eps, steps and β unless ``fields`` says otherwise; ``replace`` allows re-registering."""
+    if name in TRAINING_DEFENSES and not replace:
+        raise MedadvError(f"a training defense named '{name}' is already registered.", "pick another name, or pass replace=True.")
+    if fields is None:
+        if loss is None:
+            raise MedadvError(f"training defense '{name}' sets nothing.", "pass loss= or fields=.")
+        fields = lambda plan: {"adversarial": name, "adv_eps": plan.adv_eps, "adv_steps": plan.adv_steps,  # noqa: E731
+                               "trades_beta": plan.trades_beta}
+    TRAINING_DEFENSES[name] = spec = TrainingDefense(name, title, loss, fields)
+    return spec
+
+
+def unregister_training(name: str) -> None:
+    TRAINING_DEFENSES.pop(name, None)
+
+
+def methods() -> tuple[str, ...]:
+    """The adversarial methods ``--adversarial`` accepts (registered training defenses with a step loss)."""
+    return tuple(n for n, d in TRAINING_DEFENSES.items() if d.loss is not None)
+
+
+def training_defense(name: str) -> TrainingDefense:
+    try:
+        return TRAINING_DEFENSES[name]
+    except KeyError:
+        raise MedadvError(f"unknown training defense '{name}'.", f"choose from {', '.join(TRAINING_DEFENSES)}.") from None
+
+
 def check_settings(method: str | None, eps: float, steps: int, trades_beta: float, noise_sigma: float) -> None:
     """Raise a :class:`MedadvError` naming the flag when a robust-training setting is out of range."""
-    if method is not None and method not in METHODS:
-        raise MedadvError(f"unknown adversarial training '{method}'.", f"pass --adversarial {' | '.join(METHODS)}.")
+    if method is not None and method not in methods():
+        raise MedadvError(f"unknown adversarial training '{method}'.", f"pass --adversarial {' | '.join(methods())}.")
     if method is not None:
         if not 0 < eps <= 1:
             raise MedadvError(f"--adv-eps must be in (0, 1] pixel units; got {eps}.", "pass e.g. --adv-eps 4/255.")
@@ -61,8 +131,9 @@ def pgd_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                  generator: torch.Generator, step_size: float | None = None) -> torch.Tensor:
     """Untargeted L-inf PGD (CE, random start) against ``model``; returns x' (detached, in [0, 1])."""
     from medadv.attacks.gradient import ascend, autograd_gradient, frozen
+    from medadv.attacks.steps import pgd_step
 
-    threat = _threat(eps, steps, step_size or 2.5 * eps / steps)
+    threat = _threat(eps, steps, step_size or pgd_step(eps, steps))
     with frozen(model):
         x_adv, _ = ascend(x.detach(), y, autograd_gradient(model, targeted=False), threat, generator)
     return x_adv.detach()
@@ -72,8 +143,9 @@ def trades_examples(model: nn.Module, x: torch.Tensor, eps: float, steps: int, g
                     step_size: float | None = None) -> torch.Tensor:
     """x' maximizing KL(p(x) ‖ p(x')) in the L-inf eps-ball, from x + 0.001·N(0, 1) (Zhang et al.'s start)."""
     from medadv.attacks.gradient import ascend, frozen
+    from medadv.attacks.steps import pgd_step
 
-    threat = _threat(eps, steps, step_size or 2.5 * eps / steps)
+    threat = _threat(eps, steps, step_size or pgd_step(eps, steps))
     with frozen(model):
         with torch.no_grad():
             p_clean = F.softmax(model(x), dim=1)
@@ -87,7 +159,10 @@ def trades_examples(model: nn.Module, x: torch.Tensor, eps: float, steps: int, g
         x0 = (x + start).clamp(0, 1).detach()
         x_adv, _ = ascend(x0, torch.zeros(len(x), dtype=torch.long, device=x.device), kl_gradient, threat,
                           generator, start=False)
-        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)  # ascend's ball was around x0
+        # ascend's ball was around x0: back into the geometry's ball around x (and [0, 1]); the L-inf ball is
+        # a per-pixel box, so the projection is one exact clamp (no x + (x' - x) rounding)
+        lo, hi = threat.geometry.box(x, threat.radius)
+        x_adv = torch.max(torch.min(x_adv, hi), lo)
     return x_adv.detach()
 
 
@@ -108,6 +183,9 @@ def make_step_loss(method: str | None, *, eps: float = 4 / 255, steps: int = 7, 
     if method is None and noise_sigma == 0:
         return None
 
+    settings = Settings(eps, steps, trades_beta, step_size)
+    method_loss = TRAINING_DEFENSES[method].loss if method is not None else None
+
     def step_loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor, y: torch.Tensor,
                   generator: torch.Generator) -> torch.Tensor:
         if noise_sigma > 0:
@@ -115,19 +193,38 @@ def make_step_loss(method: str | None, *, eps: float = 4 / 255, steps: int = 7, 
             x = x + noise_sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             if method is not None:
                 x = x.clamp(0, 1)  # the attacks' box is [0, 1]
-        if method == "pgd":
-            x = pgd_examples(model, x, y, eps, steps, generator, step_size)
-        elif method == "fast":
-            x = fast_examples(model, x, y, eps, generator)
-        elif method == "trades":
-            x_adv = trades_examples(model, x, eps, steps, generator, step_size)
-            logits = model(torch.cat([x, x_adv]))
-            clean, adv = logits[: len(x)], logits[len(x):]
-            kl = F.kl_div(F.log_softmax(adv, dim=1), F.softmax(clean, dim=1), reduction="batchmean")
-            return F.cross_entropy(clean, target) + trades_beta * kl
+        if method_loss is not None:
+            return method_loss(model, x, target, y, generator, settings)
         return F.cross_entropy(model(x), target)
 
     return step_loss
+
+
+def _pgd_loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor, y: torch.Tensor,
+              generator: torch.Generator, s: Settings) -> torch.Tensor:
+    return F.cross_entropy(model(pgd_examples(model, x, y, s.eps, s.steps, generator, s.step_size)), target)
+
+
+def _trades_loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor, y: torch.Tensor,
+                 generator: torch.Generator, s: Settings) -> torch.Tensor:
+    x_adv = trades_examples(model, x, s.eps, s.steps, generator, s.step_size)
+    logits = model(torch.cat([x, x_adv]))
+    clean, adv = logits[: len(x)], logits[len(x):]
+    kl = F.kl_div(F.log_softmax(adv, dim=1), F.softmax(clean, dim=1), reduction="batchmean")
+    return F.cross_entropy(clean, target) + s.trades_beta * kl
+
+
+def _fast_loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor, y: torch.Tensor,
+               generator: torch.Generator, s: Settings) -> torch.Tensor:
+    return F.cross_entropy(model(fast_examples(model, x, y, s.eps, generator)), target)
+
+
+# registration order is the defenses study's row order
+register_training("pgd", title="PGD-AT", loss=_pgd_loss)
+register_training("trades", title="TRADES", loss=_trades_loss)
+register_training("fast", title="fast AT", loss=_fast_loss)
+register_training("noise", title="noise σ={noise_sigma:g}", fields=lambda plan: {"noise_sigma": plan.noise_sigma})
+METHODS = methods()  # the built-in adversarial methods (the live list is methods())
 
 
 def robust_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, seed: int,
@@ -145,3 +242,21 @@ def robust_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: 
             out.append(F.softmax(model(x_adv), dim=1)[:, 1].float().cpu())
             model.train(was)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+@dataclass(frozen=True)
+class RobustTraining:
+    """What :func:`medadv.models.train.train` needs from a training defense, handed in by the caller (the
+    models layer never imports the defenses): the step loss and the attacked-validation predictions."""
+
+    step_loss: StepLoss
+    predictions: Callable[..., torch.Tensor]
+
+
+def robust_training(cfg) -> RobustTraining | None:
+    """The training defense a :class:`~medadv.models.train.TrainConfig` asks for (None for plain training)."""
+    if not cfg.defended:
+        return None
+    step = make_step_loss(cfg.adversarial, eps=cfg.adv_eps, steps=cfg.adv_steps, trades_beta=cfg.trades_beta,
+                          noise_sigma=cfg.noise_sigma)
+    return RobustTraining(step, robust_predictions)

@@ -110,12 +110,13 @@ def in_batches(craft: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
 def attack_images(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, pgd_steps: int, seed: int,
                   levels: int, batch_size: int, **params: Any) -> torch.Tensor:
     """``name`` (a registered attack) untargeted at L-inf ``eps`` on x, batch b seeded from (seed, b); the
-    threat model's schedule is PGD's (``pgd_steps``, step max(eps/4, 2.5·eps/steps)); ``params`` go to the
+    threat model's schedule is PGD's (``pgd_steps``, step :func:`~medadv.attacks.steps.pgd_step`); ``params`` go to the
     attack. Returns the adversarial images on the storage grid (sharded under torchrun)."""
     from medadv.attacks import ThreatModel
+    from medadv.attacks.steps import pgd_step
     from medadv.evaluate.runner import make_attack
 
-    threat = ThreatModel(norm="linf", eps=eps, steps=pgd_steps, step_size=max(eps / 4, 2.5 * eps / pgd_steps),
+    threat = ThreatModel(norm="linf", eps=eps, steps=pgd_steps, step_size=pgd_step(eps, pgd_steps),
                          random_start=True, target="none", levels=levels)
     return in_batches(lambda b, xb, yb: make_attack(name, threat, seed * 1_000_003 + b, **params)(model, xb, yb).x_adv,
                       x, y, batch_size)
@@ -123,12 +124,12 @@ def attack_images(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 def non_adaptive_view(model: nn.Module) -> nn.Module:
     """The model as a naive evaluator attacks it: masked gradients through non-differentiable defenses."""
-    return model.with_adaptive(False) if hasattr(model, "with_adaptive") else model
+    return model.with_adaptive(False)
 
 
 def adaptive_view(model: nn.Module, randomized: bool, eot_samples: int) -> nn.Module:
     """BPDA through non-differentiable defenses; EOT over ``eot_samples`` draws when randomized."""
-    m = model.with_adaptive(True) if hasattr(model, "with_adaptive") else model
+    m = model.with_adaptive(True)
     return EOT(m, eot_samples) if randomized else m
 
 

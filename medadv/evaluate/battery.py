@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 
 from medadv.attacks import PAPER, REGISTRY, Access, ThreatModel, row_title
+from medadv.attacks.steps import pgd_step
 from medadv.data import ImageSet
 from medadv.errors import MedadvError
-from medadv.evaluate.metrics import clinical_metrics
+from medadv.evaluate.clean import kind_metrics
 from medadv.evaluate.runner import AttackRun, run_attack
 from medadv.models.wrapper import MedicalClassifier
 from medadv.progress import SILENT, Monitor
@@ -29,7 +30,7 @@ def stratified_subset(data: ImageSet, n: int, seed: int) -> ImageSet:
         return data
     rng = np.random.default_rng(seed)
     picked = []
-    for cls in (0, 1):
+    for cls in range(max(2, int(data.labels.max()) + 1)):  # every class of the task kind (binary: 0, 1)
         idx = np.flatnonzero(data.labels == cls)
         k = int(round(n * len(idx) / len(data)))
         picked.append(rng.permutation(idx)[:k])
@@ -66,13 +67,31 @@ class BatteryOutput:
     examples: list[dict[str, Any]] = field(default_factory=list)  # for the figures (arrays, not JSON)
 
 
+# The rows with the paper's fixed settings (plan_battery's ``special``), in the order of its table; any other
+# registered attack name is a row too, with settings derived from its access kind.
 PAPER_ROWS = ("pgd_white", "pgd_black", "fgsm", "square", "hsja", "patch", "uap")
 
 
 def default_rows() -> tuple[str, ...]:
-    """The paper's and the talks' rows, then every registered attack marked ``battery=True``."""
-    extra = tuple(name for name, s in REGISTRY.items() if s.battery and name not in PAPER_ROWS)
-    return PAPER_ROWS + extra
+    """Every row a registered attack adds to the default battery (``register(..., battery=...)``): the
+    paper's rows in the order of its table, then the others in registration order."""
+    rows = [row for s in REGISTRY.values() for row in s.battery]
+    return tuple(sorted(dict.fromkeys(rows), key=lambda r: PAPER_ROWS.index(r) if r in PAPER_ROWS else len(PAPER_ROWS)))
+
+
+def known_rows() -> tuple[str, ...]:
+    """Every row name the battery accepts: the paper's rows and every registered attack."""
+    return (*PAPER_ROWS, *(n for n in REGISTRY if n not in PAPER_ROWS))
+
+
+def row_attack(key: str) -> str:
+    """The registered attack a battery row runs (``pgd_white`` -> ``pgd``)."""
+    return {"pgd_white": "pgd", "pgd_black": "pgd"}.get(key, key)
+
+
+def needs_fit(rows: tuple[str, ...] | list[str]) -> bool:
+    """Whether any of ``rows`` runs an attack fitted on training images (the registry's ``needs_fit``)."""
+    return any(REGISTRY[row_attack(r)].needs_fit for r in rows if row_attack(r) in REGISTRY)
 
 
 @dataclass(frozen=True)
@@ -128,7 +147,7 @@ def plan_battery(cfg: BatteryConfig, levels: int, *, surrogate: bool, fit: bool,
                     params["max_queries"] = cfg.max_queries
             else:
                 threat, images = paper, "main"
-                if kind is Access.UNIVERSAL:
+                if REGISTRY[key].needs_fit:
                     params.update({k: v for k, v in fit_params.items() if k in takes})
         else:
             raise MedadvError(f"unknown battery row '{key}'.",
@@ -137,6 +156,7 @@ def plan_battery(cfg: BatteryConfig, levels: int, *, surrogate: bool, fit: bool,
         if spec.norm is not None:
             threat = threat.with_(norm=spec.norm)
         universal = spec.kind is Access.UNIVERSAL
+        fitted = spec.needs_fit
         skip = None
         if crafter == "surrogate" and not surrogate:
             skip = "no surrogate"
@@ -145,7 +165,7 @@ def plan_battery(cfg: BatteryConfig, levels: int, *, surrogate: bool, fit: bool,
                 crafter = "surrogate"  # transfer instead of white box
             else:
                 skip = "the victim has no gradients (ONNX) and no surrogate was given"
-        if skip is None and universal and not fit:
+        if skip is None and fitted and not fit:
             skip = "no training images to fit on"
         plan.append(PlannedRow(key, name, threat, images, crafter, dict(params), skip))
     return plan
@@ -155,35 +175,53 @@ CURVE_PARAMS = {"loss": "margin"}  # the logit margin does not saturate on confi
 
 
 def _curve_threat(eps: float, steps: int, levels: int) -> ThreatModel:
-    # PGD toward the opposite class, step eps/4 (at least one storage level): twice the paper's steps at half
-    # its step ratio, so points on the curve are not limited by the step schedule
-    return PAPER.with_(eps=eps, step_size=max(eps / 4, 1 / levels), steps=steps, levels=levels)
+    # PGD toward the opposite class, medadv's step rule with a floor of one storage level (eps/4 for the
+    # curves' 20-40 steps): twice the paper's steps at half its step ratio, so points on the curve are not
+    # limited by the step schedule
+    return PAPER.with_(eps=eps, step_size=pgd_step(eps, steps, floor=1 / levels), steps=steps, levels=levels)
 
 
 def _point(eps: float, run: AttackRun | None, data: ImageSet, victim: MedicalClassifier, p: np.ndarray) -> dict:
+    # "auc" on a curve: the binary AUC, or a multi-class model's macro one-vs-rest AUC
     if run is None:
-        m = clinical_metrics(data.labels, p, victim.threshold)
-        return {"eps": eps, "accuracy": m["accuracy"], "auc": m["auc"], "mean_confidence": m["mean_confidence"],
+        m = kind_metrics(victim, data.labels, p)
+        return {"eps": eps, "accuracy": m["accuracy"], "auc": m.get("auc", m.get("macro_auc")),
+                "mean_confidence": m["mean_confidence"],
                 "flips": {"healthy_to_disease": 0, "disease_to_healthy": 0, "total": 0}, "linf_max": 0.0}
     a = run.results["adversarial"]
-    return {"eps": eps, "accuracy": a["accuracy"], "auc": a["auc"], "mean_confidence": a["mean_confidence"],
+    return {"eps": eps, "accuracy": a["accuracy"], "auc": a.get("auc", a.get("macro_auc")),
+            "mean_confidence": a["mean_confidence"],
             "flips": run.results["flips"], "linf_max": run.results["perturbation"]["linf_max"]}
 
 
 def pick_examples(run: AttackRun, data: ImageSet, per_class: int) -> list[dict[str, Any]]:
-    """Images the attack flipped (else any), up to ``per_class`` of each true class, for the figures."""
-    thr = run.results["clean"]["threshold"]
-    pred_c, pred_a = run.p_clean >= thr, run.p_adv >= thr
+    """Images the attack flipped (else any), up to ``per_class`` of each true class, for the figures.
+
+    Binary examples carry P(disease); multi-class ones (scores N×K) carry their decisions (``pred_clean``,
+    ``pred_adv``) and the probability of each decided class."""
+    multiclass = run.p_clean.ndim == 2
+    if multiclass:
+        pred_c, pred_a = run.p_clean.argmax(1), run.p_adv.argmax(1)
+        classes = range(run.p_clean.shape[1] - 1, -1, -1)  # the most severe first, as binary shows disease first
+    else:
+        thr = run.results["clean"]["threshold"]
+        pred_c, pred_a = run.p_clean >= thr, run.p_adv >= thr
+        classes = (1, 0)
     out = []
-    for cls in (1, 0):
+    for cls in classes:
         idx = np.flatnonzero(data.labels == cls)
         flipped = [i for i in idx if pred_c[i] == cls and pred_a[i] != cls]
         chosen = (flipped + [i for i in idx if i not in flipped])[:per_class]
         for i in chosen:
-            out.append({"index": int(i), "id": data.ids[i], "label": int(cls),
-                        "clean": data.pixels[i].astype(np.float64) / data.levels,
-                        "adv": run.adversarial[i].astype(np.float64) / data.levels,
-                        "p_clean": float(run.p_clean[i]), "p_adv": float(run.p_adv[i])})
+            ex = {"index": int(i), "id": data.ids[i], "label": int(cls),
+                  "clean": data.pixels[i].astype(np.float64) / data.levels,
+                  "adv": run.adversarial[i].astype(np.float64) / data.levels}
+            if multiclass:
+                ex |= {"pred_clean": int(pred_c[i]), "pred_adv": int(pred_a[i]),
+                       "p_clean": float(run.p_clean[i, pred_c[i]]), "p_adv": float(run.p_adv[i, pred_a[i]])}
+            else:
+                ex |= {"p_clean": float(run.p_clean[i]), "p_adv": float(run.p_adv[i])}
+            out.append(ex)
     return out
 
 
@@ -196,7 +234,7 @@ def run_battery(victim: MedicalClassifier, test: ImageSet, *, surrogate: Medical
     from medadv.evaluate.clean import predict
 
     p_test = predict(victim, test)
-    results: dict[str, Any] = {"battery": cfg.to_json(), "clean": clinical_metrics(test.labels, p_test, victim.threshold),
+    results: dict[str, Any] = {"battery": cfg.to_json(), "clean": kind_metrics(victim, test.labels, p_test),
                                "rows": {}, "skipped": {}}
     main = stratified_subset(test, cfg.n_images, seed)
     queries = stratified_subset(test, cfg.n_query_images, seed + 1)

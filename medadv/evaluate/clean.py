@@ -2,38 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from medadv.data import ImageSet, load_split
+from medadv.data import ImageSet
+from medadv.data.model_split import model_split  # noqa: F401  (re-exported: evaluate's callers import it here)
 from medadv.errors import MedadvError
-from medadv.evaluate.metrics import clinical_metrics
 from medadv.models.wrapper import MedicalClassifier
-
-
-def model_split(meta: dict[str, Any], split: str, *, data_root: str | Path | None = None, source: str | None = None,
-                image_size: int | None = None, fit_to_model: bool = False, **options: Any) -> ImageSet:
-    """The ``split`` of the data a checkpoint was trained on.
-
-    MedMNIST sources are read from the file of the model's resolution. Other sources are read as stored
-    (the model wrapper resizes, and attacks perturb the stored pixels themselves); with ``fit_to_model``,
-    images that are not all one square size are fitted to the input size the checkpoint records
-    (non-square ones letterboxed, see :func:`medadv.data.load_split`), so a folder of mixed sizes needs
-    no ``--image-size``; ``image_size`` fits every image to that size. ``options`` go to :func:`~medadv.data.load_split`
-    (resplit_by_patient, patient_pattern, allow_outside_paths, fit).
-    """
-    data_meta = meta.get("data") or {}
-    source = source or data_meta.get("source")
-    medmnist_source = bool(source) and source.removeprefix("resplit:").startswith("medmnist:")
-    if image_size is None and medmnist_source:
-        image_size = data_meta.get("image_size")
-    if image_size is None and fit_to_model:
-        options["fit_size"] = (meta.get("spec") or {}).get("input_size") or data_meta.get("image_size")
-    return load_split(meta["task"], split, data_root=data_root, source=source, size=image_size,
-                      split_seed=data_meta.get("split_seed", 0), **options)
 
 
 def check_fit(model: MedicalClassifier, data: ImageSet) -> None:
@@ -49,7 +26,7 @@ def check_fit(model: MedicalClassifier, data: ImageSet) -> None:
 
 
 def predict(model: MedicalClassifier, data: ImageSet, batch_size: int = 256) -> np.ndarray:
-    """P(disease) for every image of ``data`` (float64, N)."""
+    """The model kind's scores for every image of ``data`` (float64): binary P(disease), N; multi-class N×K."""
     check_fit(model, data)
     device = model.device
     # tensor(): the stored pixels through each image's VOI window, as the model was trained to see them
@@ -59,10 +36,21 @@ def predict(model: MedicalClassifier, data: ImageSet, batch_size: int = 256) -> 
 
 
 def evaluate_model(model: MedicalClassifier, data: ImageSet, batch_size: int = 256) -> dict[str, Any]:
-    """Clinical metrics at the model's saved threshold, with what was evaluated."""
+    """Clinical metrics at the model's saved operating point (the task kind's), with what was evaluated."""
     p = predict(model, data, batch_size)
     return {
-        **clinical_metrics(data.labels, p, model.threshold),
+        **kind_metrics(model, data.labels, p),
         "task": data.task, "split": data.split, "source": data.source, "data_checksum": data.checksum,
         "image_size": list(data.size), "leakage": data.meta.get("leakage"),
     }
+
+
+def kind_metrics(model, labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    """The model's task kind's metrics of ``scores`` at its operating point (binary: the paper's clinical
+    metrics at the threshold; multi-class: accuracy, per-class recall, kappa for graded tasks)."""
+    from medadv.data import get_task
+
+    spec = model.spec
+    task = get_task(spec.task) if getattr(spec, "kind", "binary") != "binary" else None
+    return model.kind.metrics(labels, scores, model.threshold, class_names=tuple(spec.class_names),
+                              graded=bool(task and task.graded), positive_from=task.positive_from if task else None)

@@ -46,9 +46,16 @@ def perturbation_stats(x: torch.Tensor, x_adv: torch.Tensor, levels: int | None 
     }
 
 
-def flips(pred_clean: np.ndarray, pred_adv: np.ndarray) -> dict[str, int]:
-    """Decisions that changed, by direction, at the operating threshold (0 healthy, 1 disease)."""
+def flips(pred_clean: np.ndarray, pred_adv: np.ndarray, classes: int = 2) -> dict[str, int]:
+    """Decisions that changed, by direction, at the operating point (0 healthy, 1 disease).
+
+    For K > 2 classes (class 0 healthy, higher classes more severe when graded), also every changed
+    decision (``total``), those moved up (``up``: toward the last class) and down, and those that
+    crossed between class 0 and any other (healthy_to_disease / disease_to_healthy)."""
     pc, pa = np.asarray(pred_clean), np.asarray(pred_adv)
-    h2d = int(((pc == 0) & (pa == 1)).sum())
-    d2h = int(((pc == 1) & (pa == 0)).sum())
-    return {"healthy_to_disease": h2d, "disease_to_healthy": d2h, "total": h2d + d2h}
+    if classes <= 2:
+        h2d = int(((pc == 0) & (pa == 1)).sum())
+        d2h = int(((pc == 1) & (pa == 0)).sum())
+        return {"healthy_to_disease": h2d, "disease_to_healthy": d2h, "total": h2d + d2h}
+    return {"healthy_to_disease": int(((pc == 0) & (pa > 0)).sum()), "disease_to_healthy": int(((pc > 0) & (pa == 0)).sum()),
+            "up": int((pa > pc).sum()), "down": int((pa < pc).sum()), "total": int((pa != pc).sum())}

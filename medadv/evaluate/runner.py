@@ -25,17 +25,19 @@ import torch
 
 from medadv.attacks import ATTACKS, LabelOracle, ProbabilityOracle, ThreatModel
 from medadv.attacks.base import Attack
+from medadv.attacks.registry import REGISTRY
 from medadv.data import ImageSet, apply_window, to_storage
 from medadv.data.imageset import snap_to_stored
 from medadv.dist import BatchStore, Shard, run_batches
 from medadv.dist import current as current_shard
 from medadv.errors import MedadvError
-from medadv.evaluate.metrics import clinical_metrics
+from medadv.evaluate.clean import kind_metrics
+from medadv.kinds import parse_target
 from medadv.evaluate.perceptibility import flips, perturbation_stats
 from medadv.models.wrapper import MedicalClassifier, Windowed
 from medadv.progress import SILENT, Monitor
+from medadv.results import SCHEMA  # the one schema string: the typed records of medadv.results hold it
 
-SCHEMA = "medadv-results/1"
 
 
 @dataclass
@@ -44,9 +46,30 @@ class AttackRun:
 
     results: dict[str, Any]
     adversarial: np.ndarray  # N×C×H×W, the data's storage dtype
-    p_clean: np.ndarray  # victim's P(disease) per image
+    p_clean: np.ndarray  # victim's scores per image (the task kind's: binary P(disease), N; multi-class N×K)
     p_adv: np.ndarray
     universal: dict[str, torch.Tensor] = field(default_factory=dict)  # fitted patch / perturbation
+    threat: ThreatModel | None = None  # what success means: the written files are judged alike (report.save)
+
+
+def outcome(victim: MedicalClassifier, threat: ThreatModel, labels: np.ndarray, p_clean: np.ndarray,
+            p_adv: np.ndarray) -> dict[str, Any]:
+    """The adversarial side of a results record from the victim's scores before and after the attack:
+    metrics, flips, and success over the images it classified correctly before. One function, so the
+    in-memory images and the written files (re-read) are judged alike."""
+    pred_clean, pred_adv = victim.predict(p_clean), victim.predict(p_adv)
+    success = threat.succeeded(torch.from_numpy(pred_adv), torch.from_numpy(labels)).numpy()
+    correct = pred_clean == labels
+    return {
+        "adversarial": kind_metrics(victim, labels, p_adv),
+        "flips": flips(pred_clean, pred_adv, threat.classes),
+        # an image the victim already got wrong is no success of the attack's: the rate is over correct ones
+        "success_rate": float(success[correct].mean()) if correct.any() else None,
+        "success": {"correct_before": int(correct.sum()), "succeeded": int(success[correct].sum()),
+                    "wrong_before": int((~correct).sum()), "n": len(labels),
+                    "definition": victim.kind.success_definition(parse_target(threat.target))},
+        "success_rate_on_correct": float(success[correct].mean()) if correct.any() else None,
+    }
 
 
 def make_attack(name: str, threat: ThreatModel, seed: int, **params: Any) -> Attack:
@@ -139,6 +162,9 @@ def run_attack(
     if threat.levels is not None and threat.levels != data.levels:
         raise MedadvError(f"the threat model's storage grid has {threat.levels} levels but {data.source} stores "
                           f"{data.levels}.", "leave the grid at the data's own bit depth.")
+    classes = len(victim.spec.class_names)  # the task kind's targets (class:k, "disease") need K
+    if threat.classes != classes:
+        threat = threat.with_(classes=classes)
     crafter = surrogate if surrogate is not None else victim
     for m in {id(victim): victim, id(crafter): crafter}.values():
         if m.spec.data_channels != data.channels:
@@ -157,7 +183,8 @@ def run_attack(
 
         crafter = crafting_model(crafter, fast)  # a defended model keeps its defenses around the fast copy
         attack = make_attack(name, threat, seed, **{k: v for k, v in params.items() if k != "fast"})
-    if hasattr(attack, "fit"):
+    fitted = name in REGISTRY and REGISTRY[name].needs_fit  # the registry says, not an attribute probe
+    if fitted:
         if fit_data is None:
             raise MedadvError(f"the {name} attack is fitted on training images.", "pass the training split.")
         fit_model = crafter
@@ -171,7 +198,7 @@ def run_attack(
                    monitor=monitor)
         universal = attack.state()
         params["fit_images"] = len(fit_data)
-    if surrogate is not None and attack.access != "white-box" and not hasattr(attack, "fit"):
+    if surrogate is not None and attack.access != "white-box" and not fitted:
         raise MedadvError(f"{name} is a query attack; transfer needs a white-box or universal attack.",
                           "drop --surrogate or pick fgsm, pgd, pgd-l2, patch or uap.")
     adversarial = np.empty_like(data.pixels)
@@ -199,10 +226,6 @@ def run_attack(
 
     p_clean = _probabilities(victim, data.pixels, data.levels, 256, data.window)
     p_adv = _probabilities(victim, adversarial, data.levels, 256, data.window)
-    pred_clean, pred_adv = victim.predict(p_clean), victim.predict(p_adv)
-    y = torch.from_numpy(data.labels)
-    success = threat.succeeded(torch.from_numpy(pred_adv), y).numpy()
-    correct = pred_clean == data.labels
     q = torch.cat(queries).double().numpy() if queries else None
     x_clean = torch.from_numpy(data.pixels.astype(np.float32) / data.levels)
     x_adv = torch.from_numpy(adversarial.astype(np.float32) / data.levels)
@@ -220,17 +243,11 @@ def run_attack(
         },
         "n_images": len(data),
         # clean and adversarial are measured on the same images: the ones attacked here
-        "clean": clinical_metrics(data.labels, p_clean, victim.threshold),
-        "adversarial": clinical_metrics(data.labels, p_adv, victim.threshold),
+        "clean": kind_metrics(victim, data.labels, p_clean),
+        **outcome(victim, threat, data.labels, p_clean, p_adv),
+        # of the images in memory; report.save.save_attack judges the written files and says which it reports
+        "judged_on": "the attacked images in memory",
         "perturbation": {**perturbation_stats(x_clean, x_adv, data.levels), **({"stored": stored} if stored else {})},
-        "flips": flips(pred_clean, pred_adv),
-        # an image the victim already got wrong is no success of the attack's: the rate is over correct ones
-        "success_rate": float(success[correct].mean()) if correct.any() else None,
-        "success": {"correct_before": int(correct.sum()), "succeeded": int(success[correct].sum()),
-                    "wrong_before": int((~correct).sum()), "n": len(data),
-                    "definition": "images correctly classified before the attack whose decision reached the "
-                                  "attack's goal after it"},
-        "success_rate_on_correct": float(success[correct].mean()) if correct.any() else None,
         "queries": None if q is None else {"median": float(np.median(q)), "mean": float(q.mean()),
                                            "max": float(q.max()), "total": float(q.sum())},
         "fit_success_rate": getattr(attack, "fit_success", None),  # universal attacks: on the training images
@@ -240,7 +257,7 @@ def run_attack(
                  "bits_stored": data.meta.get("bits_stored"), "leakage": data.meta.get("leakage"),
                  "fit": data.meta.get("fit"), "stored_shapes": data.meta.get("stored_shapes")},
     }
-    return AttackRun(results, adversarial, p_clean, p_adv, universal)
+    return AttackRun(results, adversarial, p_clean, p_adv, universal, threat)
 
 
 def threat_record(threat: ThreatModel, attack: Attack | None = None) -> dict[str, Any]:

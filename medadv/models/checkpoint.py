@@ -2,7 +2,8 @@
 
 Loading never unpickles: safetensors holds only tensors, the metadata is JSON. The metadata holds the
 model spec (architecture, input size and channels, normalization, task, class names, operating
-threshold), the training configuration and seed, the data checksum and the package versions.
+threshold), the training configuration and seed, the data checksum, the hashed keys of the images it was
+trained and validated on (``trained_on``) and the package versions.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from medadv.data.imageset import ImageSet
 from medadv.errors import MedadvError
 from medadv.io import atomic_dir, to_json
 from medadv.models.wrapper import MedicalClassifier, ModelSpec
@@ -21,13 +23,22 @@ WEIGHTS = "model.safetensors"
 META = "medadv.json"
 
 
-def save_checkpoint(model: MedicalClassifier, out: str | Path, meta: dict[str, Any]) -> Path:
-    """Write ``out/`` atomically: the folder appears complete or not at all."""
+def save_checkpoint(model: MedicalClassifier, out: str | Path, meta: dict[str, Any],
+                    trained_on: tuple[ImageSet, ImageSet] | None = None) -> Path:
+    """Write ``out/`` atomically: the folder appears complete or not at all.
+
+    ``trained_on``: the (train, val) ImageSets the model was fitted and selected on; their hashed image
+    and patient keys go into the metadata (``trained_on``, :mod:`medadv.data.trained_on`), so every later
+    evaluation can refuse a split that holds them."""
     from safetensors.torch import save_model
 
     from medadv.runinfo import environment
 
     record = {"format": FORMAT, "spec": model.spec.to_json(), **meta}
+    if trained_on is not None:
+        from medadv.data.trained_on import record as trained_on_record
+
+        record["trained_on"] = trained_on_record(*trained_on)
     record.setdefault("environment", environment())
     with atomic_dir(out) as tmp:
         save_model(model.network, str(tmp / WEIGHTS))
@@ -61,7 +72,10 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MedicalClass
         spec = ModelSpec.from_json(meta["spec"])
     except (KeyError, TypeError) as exc:
         raise MedadvError(f"{Path(path) / META} has an incomplete model spec ({exc}).", "train the model again.") from exc
-    network = build_network(spec.arch, spec.net_channels, spec.input_size, stem=spec.stem)
+    from medadv.kinds import get_kind
+
+    network = build_network(spec.arch, spec.net_channels, spec.input_size, stem=spec.stem,
+                            outputs=get_kind(spec.kind).outputs(spec.classes))
     weights = Path(path) / WEIGHTS
     if not weights.is_file():
         raise MedadvError(f"{weights} is missing.", "copy the whole checkpoint folder.")

@@ -69,9 +69,10 @@ class Augment:
     (360°), horizontal and vertical flips, and mixup (alpha 0.2) on the batch.
     """
 
-    def __init__(self, modality: str, seed: int) -> None:
+    def __init__(self, modality: str, seed: int, classes: int = 2) -> None:
         from monai.transforms import Compose, RandFlip, RandRotate
 
+        self.classes = classes
         if modality == "chest-xray":
             steps = [RandRotate(range_x=math.pi / 4, prob=1.0, padding_mode="zeros"), RandFlip(prob=0.5, spatial_axis=1)]
             self.mixup_alpha = 0.0
@@ -86,13 +87,13 @@ class Augment:
         self._mixers: dict[int, object] = {}
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: N×C×H×W in [0, 1]; y: N class indices. Returns images and soft targets N×2."""
+        """x: N×C×H×W in [0, 1]; y: N class indices. Returns images and soft targets N×classes."""
         from monai.data import MetaTensor
 
         x = torch.stack([torch.as_tensor(self.transform(img)) for img in x]).clamp_(0, 1)
         if isinstance(x, MetaTensor):
             x = x.as_tensor()
-        target = nn.functional.one_hot(y, 2).float()
+        target = nn.functional.one_hot(y, self.classes).float()
         if self.mixup_alpha > 0 and len(x) > 1:
             from monai.transforms import MixUp
 
@@ -100,7 +101,7 @@ class Augment:
             if mixer is None:
                 mixer = self._mixers[len(x)] = MixUp(batch_size=len(x), alpha=self.mixup_alpha).set_random_state(
                     seed=self._seed + len(x))
-            # MONAI's MixUp mixes tensors with 3 or 4 dims after the batch; labels ride along as N×2×1×1
+            # MONAI's MixUp mixes tensors with 3 or 4 dims after the batch; labels ride along as N×K×1×1
             x, target = mixer(x, target[:, :, None, None])
             target = target[:, :, 0, 0]
         return x, target

@@ -32,13 +32,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medadv.data import ImageSet, get_task, load_split, resolve_data_root, resolve_source
 from medadv.errors import MedadvError
-from medadv.metrics import clinical_metrics, youden_threshold
+from medadv.metrics import clinical_metrics
 from medadv.io import atomic_dir, to_json
+from medadv.kinds import get_kind
 from medadv.models.checkpoint import save_checkpoint
 from medadv.models.recipes import Augment, Recipe, pick_recipe
 from medadv.models.wrapper import MedicalClassifier, ModelSpec
@@ -127,24 +127,28 @@ class _Replicated(nn.Module):
         return self.ddp(x) if self.training else self.ddp.module(x)
 
 
-def build_classifier(cfg: TrainConfig, data_channels: int, class_names: tuple[str, str],
-                     monitor: Monitor = SILENT) -> MedicalClassifier:
-    """A new wrapped network for ``cfg``, with ImageNet or user weights loaded when asked."""
+def build_classifier(cfg: TrainConfig, data_channels: int, class_names: tuple[str, ...],
+                     monitor: Monitor = SILENT, kind: str = "binary") -> MedicalClassifier:
+    """A new wrapped network for ``cfg``, with ImageNet or user weights loaded when asked. The head has
+    as many logits as the task kind ``kind`` needs for ``class_names``."""
+    from medadv.kinds import get_kind
+
     arch = get_arch(cfg.arch)
     pretrained = cfg.pretrained is not None
     net_channels = 3 if pretrained and arch.family == "efficientnet-lite" else data_channels
     stem = stem_for(arch, cfg.size)
-    network = build_network(arch, net_channels, cfg.size, stem=stem)
+    outputs = get_kind(kind).outputs(len(class_names))
+    network = build_network(arch, net_channels, cfg.size, stem=stem, outputs=outputs)
     if cfg.pretrained == "imagenet":
         loaded, total = load_matching(network, imagenet_state_dict(arch), f"{arch.name} ImageNet weights")
-        monitor.log(f"ImageNet weights: {loaded}/{total} tensors loaded (new 2-logit head)")
+        monitor.log(f"ImageNet weights: {loaded}/{total} tensors loaded (new {outputs}-logit head)")
     elif cfg.pretrained:
         loaded, total = load_matching(network, read_weights(Path(cfg.pretrained)), cfg.pretrained)
         monitor.log(f"weights from {cfg.pretrained}: {loaded}/{total} tensors loaded")
     mean, std = default_normalization(arch, net_channels, pretrained)
     spec = ModelSpec(arch=arch.name, input_size=cfg.size, data_channels=data_channels, net_channels=net_channels,
-                     mean=mean, std=std, task=cfg.task, class_names=class_names, stem=stem,
-                     pretrained=cfg.pretrained)
+                     mean=mean, std=std, task=cfg.task, class_names=tuple(class_names), stem=stem,
+                     pretrained=cfg.pretrained, kind=kind)
     return MedicalClassifier(network, spec)
 
 
@@ -184,9 +188,14 @@ def _load_partial(path: Path, model, optimizer) -> tuple[dict[str, torch.Tensor]
 
 
 def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = None,
-          monitor: Monitor = SILENT, device: str = "cpu") -> tuple[MedicalClassifier, dict[str, Any]]:
+          monitor: Monitor = SILENT, device: str = "cpu", robust: Any = None) -> tuple[MedicalClassifier, dict[str, Any]]:
     """Train ``cfg`` and write the checkpoint folder ``out``. Returns the best model (on the CPU) and its
-    metadata. ``device`` (cpu, cuda) only places the work: it is not part of the configuration."""
+    metadata. ``device`` (cpu, cuda) only places the work: it is not part of the configuration.
+
+    ``robust``: for robust runs (``cfg.defended``), the training defense's two callables, an object with
+    ``step_loss`` (model, x, soft targets, labels, generator) -> loss and ``predictions`` (model, x, y,
+    eps, steps, seed) -> scores on attacked images; the caller passes
+    :func:`medadv.defenses.training.robust_training` so this module never imports the defenses."""
     if cfg.epochs < 1 or cfg.batch_size < 2:
         raise MedadvError("epochs must be >= 1 and batch size >= 2.", "fix --epochs / --batch-size.")
     from medadv.data.medmnist import SIZES
@@ -195,11 +204,15 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
         raise MedadvError(f"data size {cfg.data_size} is not a MedMNIST resolution.",
                           f"pass --data-size one of {', '.join(map(str, SIZES))}, or leave it out.")
     step_loss = None
+    task = get_task(cfg.task)
     if cfg.defended:
-        from medadv.defenses.training import make_step_loss  # only robust runs need the attack machinery
-
-        step_loss = make_step_loss(cfg.adversarial, eps=cfg.adv_eps, steps=cfg.adv_steps,
-                                   trades_beta=cfg.trades_beta, noise_sigma=cfg.noise_sigma)
+        if task.kind != "binary":
+            raise MedadvError(f"robust training is implemented for binary tasks; {task.name} is {task.kind}.",
+                              "train it without --adversarial / --noise-sigma.")
+        if robust is None:
+            raise MedadvError("a robust training run needs the training defense's step loss.",
+                              "pass robust=medadv.defenses.training.robust_training(cfg) (the jobs and CLI do).")
+        step_loss = robust.step_loss
     if cfg.adversarial is not None and cfg.robust_val_images < 2:
         raise MedadvError(f"robust validation needs at least 2 images; got {cfg.robust_val_images}.",
                           "set robust_val_images to 2 or more.")
@@ -214,7 +227,7 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
     if not shard.is_main:
         monitor = SILENT  # one log, not one per process
     out = Path(out)
-    task = get_task(cfg.task)
+    kind = get_kind(task.kind)
     root = resolve_data_root(data_root)
     cfg.source = resolve_source(task, cfg.source, root)
     recipe = pick_recipe(cfg.recipe, cfg.pretrained is not None)
@@ -229,9 +242,11 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
     for s in (train_set, val_set):
         if len(set(s.labels.tolist())) < 2:
             raise MedadvError(f"the {s.split} split of {s.source} holds only one class.", "use a source with both classes.")
+    # the head's size comes from the task, not from the classes this split happens to contain
+    classes = task.classes
     monitor.log(f"{task.name}: {train_set.counts()} train, {val_set.counts()} val from {cfg.source}; recipe {recipe.name}")
 
-    model = build_classifier(cfg, train_set.channels, task.class_names, monitor).to(device)
+    model = build_classifier(cfg, train_set.channels, task.class_names, monitor, kind=task.kind).to(device)
     # NHWC weights make oneDNN pick its faster kernels: 1.4x per EfficientNet-Lite0 step at 128 px on
     # 2 cores (0.41 vs 0.59 s per batch of 32); the checkpoint is written back in the default layout
     model.network.to(memory_format=torch.channels_last)
@@ -269,20 +284,21 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
     for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         loss = _train_epoch(replica or model, optimizer, recipe, train_set, cfg, task.modality, epoch,
-                            (epoch - 1) * steps_per_epoch, total_steps, monitor, step_loss, shard)
+                            (epoch - 1) * steps_per_epoch, total_steps, monitor, step_loss, shard, kind, classes)
         shard.broadcast_buffers(model)  # running statistics: rank 0's, so every rank holds the same model
         row: dict[str, Any] | None = None
         if shard.is_main:  # validation on rank 0 alone (eval mode: no collective), then broadcast
             p_val = model.probabilities(val_set.tensor())
-            auc = clinical_metrics(val_set.labels, p_val.numpy(), 0.5)["auc"] or 0.0
-            row = {"epoch": epoch, "train_loss": loss, "val_auc": auc}
+            # binary: validation AUC (as always); other kinds: their own selection figure, e.g. kappa
+            auc = kind.selection_score(val_set.labels, p_val.numpy(), graded=task.graded)
+            row = {"epoch": epoch, "train_loss": loss, "val_auc" if kind.name == "binary" else "val_score": auc}
             if robust_val is not None:
-                row |= _robust_validation(model, robust_val, cfg, epoch)
+                row |= _robust_validation(model, robust_val, cfg, epoch, robust)
             if shard.distributed:
                 row["world_size"] = shard.world_size
             row["seconds"] = round(time.perf_counter() - t0, 2)
         row = shard.broadcast(row)
-        auc = row["val_auc"]
+        auc = row["val_auc"] if "val_auc" in row else row["val_score"]
         score = row["val_robust_accuracy"] if robust_val is not None else auc
         progress["history"].append(row)
         if score > progress.get("best_score", progress["best_auc"]):
@@ -292,9 +308,10 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
         if epoch < cfg.epochs and shard.is_main:
             _save_partial(partial, model, best_state, optimizer, progress)
         shard.barrier()  # the others wait until rank 0 has written
-        robust = (f", robust val accuracy {row['val_robust_accuracy']:.4f} AUC {row['val_robust_auc'] or 0:.4f}"
-                  if robust_val is not None else "")
-        monitor.log(f"epoch {epoch}/{cfg.epochs}: loss {loss:.4f}, val AUC {auc:.4f}{robust} "
+        robust_note = (f", robust val accuracy {row['val_robust_accuracy']:.4f} AUC {row['val_robust_auc'] or 0:.4f}"
+                       if robust_val is not None else "")
+        figure = "val " + kind.selection_name(task.graded).removeprefix("validation ")
+        monitor.log(f"epoch {epoch}/{cfg.epochs}: loss {loss:.4f}, {figure} {auc:.4f}{robust_note} "
                     f"({progress['history'][-1]['seconds']:.1f} s)")
 
     if cfg.sync_batchnorm and shard.distributed:
@@ -308,15 +325,17 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
     threshold_and_metrics = None
     if shard.is_main:  # every rank holds the same weights: rank 0 measures, and all return its figures
         p_val = model.probabilities(val_set.tensor()).numpy()
-        threshold = youden_threshold(val_set.labels, p_val)
-        threshold_and_metrics = (threshold, clinical_metrics(val_set.labels, p_val, threshold))
+        threshold = kind.operating_point(val_set.labels, p_val)
+        threshold_and_metrics = (threshold, kind.metrics(val_set.labels, p_val, threshold, class_names=task.class_names,
+                                                         graded=task.graded, positive_from=task.positive_from))
     model.spec.threshold, val_metrics = shard.broadcast(threshold_and_metrics)
     meta = {
         "task": task.name,
         "seed": cfg.seed,
-        "training": {**asdict(cfg), "recipe": recipe.to_json(), "threshold_rule": "youden",
+        "training": {**asdict(cfg), "recipe": recipe.to_json(),
+                     "threshold_rule": "youden" if kind.name == "binary" else "argmax",
                      "best_epoch": progress["best_epoch"], "best_val_auc": progress["best_auc"],
-                     "selection": "robust validation accuracy" if robust_val is not None else "validation AUC",
+                     "selection": "robust validation accuracy" if robust_val is not None else kind.selection_name(task.graded),
                      "history": progress["history"], "config_hash": key,
                      # how this (last) run was started; not part of config_hash, so a run resumes with any N
                      "world_size": shard.world_size, "per_rank_batch": cfg.batch_size // shard.world_size},
@@ -328,7 +347,7 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
     if cfg.defended:
         meta["defense"] = cfg.defense_json()
     if shard.is_main:
-        save_checkpoint(model, out, meta)
+        save_checkpoint(model, out, meta, trained_on=(train_set, val_set))
         shutil.rmtree(partial, ignore_errors=True)
     shard.barrier()  # the checkpoint is complete before any rank returns
     return model, meta
@@ -366,20 +385,18 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
-def _robust_validation(model: MedicalClassifier, data: ImageSet, cfg: TrainConfig, epoch: int) -> dict[str, Any]:
+def _robust_validation(model: MedicalClassifier, data: ImageSet, cfg: TrainConfig, epoch: int, robust) -> dict[str, Any]:
     """Accuracy (threshold 0.5) and AUC under untargeted PGD-``adv_steps`` at ``adv_eps`` on ``data``."""
-    from medadv.defenses.training import robust_predictions
-
     x = data.tensor().to(model.device)
     y = torch.from_numpy(data.labels).to(model.device)
-    p = robust_predictions(model, x, y, cfg.adv_eps, cfg.adv_steps, seed=cfg.seed * 100_003 + epoch).numpy()
+    p = robust.predictions(model, x, y, cfg.adv_eps, cfg.adv_steps, seed=cfg.seed * 100_003 + epoch).numpy()
     m = clinical_metrics(data.labels, p, 0.5)
     return {"val_robust_accuracy": m["accuracy"], "val_robust_auc": m["auc"], "robust_val_images": len(data)}
 
 
 def _train_epoch(model: nn.Module, optimizer, recipe: Recipe, data: ImageSet, cfg: TrainConfig,
                  modality: str, epoch: int, step0: int, total_steps: int, monitor: Monitor,
-                 step_loss=None, shard=None) -> float:
+                 step_loss=None, shard=None, kind=None, classes: int = 2) -> float:
     """One epoch; returns the mean training loss over every image of the epoch (all ranks together).
 
     ``model`` is the classifier, or under torchrun its :class:`_Replicated` DDP view: every rank then walks
@@ -395,7 +412,8 @@ def _train_epoch(model: nn.Module, optimizer, recipe: Recipe, data: ImageSet, cf
         int(np.random.SeedSequence([epoch_seed, rank, world]).generate_state(1)[0])
     torch.manual_seed(rank_seed)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch_seed)).numpy()
-    augment = Augment(modality, epoch_seed % (2**31)) if cfg.augment else None
+    kind = kind or get_kind("binary")
+    augment = Augment(modality, epoch_seed % (2**31), classes) if cfg.augment else None
     # the robust step's randomness (noise, random starts) also derives from (seed, epoch), so resumes match
     generator = torch.Generator(device=model.device).manual_seed(rank_seed) if step_loss is not None else None
     batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
@@ -411,14 +429,14 @@ def _train_epoch(model: nn.Module, optimizer, recipe: Recipe, data: ImageSet, cf
             x, target = augment(data.tensor(idx), torch.from_numpy(data.labels[idx]))
             x, target = x[lo:hi], target[lo:hi]
         else:
-            x, target = data.tensor(idx[lo:hi]), F.one_hot(torch.from_numpy(data.labels[idx[lo:hi]]), 2).float()
+            x, target = data.tensor(idx[lo:hi]), kind.soft_targets(torch.from_numpy(data.labels[idx[lo:hi]]), classes)
         x, target = x.to(model.device, non_blocking=True), target.to(model.device, non_blocking=True)
         for group in optimizer.param_groups:
             group["lr"] = recipe.lr_at(step, total_steps)
         optimizer.zero_grad(set_to_none=True)
         with _autocast(x.device):
             if step_loss is None:
-                loss = F.cross_entropy(model(x), target)
+                loss = kind.loss(model(x), target)
             else:
                 loss = step_loss(model, x, target, target.argmax(1), generator)  # mixup: the dominant class
         loss = loss.float()

@@ -1,4 +1,7 @@
-"""The one model wrapper: stored pixels in [0, 1] -> resize -> channels -> normalize -> network -> 2 logits.
+"""The one model wrapper: stored pixels in [0, 1] -> resize -> channels -> normalize -> network -> logits.
+
+What the logits mean (two for a binary task, K for a multi-class grader) is the task kind's
+(:mod:`medadv.kinds`), named in the spec: ``model.kind`` turns logits into scores, decisions and metrics.
 
 Because the wrapper owns the whole preprocessing path, every attack perturbs the pixels a file actually
 stores (at the stored size, in [0, 1]) and the gradient flows through the resize and normalization, as it
@@ -12,12 +15,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from medadv.errors import MedadvError
+from medadv.models.interface import ModelBase
 
 
 @dataclass
@@ -31,11 +34,16 @@ class ModelSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     task: str
-    class_names: tuple[str, str]
-    threshold: float = 0.5  # operating point on P(disease); predictions are P >= threshold
+    class_names: tuple[str, ...]  # one name per class, label order (binary: healthy, disease)
+    threshold: float = 0.5  # binary: operating point on P(disease); predictions are P >= threshold
     stem: str = "standard"
     pretrained: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    kind: str = "binary"  # the task kind (medadv.kinds); checkpoints from before kinds are binary
+
+    @property
+    def classes(self) -> int:
+        return len(self.class_names)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,9 +98,20 @@ def _check_spec(d: dict[str, Any]) -> None:
             raise bad(name, f"a list of {d['net_channels']} finite numbers")
     if any(x <= 0 for x in d["std"]):
         raise bad("std", "positive")
+    kind = d.get("kind", "binary")
+    from medadv.kinds import KINDS
+
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise bad("kind", f"one of {', '.join(KINDS)}")
     names = d["class_names"]
-    if not isinstance(names, (list, tuple)) or len(names) != 2 or not all(isinstance(x, str) for x in names):
-        raise bad("class_names", "two names")
+    want = (2, 2) if kind == "binary" else (3, 1000)
+    if (not isinstance(names, (list, tuple)) or not want[0] <= len(names) <= want[1]
+            or not all(isinstance(x, str) for x in names)):
+        raise bad("class_names", "two names" if kind == "binary" else "3 or more names")
+    if kind == "binary" and "threshold" not in d:
+        # a missing operating point must not silently become 0.5: every binary checkpoint records one
+        raise MedadvError("the checkpoint's spec has no threshold (the binary model's operating point).",
+                          "restore medadv.json from the checkpoint as written, or train the model again.")
     t = d.get("threshold", 0.5)
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
         raise bad("threshold", "a number in [0, 1]")
@@ -104,12 +123,12 @@ def _check_spec(d: dict[str, Any]) -> None:
         raise bad("extra", "a JSON object")
 
 
-class MedicalClassifier(nn.Module):
-    """A binary medical classifier over stored pixels.
+class MedicalClassifier(ModelBase):
+    """A medical classifier over stored pixels.
 
     ``forward(x)``: x is N×C×H×W float in [0, 1] with C = ``spec.data_channels`` and any H×W; returns
-    N×2 logits (class 1 = disease). The network sees ``spec.input_size``² after a bilinear, antialiased
-    resize, channel repeat/average, and per-channel normalization.
+    N×K logits (binary: K = 2, class 1 = disease). The network sees ``spec.input_size``² after a bilinear,
+    antialiased resize, channel repeat/average, and per-channel normalization.
     """
 
     def __init__(self, network: nn.Module, spec: ModelSpec) -> None:
@@ -118,20 +137,6 @@ class MedicalClassifier(nn.Module):
         self.spec = spec
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-
-    @property
-    def device(self) -> torch.device:
-        param = next(self.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
-
-    @property
-    def differentiable(self) -> bool:
-        """False for networks without gradients (ONNX): white-box attacks cannot run on them."""
-        return getattr(self.network, "differentiable", True)
-
-    @property
-    def threshold(self) -> float:
-        return self.spec.threshold
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.spec.data_channels:
@@ -173,23 +178,8 @@ class MedicalClassifier(nn.Module):
                               "in one pass.", "use a network whose last nn.Linear is its classification head.")
         return captured[0].flatten(1)
 
-    @torch.no_grad()
-    def probabilities(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """P(disease) for each image, N floats, computed in eval mode in batches."""
-        was_training = self.training
-        self.eval()
-        device = self.device
-        out = [F.softmax(self(x[i:i + batch_size].to(device)), dim=1)[:, 1].float().cpu()
-               for i in range(0, len(x), batch_size)]
-        self.train(was_training)
-        return torch.cat(out) if out else torch.zeros(0)
 
-    def predict(self, p_disease: torch.Tensor | np.ndarray) -> np.ndarray:
-        """Labels at the operating threshold: 1 (disease) where P(disease) >= threshold."""
-        return (np.asarray(p_disease) >= self.spec.threshold).astype(np.int64)
-
-
-class Windowed(nn.Module):
+class Windowed(ModelBase):
     """``model`` seen through one VOI window: ``model(clip(a * x + b, 0, 1))``.
 
     DICOM images are attacked in their stored values (so eps bounds the change in the file); the window
@@ -206,21 +196,5 @@ class Windowed(nn.Module):
     def spec(self) -> ModelSpec:
         return self.model.spec
 
-    @property
-    def threshold(self) -> float:
-        return self.model.spec.threshold
-
-    @property
-    def device(self) -> torch.device:
-        param = next(self.model.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
-
-    @property
-    def differentiable(self) -> bool:
-        return getattr(self.model, "differentiable", True)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model((self.a * x + self.b).clamp(0, 1))
-
-    def predict(self, p_disease: torch.Tensor | np.ndarray) -> np.ndarray:
-        return (np.asarray(p_disease) >= self.spec.threshold).astype(np.int64)

@@ -63,8 +63,10 @@ def default_normalization(arch: Arch, net_channels: int, pretrained: bool) -> tu
     return (0.5,) * net_channels, (0.25,) * net_channels
 
 
-def build_network(arch: str | Arch, in_channels: int, input_size: int, stem: str | None = None) -> nn.Module:
-    """A freshly initialized network: ``in_channels`` × ``input_size``² in, 2 logits out."""
+def build_network(arch: str | Arch, in_channels: int, input_size: int, stem: str | None = None,
+                  outputs: int = 2) -> nn.Module:
+    """A freshly initialized network: ``in_channels`` × ``input_size``² in, ``outputs`` logits out (the task
+    kind's head: 2 for binary, K for a K-class grader)."""
     arch = get_arch(arch) if isinstance(arch, str) else arch
     if input_size < arch.min_size:
         raise MedadvError(f"{arch.name} needs inputs of at least {arch.min_size} px; got {input_size}.",
@@ -74,14 +76,14 @@ def build_network(arch: str | Arch, in_channels: int, input_size: int, stem: str
         from monai.networks import nets
 
         small = dict(conv1_t_size=3, conv1_t_stride=1) if stem == "small" else {}
-        return getattr(nets, arch.name)(spatial_dims=2, n_input_channels=in_channels, num_classes=2, **small)
+        return getattr(nets, arch.name)(spatial_dims=2, n_input_channels=in_channels, num_classes=outputs, **small)
     if arch.family == "monai-densenet":
         from monai.networks.nets import DenseNet121
 
-        return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=2)
+        return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=outputs)
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_name(arch.name, in_channels=in_channels, image_size=input_size, num_classes=2)
+    net = EfficientNet.from_name(arch.name, in_channels=in_channels, image_size=input_size, num_classes=outputs)
     return net
 
 

@@ -10,6 +10,7 @@ starts from an organisation's root key (TUF-like), never from the database.
 * :mod:`~medadv.provenance.merkle`: RFC 9162 tree hash, inclusion and consistency proofs;
 * :mod:`~medadv.provenance.ledger`: the append-only, hash-chained, Merkle-logged ledger (SQLite or PostgreSQL);
 * :mod:`~medadv.provenance.register`: registration at acquisition;
+* :mod:`~medadv.provenance.audit`: is the log read the log the newest signed head commits to (before any verdict);
 * :mod:`~medadv.provenance.verify`: per-image verdicts with inclusion proofs;
 * :mod:`~medadv.provenance.gate`: :func:`check_imageset`, the gate the other commands call.
 """

@@ -66,16 +66,16 @@ def public_pem(public_key: Ed25519PublicKey) -> str:
     return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
-def load_public_pem(data: bytes | str, where: str) -> Ed25519PublicKey:
-    """An Ed25519 public key from PEM; ``where`` names its origin in the error."""
+def load_public_pem(data: bytes | str, where: str, fix: str | None = None) -> Ed25519PublicKey:
+    """An Ed25519 public key from PEM; ``where`` names its origin in the error, ``fix`` (default: the
+    device's .pub file) what to pass instead."""
+    fix = fix or "use the <device>.pub file that `medadv provenance keygen` wrote."
     try:
         key = serialization.load_pem_public_key(data.encode() if isinstance(data, str) else data)
     except (ValueError, TypeError) as exc:
-        raise MedadvError(f"{where} is not a PEM public key ({str(exc)[:80]}).",
-                          "use the <device>.pub file that `medadv provenance keygen` wrote.") from exc
+        raise MedadvError(f"{where} is not a PEM public key ({str(exc)[:80]}).", fix) from exc
     if not isinstance(key, Ed25519PublicKey):
-        raise MedadvError(f"{where} holds a {type(key).__name__}, not an Ed25519 public key.",
-                          "use the <device>.pub file that `medadv provenance keygen` wrote.")
+        raise MedadvError(f"{where} holds a {type(key).__name__}, not an Ed25519 public key.", fix)
     return key
 
 
@@ -122,13 +122,21 @@ def private_key_path(device: str, keys: str | os.PathLike[str] | None = None) ->
     return keystore_dir(keys) / f"{check_device_name(device)}.key"
 
 
-def _write_secret(path: Path, data: bytes) -> None:
+def private_pem(key: Ed25519PrivateKey) -> bytes:
+    """A private key as unencrypted PKCS#8 PEM (what the keystore holds)."""
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def write_secret(path: Path, data: bytes) -> None:
     """Write ``data`` to a new file ``path`` with mode 0600, atomically, never replacing an existing file.
 
     The temporary file is created 0600 (O_EXCL) and hard-linked into place: ``link`` fails if ``path``
-    exists, so a key is never overwritten, and a reader never sees a half-written key.
+    exists, so a key is never overwritten, and a reader (another worker) never sees a half-written key.
+    Raises FileExistsError when ``path`` exists (another process may have just made it: the caller
+    decides whether that is an error); other OSErrors as they come.
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -136,11 +144,25 @@ def _write_secret(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_public_key(path: Path, public_key: Ed25519PublicKey) -> None:
+    """``path`` (atomically replaced) holding the PEM public key, mode 0644 whatever the umask: public
+    by design, readable by verifiers."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(public_pem(public_key).encode())
+        os.chmod(tmp, 0o644)
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    """:func:`write_secret`, where an existing file is the user's error."""
+    try:
+        write_secret(path, data)
     except FileExistsError:
         raise MedadvError(f"a private key already exists at {path}.",
                           "use it, or move it away first to make a new one.") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def generate_key(device: str, keys: str | os.PathLike[str] | None = None) -> DeviceKey:
@@ -160,13 +182,9 @@ def generate_key(device: str, keys: str | os.PathLike[str] | None = None) -> Dev
         raise MedadvError(f"cannot create keystore folder {path.parent} ({exc.strerror}).",
                           "pass --keys DIR (or set MEDADV_KEYS) to a writable folder.") from exc
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    _write_secret(path, pem)
+    _write_secret(path, private_pem(key))
     try:
-        with atomic_path(path.with_suffix(".pub")) as tmp:
-            tmp.write_bytes(public_pem(key.public_key()).encode())
-            os.chmod(tmp, 0o644)  # public by design: readable by verifiers whatever the umask
+        write_public_key(path.with_suffix(".pub"), key.public_key())
     except BaseException:
         path.unlink(missing_ok=True)
         raise

@@ -11,7 +11,37 @@ from typing import Any
 from medadv.errors import MedadvError
 from medadv.provenance.keys import DeviceKey, PublicKey, check_device_name, public_pem
 from medadv.provenance.ledger import AppendResult, Entry, Ledger
-from medadv.provenance.trust import LOG_KEY_NAME
+from medadv.provenance.trust import LOG_KEY_NAME, TrustRoot, load_trust_root, trust_root_default
+
+_ROOT_FIX = ("pass --root-key ORG.root.key: the organisation's root private key that `medadv provenance init` "
+             "wrote for this ledger (not a device key, not the log key).")
+
+
+def configured_root(path: Any = None) -> TrustRoot | None:
+    """The configured trust root (``path``, ``$MEDADV_TRUST_ROOT`` or the config file), or None when none is."""
+    import os
+
+    if path or os.environ.get("MEDADV_TRUST_ROOT") or trust_root_default().is_file():
+        return load_trust_root(path)
+    return None
+
+
+def require_root(ledger: Ledger, root: DeviceKey, trust: TrustRoot | None = None) -> None:
+    """Refuse, before anything is written, a signing key that is not the organisation's root: not the
+    configured trust root's key (``trust``), or not the key that signed this ledger's root entries
+    (``provenance init``). An entry signed by any other key would be ignored at verification, so the
+    operator would believe a key enrolled or revoked when it is not."""
+    where = f"{root.path}" if root.path else root.device
+    if trust is not None and root.key_id != trust.key_id:
+        raise MedadvError(f"{where} (key id {root.key_id}) is not the organisation's root key: the configured trust "
+                          f"root {trust.source} is key {trust.key_id}.", _ROOT_FIX)
+    public = PublicKey(root.device, root.private_key.public_key())
+    found = ledger._lookup("kind", ["log-key"], kind=None).get("log-key", [])
+    signers = sorted({r.key_id for r in found if not isinstance(r, Exception)})
+    if not any(not isinstance(r, Exception) and r.key_id == root.key_id and r.signature_ok(public) for r in found):
+        raise MedadvError(f"{where} (key id {root.key_id}) is not the root key that initialised ledger "
+                          f"{ledger.display} (its root entries are signed by {', '.join(signers) or 'no key'}).",
+                          _ROOT_FIX)
 
 
 def _body(subject: PublicKey, org: str, **extra: Any) -> dict[str, Any]:

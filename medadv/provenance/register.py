@@ -21,7 +21,7 @@ from medadv.errors import MedadvError
 from medadv.progress import SILENT, Monitor
 from medadv.provenance.digest import ImageDigest, digest_path, expand_inputs
 from medadv.provenance.keys import DeviceKey
-from medadv.provenance.ledger import AppendResult, Ledger
+from medadv.provenance.ledger import AppendResult, Ledger, Record
 
 
 @dataclass
@@ -30,6 +30,7 @@ class RegisterResult:
     images: int
     appended: AppendResult
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (file, why), with skip_unreadable
+    warnings: list[str] = field(default_factory=list)  # same pixels twice within one .npz (see refuse_second_copies)
 
 
 def digest_inputs(paths: Iterable[str | Path], monitor: Monitor = SILENT, *,
@@ -72,6 +73,46 @@ def read_labels_csv(path: str | Path) -> dict[str, str]:
     return out
 
 
+def _file_of(name: str) -> str:
+    return name.split("#", 1)[0]
+
+
+def refuse_second_copies(ledger: Ledger, items: list[ImageDigest]) -> list[str]:
+    """Refuse an image whose pixels (view digest) or content (digest) are already registered, or listed in
+    this registration, under another file's name: two encodings (or copies) of one image would both verify
+    as ``duplicate`` (which image is it?), so the second is refused, naming the first. The same image under
+    the same name is fine (re-running a registration skips it). Two members of one .npz holding the same
+    pixels are the data set's own duplicates: registered, with a warning (returned) naming both."""
+    fix = "register each image once, under its original name; verify a copy against that name."
+    warnings: list[str] = []
+
+    def clash(item: ImageDigest, other: str, kind: str, where: str) -> None:
+        if _file_of(item.name) == _file_of(other):
+            warnings.append(f"{item.name} has the same {kind} as {other} ({where}): both will verify as `duplicate`")
+            return
+        raise MedadvError(f"{item.name} has the same {kind} as {other}, {where}: two copies of one image would both "
+                          "verify as `duplicate`.", fix)
+
+    first: dict[tuple[str, str], ImageDigest] = {}
+    for item in items:
+        for kind, key in (("pixels", item.view), ("content", item.digest)):
+            if key is None:
+                continue
+            seen = first.setdefault((kind, key), item)
+            if seen.name != item.name:
+                clash(item, seen.name, kind, "both in this registration")
+                break
+    for kind, found in (("pixels", ledger.by_view(i.view for i in items if i.view)),
+                        ("content", ledger.by_digest(i.digest for i in items))):
+        for item in items:
+            key = item.view if kind == "pixels" else item.digest
+            for rec in found.get(key, []) if key else []:
+                if isinstance(rec, Record) and rec.name != item.name:
+                    clash(item, rec.name, kind, f"already registered as record #{rec.seq} by {rec.device}")
+                    break
+    return list(dict.fromkeys(warnings))
+
+
 def register_paths(paths: Iterable[str | Path], ledger: Ledger, signer: DeviceKey, log_key: DeviceKey, *,
                    labels: Mapping[str, str] | None = None, label: str | None = None, batch_size: int = 256,
                    skip_unreadable: bool = False, monitor: Monitor = SILENT) -> RegisterResult:
@@ -91,5 +132,6 @@ def register_paths(paths: Iterable[str | Path], ledger: Ledger, signer: DeviceKe
                               "add them to the labels file, or register them without labels.")
         items = [replace(i, meta={**i.meta, "label": str(label if label is not None else labels[i.name])})  # type: ignore[index]
                  for i in items]
+    warnings = refuse_second_copies(ledger, items)
     appended = ledger.append(items, signer, log_key, batch_size=batch_size, monitor=monitor) if items else AppendResult()
-    return RegisterResult(len(files), len(items), appended, skipped or [])
+    return RegisterResult(len(files), len(items), appended, skipped or [], warnings)

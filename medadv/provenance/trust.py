@@ -30,6 +30,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from medadv import strictjson
 from medadv.errors import MedadvError
 from medadv.io import atomic_path
 from medadv.provenance.digest import canonical_json
@@ -38,7 +39,6 @@ from medadv.provenance.keys import (
     PublicKey,
     _write_secret,
     check_device_name,
-    key_id,
     keystore_dir,
     load_private_key,
     load_public_pem,
@@ -51,6 +51,10 @@ HEAD_TYPE = "medadv-tree-head/1"
 HEAD_DOMAIN = b"medadv-tree-head/1\n"
 LOG_KEY_NAME = "log"
 TRUST_KINDS = ("enroll", "revoke", "log-key")
+REQUEST_MAX_BYTES = 65536
+ROOT_PUB_FIX = ("pass the organisation's root public key <org>.root.pub that `medadv provenance init --org ORG` "
+                "wrote (not a device's .pub, not a private key).")
+HEAD_FILE_MAX_BYTES = 65536
 
 
 # ------------------------------------------------------------------------------------------ key files
@@ -95,10 +99,20 @@ def init_root(org: str, keys: str | os.PathLike[str] | None = None) -> tuple[Dev
 
 
 def load_root_key(path: str | os.PathLike[str]) -> DeviceKey:
-    """The root private key from a ``<org>.root.key`` file (0600 enforced)."""
+    """The root private key from a ``<org>.root.key`` file (0600 enforced). Errors name the organisation's
+    root key (never a device key: keygen cannot make a root)."""
     path = Path(path)
     org = path.name.split(".")[0]
-    return load_private_key(org, path=path)
+    fix = ("pass --root-key ORG.root.key, the organisation's root private key that `medadv provenance init "
+           "--org ORG` wrote (keep it offline; it is not a device key).")
+    if not path.is_file():
+        raise MedadvError(f"no organisation root key at {path}.", fix)
+    try:
+        return load_private_key(org, path=path)
+    except MedadvError as exc:
+        if "readable by others" in exc.what:
+            raise
+        raise MedadvError(exc.what.replace("private key", "root key", 1), fix) from None
 
 
 def load_log_key(path: str | os.PathLike[str] | None = None, keys: str | os.PathLike[str] | None = None) -> DeviceKey:
@@ -150,7 +164,7 @@ def load_trust_root(path: str | os.PathLike[str] | None = None) -> TrustRoot:
         data = p.read_bytes()[:65536]
     except OSError as exc:
         raise MedadvError(f"cannot read trust root {p} ({exc.strerror}).", "check its permissions.") from exc
-    pub = load_public_pem(data, f"trust root {p}")
+    pub = load_public_pem(data, f"trust root {p}", ROOT_PUB_FIX)
     return TrustRoot(PublicKey(p.name.split(".")[0], pub), str(p))
 
 
@@ -175,11 +189,12 @@ def write_request(key: DeviceKey, out: Path) -> Path:
 def read_request(path: str | os.PathLike[str]) -> tuple[str, PublicKey]:
     """(device, public key) from an enrollment request, after checking its proof of possession."""
     path = Path(path)
+    fix = "pass the <device>.request.json that `medadv provenance keygen` wrote."
     try:
-        body = json.loads(path.read_text()[:65536])
-    except (OSError, ValueError) as exc:
-        raise MedadvError(f"enrollment request {path} is not readable JSON ({str(exc)[:80]}).",
-                          "pass the <device>.request.json that `medadv provenance keygen` wrote.") from exc
+        data = path.read_bytes()[:REQUEST_MAX_BYTES + 1]
+    except OSError as exc:
+        raise MedadvError(f"cannot read enrollment request {path} ({exc.strerror}).", fix) from exc
+    body = strictjson.loads(data, max_bytes=REQUEST_MAX_BYTES, max_depth=4, what=f"enrollment request {path}", fix=fix)
     if not isinstance(body, dict) or body.get("type") != REQUEST_TYPE or not all(
             isinstance(body.get(k), str) for k in ("device", "public_key", "proof")):
         raise MedadvError(f"{path} is not a medadv enrollment request.",
@@ -237,12 +252,14 @@ def head_problem(head: Any, log_keys: dict[str, PublicKey], ledger_id: str | Non
 
 
 def read_head_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A kept signed head (strict, bounded JSON; whether it is a valid head is :func:`head_problem`'s word)."""
     p = Path(path)
+    fix = "pass a head saved with `medadv provenance head --out FILE`."
     try:
-        return json.loads(p.read_text()[:1 << 20])
-    except (OSError, ValueError) as exc:
-        raise MedadvError(f"head file {p} is not readable JSON ({str(exc)[:80]}).",
-                          "pass a head saved with `medadv provenance head --out FILE`.") from exc
+        data = p.read_bytes()[:HEAD_FILE_MAX_BYTES + 1]
+    except OSError as exc:
+        raise MedadvError(f"cannot read head file {p} ({exc.strerror}).", fix) from exc
+    return strictjson.loads(data, max_bytes=HEAD_FILE_MAX_BYTES, max_depth=4, what=f"head file {p}", fix=fix)
 
 
 # ------------------------------------------------------------------------------------------ trust state

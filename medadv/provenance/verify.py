@@ -19,8 +19,14 @@ verdict says what is near: ``modified`` (a record has this name, stem, SOPInstan
 but other content), ``unregistered``, or ``unreadable`` (the file could not be decoded).
 
 A ``verified`` verdict carries its inclusion proof (leaf index, tree size, audit path) and the
-signed head it checks against, so anyone can re-check it (:func:`check_proof`). Verification reads
-the records it needs, the trust entries and O(log n) Merkle nodes per image: never the whole log.
+signed head it checks against, so anyone can re-check it (:func:`check_proof`, and
+:func:`check_bundle`, which also binds the proof to the image's digest and name).
+
+Before any verdict, :func:`prepare` audits the log against its newest signed head (:mod:`.audit`): a
+deleted revocation or any other edit inside the signed log makes every verdict ``not-logged``. That
+reads the whole log once per process (then only new records); per image it reads the matching
+records and O(log n) Merkle nodes. ``verify``, the gate and the service all go through
+:func:`prepare` and :func:`judge` (one verification path).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Any
 
 from medadv.errors import MedadvError
 from medadv.progress import SILENT, Monitor
+from medadv.provenance.audit import audit, audited_state, kept_head_problem
 from medadv.provenance.digest import ImageDigest, digest_npz, digest_path, expand_inputs
 from medadv.provenance.ledger import Ledger, Record, RowError, name_stem, signer_problem
 from medadv.provenance.merkle import inclusion_path, verify_inclusion
@@ -100,10 +107,27 @@ class Context:
     head_note: str | None
 
 
-def prepare(ledger: Ledger, root: TrustRoot) -> Context:
+def prepare(ledger: Ledger, root: TrustRoot, *, kept_head: dict[str, Any] | None = None) -> Context:
+    """What every verdict of a batch rests on: the newest signed head, after checking that the log read is
+    the log it commits to (:mod:`.audit`: every record, trust entries included), and that it extends
+    ``kept_head`` when one is given. When either fails, no head is trusted: nothing verifies
+    (``not-logged``, saying why); the trust state then comes from the audited log only."""
     state = ledger.trust_state(root)
     head, note = ledger.latest_head(state.log_keys)
-    return Context(ledger, state, head, note)
+    if kept_head is not None:
+        why = kept_head_problem(ledger, kept_head, head, state)
+        if why:
+            return Context(ledger, state, None, f"the kept head: {why}")
+    if head is None:
+        return Context(ledger, state, None, note)
+    audited, why = audit(ledger, head)
+    if audited is None:
+        return Context(ledger, state, None, f"the log does not match its signed head of {head['size']} records: "
+                                            f"{why}; run `medadv provenance check-ledger`")
+    trusted = audited_state(ledger, state, audited)
+    if head["log_key_id"] not in trusted.log_keys:
+        return Context(ledger, trusted, None, "the head's log key is not enrolled in the audited log")
+    return Context(ledger, trusted, head, note)
 
 
 def _signed_by(rec: Record) -> str:
@@ -122,7 +146,7 @@ def _candidate(rec: Record | RowError, ctx: Context) -> tuple[Status, str] | Non
     if why:
         return Status(why[0]), f"record #{rec.seq}: {why[1]}"
     if ctx.head is None:
-        return Status.NOT_LOGGED, f"record #{rec.seq}: no tree head signed by an enrolled log key" + (
+        return Status.NOT_LOGGED, f"record #{rec.seq}: no trusted tree head signed by an enrolled log key" + (
             f" ({ctx.head_note})" if ctx.head_note else "")
     if rec.seq > ctx.head["size"]:
         return Status.NOT_LOGGED, f"record #{rec.seq} is beyond the newest signed tree head ({ctx.head['size']})"
@@ -263,12 +287,35 @@ def _row(d: Any) -> Record:
     return Record.from_row(SimpleNamespace(**{c: d.get(c) for c in cols}))
 
 
-def check_bundle(proof: dict[str, Any], bundle: dict[str, Any], root: TrustRoot) -> str | None:
+def _image_name(image_id: str) -> str:
+    """The name a record binds for a verdict's id: the file's base name (``file.npz#split/i`` for members)."""
+    file, sep, member = image_id.partition("#")
+    return Path(file).name + sep + member
+
+
+def binding_problem(image: dict[str, Any], rec: Record) -> str | None:
+    """Why the verdict row ``image`` (id, digest, seq of ``verify --json``) is not the image that the proven
+    record ``rec`` is of (None when it is): a proof copied onto another image's row proves nothing about it."""
+    if image.get("digest") != rec.digest:
+        return (f"the image's digest {str(image.get('digest'))[:16]} is not the proven record's ({rec.digest[:16]}): the "
+                "proof is for another image")
+    if "seq" in image and image.get("seq") != rec.seq:
+        return f"the verdict names record {image.get('seq')!r}, the proof record #{rec.seq}"
+    # a DICOM record's digest covers its SOPInstanceUID, so a renamed DICOM is bound by its digest
+    if not isinstance(image.get("id"), str) or (_image_name(image["id"]) != rec.name and rec.uid is None):
+        return f"the image {str(image.get('id'))[:80]!r} is not named {rec.name}, the proven record's name"
+    return None
+
+
+def check_bundle(proof: dict[str, Any], bundle: dict[str, Any], root: TrustRoot,
+                 image: dict[str, Any] | None = None) -> str | None:
     """Re-check one verified image's proof offline, from the trust root alone: the root signed the device's
     enrollment and the log key's entry; the device key signed the record, after its enrollment; the record
     is the proof's leaf; the log key signed the head; the inclusion proof checks. Returns why not, or None.
 
-    Revocations are not in the bundle: whether the key was revoked is the verdict's (the ledger's) word."""
+    ``image``: the verdict row the proof came with (``id``, ``digest``, ``seq``): the record proven must be
+    of that image (:func:`binding_problem`). Revocations are not in the bundle: whether the key was revoked
+    is the verdict's (the ledger's) word."""
     from medadv.provenance.keys import load_public_pem
     from medadv.provenance.trust import head_problem
 
@@ -299,6 +346,10 @@ def check_bundle(proof: dict[str, Any], bundle: dict[str, Any], root: TrustRoot)
         return "the record's signature does not verify with the enrolled device key"
     if rec.leaf().hex() != proof.get("leaf_hash") or proof.get("leaf_index") != rec.seq - 1:
         return "the proof is not for this record"
+    if image is not None:
+        why = binding_problem(image, rec)
+        if why:
+            return why
     why = head_problem(head, {log_key.key_id: log_key}, rec.ledger_id)
     if why:
         return f"the head: {why}"
@@ -310,34 +361,53 @@ def verify_digests(ledger: Ledger, items: Sequence[tuple[str, ImageDigest]], roo
     return judge(prepare(ledger, root), items)
 
 
-def verify_paths(paths: Iterable[str | Path], ledger: Ledger, root: TrustRoot, *,
-                 monitor: Monitor = SILENT) -> list[Verdict]:
-    """Verdicts for files (PNG, JPEG, DICOM; every member of an .npz; folders recursively).
-
-    A file that cannot be read (missing, corrupt, a decompression bomb, anything unexpected) gets an
-    ``unreadable`` verdict rather than an exception: one bad file never hides the verdicts on the others.
-    """
-    files = expand_inputs(paths)
-    ctx = prepare(ledger, root)
-    items: list[tuple[str, ImageDigest]] = []
-    unreadable: dict[int, Verdict] = {}
+def digest_sources(files: Sequence[Path], monitor: Monitor = SILENT
+                   ) -> list[tuple[str, ImageDigest] | Verdict]:
+    """Per file, in order, ``(image id, digest)`` for each image it holds (every member of an .npz,
+    ``path#split/index``), or an ``unreadable`` verdict. A file that cannot be read (missing, corrupt, a
+    decompression bomb, anything unexpected) never hides the verdicts on the others."""
+    out: list[tuple[str, ImageDigest] | Verdict] = []
     for path in monitor.track(files, "digesting", total=len(files)):
+        path = Path(path)
         try:
             digests = digest_path(path)
         except MedadvError as exc:
-            unreadable[len(items) + len(unreadable)] = Verdict(str(path), Status.UNREADABLE, exc.what)
+            out.append(Verdict(str(path), Status.UNREADABLE, exc.what))
             continue
         except Exception as exc:  # noqa: BLE001 - a decoder's surprise must not abort the batch
-            unreadable[len(items) + len(unreadable)] = Verdict(
-                str(path), Status.UNREADABLE, f"cannot decode {path} ({type(exc).__name__}: {str(exc)[:80]})")
+            out.append(Verdict(str(path), Status.UNREADABLE,
+                               f"cannot decode {path} ({type(exc).__name__}: {str(exc)[:80]})"))
             continue
         if path.suffix.lower() == ".npz":
-            items.extend((f"{path}#{d.name.split('#', 1)[1]}", d) for d in digests)
+            out.extend((f"{path}#{d.name.split('#', 1)[1]}", d) for d in digests)
         else:
-            items.extend((str(path), d) for d in digests)
-    verdicts = iter(judge(ctx, items))
-    total = len(items) + len(unreadable)
-    return [unreadable[k] if k in unreadable else next(verdicts) for k in range(total)]
+            out.extend((str(path), d) for d in digests)
+    return out
+
+
+def judge_sources(ctx: Context, sources: Sequence[tuple[str, ImageDigest] | Verdict], *,
+                  labels: Sequence[str | None] | None = None) -> list[Verdict]:
+    """THE verification path (``verify``, the gate and the service): verdicts on content digests of the
+    stored images, in order; an ``unreadable`` entry keeps its verdict. ``labels`` as in :func:`judge`."""
+    readable = [k for k, s in enumerate(sources) if not isinstance(s, Verdict)]
+    judged = judge(ctx, [sources[k] for k in readable],  # type: ignore[misc]
+                   labels=None if labels is None else [labels[k] for k in readable])
+    out: list[Verdict] = [s if isinstance(s, Verdict) else None for s in sources]  # type: ignore[misc]
+    for k, v in zip(readable, judged, strict=True):
+        out[k] = v
+    return out
+
+
+def verify_paths(paths: Iterable[str | Path], ledger: Ledger, root: TrustRoot, *, monitor: Monitor = SILENT,
+                 kept_head: dict[str, Any] | None = None, ctx: Context | None = None) -> list[Verdict]:
+    """Verdicts for files (PNG, JPEG, DICOM; every member of an .npz; folders recursively).
+
+    A file that cannot be read gets an ``unreadable`` verdict rather than an exception. ``kept_head``: a
+    signed head kept earlier, which the log must extend (see :func:`prepare`); ``ctx``: one already prepared.
+    """
+    files = expand_inputs(paths)
+    ctx = ctx or prepare(ledger, root, kept_head=kept_head)
+    return judge_sources(ctx, digest_sources(files, monitor))
 
 
 def verify_npz_members(npz: str | Path, members: Sequence[tuple[str, int]], ledger: Ledger,

@@ -38,14 +38,22 @@ def _amplified(delta: np.ndarray) -> tuple[np.ndarray, float]:
     return np.clip(0.5 + delta * gain, 0, 1), gain
 
 
-def _panel_row(axes, clean, adv, label, p_clean, p_adv, threshold, class_names, titles=True) -> None:
+def _panel_row(axes, clean, adv, label, p_clean, p_adv, threshold, class_names, titles=True,
+               decisions=(None, None)) -> None:
+    """Clean, amplified perturbation, adversarial. Binary: ``p_*`` is P(disease) and the decision is
+    P >= threshold. Multi-class: ``decisions`` are the predicted classes and ``p_*`` their probabilities."""
     delta = adv - clean
     amp, gain = _amplified(delta)
-    for ax, img, p, kind in ((axes[0], clean, p_clean, "clean"), (axes[2], adv, p_adv, "adversarial")):
+    for ax, img, p, kind, pred in ((axes[0], clean, p_clean, "clean", decisions[0]),
+                                   (axes[2], adv, p_adv, "adversarial", decisions[1])):
         _show(ax, img)
-        right = int(p >= threshold) == label
-        ax.set_title(f"{kind}\nP({class_names[1]}) = {p:.3f}" if titles else f"P = {p:.3f}",
-                     color=RIGHT if right else WRONG, fontsize=9)
+        if pred is None:
+            right = int(p >= threshold) == label
+            text = f"{kind}\nP({class_names[1]}) = {p:.3f}" if titles else f"P = {p:.3f}"
+        else:
+            right = int(pred) == label
+            text = f"{kind}\n{class_names[int(pred)]} ({p:.2f})" if titles else f"{class_names[int(pred)]} ({p:.2f})"
+        ax.set_title(text, color=RIGHT if right else WRONG, fontsize=9)
         for side in ax.spines.values():
             side.set_edgecolor(RIGHT if right else WRONG)
             side.set_linewidth(2.5)
@@ -56,10 +64,10 @@ def _panel_row(axes, clean, adv, label, p_clean, p_adv, threshold, class_names, 
 
 
 def figure2(clean: np.ndarray, adv: np.ndarray, label: int, p_clean: float, p_adv: float, threshold: float,
-            class_names: Sequence[str], title: str = "") -> bytes:
+            class_names: Sequence[str], title: str = "", decisions=(None, None)) -> bytes:
     """The paper's Figure 2 for one image (C×H×W arrays in [0, 1])."""
     fig, axes = plt.subplots(1, 3, figsize=(7.2, 2.9))
-    _panel_row(axes, clean, adv, label, p_clean, p_adv, threshold, class_names)
+    _panel_row(axes, clean, adv, label, p_clean, p_adv, threshold, class_names, decisions=decisions)
     fig.suptitle(title or f"true class: {class_names[label]}", fontsize=10)
     return to_png(fig)
 
@@ -70,7 +78,7 @@ def example_grid(examples: list[dict[str, Any]], threshold: float, class_names: 
     fig, axes = plt.subplots(rows, 3, figsize=(6.3, 2.0 * rows), squeeze=False)
     for r, ex in enumerate(examples):
         _panel_row(axes[r], ex["clean"], ex["adv"], ex["label"], ex["p_clean"], ex["p_adv"], threshold, class_names,
-                   titles=r == 0)
+                   titles=r == 0, decisions=(ex.get("pred_clean"), ex.get("pred_adv")))
         axes[r][0].set_ylabel(class_names[ex["label"]], fontsize=9)
     fig.suptitle(title, fontsize=10)
     return to_png(fig)

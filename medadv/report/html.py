@@ -13,6 +13,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from medadv.attacks.registry import record_title
 from medadv.io import atomic_dir, to_json
 from medadv.report import figures
+from medadv.results import StudyResults
 
 def row_title(key: str, row: dict[str, Any]) -> str:
     """A report row's title, derived from the attack the row ran and its own threat model (so a patch
@@ -34,9 +35,14 @@ def task_figures(task: dict[str, Any]) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     examples = task.get("_examples") or []
     if examples:
-        first = next((e for e in examples if (e["p_adv"] >= thr) != (e["p_clean"] >= thr)), examples[0])
+        # a flipped example first: its decision changed (multi-class examples carry their decisions)
+        changed = (lambda e: e["pred_adv"] != e["pred_clean"]) if "pred_clean" in examples[0] else \
+            (lambda e: (e["p_adv"] >= thr) != (e["p_clean"] >= thr))
+        first = next((e for e in examples if changed(e)), examples[0])
+        point = f"threshold {thr:.2f}" if "pred_clean" not in first else "most probable class"
         out["figure2"] = figures.figure2(first["clean"], first["adv"], first["label"], first["p_clean"],
-                                         first["p_adv"], thr, class_names, title=f"{task['title']}: PGD, paper preset (threshold {thr:.2f})")
+                                         first["p_adv"], thr, class_names, title=f"{task['title']}: PGD, paper preset ({point})",
+                                         decisions=(first.get("pred_clean"), first.get("pred_adv")))
         out["examples"] = figures.example_grid(examples, thr, class_names, f"{task['title']}: examples by class")
     if any(task.get("curves", {}).values()):
         out["curves"] = figures.robustness_curves(task["curves"], f"{task['title']}: robustness to PGD")
@@ -56,7 +62,25 @@ def render(study: dict[str, Any], images: dict[str, dict[str, bytes]]) -> str:
     env.filters["pct0"] = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"
     env.filters["eps255"] = lambda v: "n/a" if v is None else f"{v * 255:.2f}/255 ({v:.4f})"
     uris = {task: {k: _data_uri(v) for k, v in figs.items()} for task, figs in images.items()}
-    return env.get_template("report.html.j2").render(study=study, figures=uris, row_title=row_title)
+    return env.get_template("report.html.j2").render(study=study, figures=uris, row_title=row_title, mv=metric_value)
+
+
+# a multi-class record's figure in the columns the binary tables have (the template says which it shows)
+_MULTICLASS = {"auc": ("macro_auc",), "sensitivity": ("positive", "sensitivity"),
+               "specificity": ("positive", "specificity"), "n_disease": ("positive", "n_positive")}
+
+
+def metric_value(metrics: dict[str, Any] | None, key: str) -> Any:
+    """``metrics[key]``; for a multi-class record (no such key) its counterpart: macro AUC for AUC, the
+    clinically first decision's (e.g. referable DR) sensitivity, specificity and positives; else None."""
+    if not metrics:
+        return None
+    if key in metrics:
+        return metrics[key]
+    value: Any = metrics
+    for part in _MULTICLASS.get(key, (key,)):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def write_report(out: Path, study: dict[str, Any]) -> Path:
@@ -71,12 +95,15 @@ def write_report(out: Path, study: dict[str, Any]) -> Path:
         task["victim"].setdefault("class_names", None)
         images[task["task"]] = task_figures(task)
     public = {**study, "tasks": [{k: v for k, v in t.items() if not k.startswith("_")} for t in study["tasks"]]}
+    # results.json is written from the typed record (medadv.results): a record the schema does not allow is
+    # refused here, before anything is written; a valid one is written unchanged, in the same key order
+    record = StudyResults.from_json(public, what=f"the study record for {out}").to_json()
     html = render(public, images)
     with atomic_dir(out) as tmp:
         (tmp / "figures").mkdir()
         for task, figs in images.items():
             for name, png in figs.items():
                 (tmp / "figures" / f"{task}-{name}.png").write_bytes(png)
-        (tmp / "results.json").write_text(to_json(public))
+        (tmp / "results.json").write_text(to_json(record))
         (tmp / "report.html").write_text(html, encoding="utf-8")
     return out / "report.html"

@@ -1,5 +1,5 @@
-"""One upload's path through the service, without HTTP: check limits, decode, verify provenance, squeeze,
-and (through the batcher) run the model.
+"""One upload's path through the service, without HTTP: check limits, decode, verify provenance (the
+served model, its defense and the screening detector are :mod:`medadv.serve.model`'s).
 
 Errors are :class:`ServiceError` (a :class:`MedadvError` with an HTTP status), so the app answers them as
 4xx JSON lines and the CLI could print them as one line.
@@ -7,10 +7,9 @@ Errors are :class:`ServiceError` (a :class:`MedadvError` with an HTTP status), s
 
 from __future__ import annotations
 
-import hashlib
 import struct
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +101,12 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return h, w
 
 
+def _bomb(upload_name: str) -> ServiceError:
+    """PIL's decompression-bomb refusal (a header declaring billions of pixels) as the limit it is: 413."""
+    return ServiceError(413, f"{upload_name} declares more pixels than the service decodes (a decompression bomb).",
+                        "downsample the image before uploading it.")
+
+
 def _header_size(path: Path, kind: str, data: bytes) -> tuple[int, int, int]:
     """(height, width, frames) from the header only, before any pixel is decoded."""
     if kind == "png":
@@ -113,6 +118,8 @@ def _header_size(path: Path, kind: str, data: bytes) -> tuple[int, int, int]:
         try:
             with Image.open(path) as im:
                 w, h = im.size
+        except Image.DecompressionBombError as exc:  # PIL refuses at open() past 2x its own pixel limit
+            raise _bomb(upload_name=path.name) from exc
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
             raise ServiceError(422, f"the JPEG header is unreadable ({type(exc).__name__}).",
                                "upload an intact JPEG file.") from exc
@@ -155,10 +162,14 @@ def save_upload(data: bytes, name: str | None, folder: Path, limits: Limits) -> 
 
 def decode_pixels(upload: Upload) -> np.ndarray:
     """The image as medadv's readers give it to a model: float32 C×H×W in [0, 1] (DICOM windowed)."""
+    from PIL import Image
+
     from medadv.data.folder import read_image
 
     try:
         x, _ = read_image(upload.path)
+    except Image.DecompressionBombError as exc:  # only when --max-pixels lets more through than PIL decodes
+        raise _bomb(upload.name) from exc
     except MedadvError as exc:
         raise ServiceError(422, f"the {upload.kind.upper()} upload cannot be decoded: {_public(exc.what, upload)}",
                            f"upload an intact {upload.kind.upper()} file.") from exc
@@ -176,11 +187,17 @@ def decode_pixels(upload: Upload) -> np.ndarray:
 
 def digest_upload(upload: Upload) -> Any:
     """The upload's canonical content digest (:func:`medadv.provenance.digest.digest_file`)."""
+    from PIL import Image
+
     from medadv.provenance.digest import digest_file
 
     try:
         return digest_file(upload.path)
+    except Image.DecompressionBombError as exc:
+        raise _bomb(upload.name) from exc
     except MedadvError as exc:
+        if isinstance(exc.__cause__, Image.DecompressionBombError):  # the digest wraps PIL's refusal
+            raise _bomb(upload.name) from exc
         raise ServiceError(422, f"the upload cannot be digested for provenance: {_public(exc.what, upload)}",
                            "upload an intact, supported image file.") from exc
     except Exception as exc:  # a decoder's own failure on hostile input is still bad input
@@ -192,11 +209,26 @@ def verify_items(ledger: Any, root: Any, items: list[tuple[str, Any]]) -> list[d
     """Provenance results for ``(name, digest)`` pairs, in one :func:`verify_digests` call (a few queries
     for the whole group): status verified / modified / unknown-device / unsigned, the ledger's own
     verdict, why, and the inclusion proof of a verified record."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from medadv.provenance.digest import canonical_json
     from medadv.provenance.verify import verify_digests
 
+    # When the ledger cannot be judged at all (an insider's row the checks cannot read, a log that does not
+    # match its signed head), no image is verified by it: a verdict, not an error, so that the policy
+    # withholds the diagnosis and the refusal is receipted; never a 500.
+    try:
+        verdicts = verify_digests(ledger, items, root)
+    except MedadvError as exc:
+        if isinstance(exc.__cause__, SQLAlchemyError):
+            raise  # the database did not answer: the app's 503 (retry), not a verdict on the image
+        return [unverifiable(item, f"the ledger could not be checked ({' '.join(exc.what.split())})")
+                for _, item in items]
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
+        what = " ".join(f"{type(exc).__name__}: {str(exc)[:120]}".split())
+        return [unverifiable(item, f"the ledger could not be checked ({what})") for _, item in items]
     out = []
-    for (_, item), v in zip(items, verify_digests(ledger, items, root), strict=True):
+    for (_, item), v in zip(items, verdicts, strict=True):
         raw = str(getattr(v.status, "value", v.status))
         proof = getattr(v, "proof", None)
         try:
@@ -208,122 +240,16 @@ def verify_items(ledger: Any, root: Any, items: list[tuple[str, Any]]) -> list[d
     return out
 
 
+def unverifiable(item: Any, detail: str) -> dict[str, Any]:
+    """The provenance result of an image the ledger cannot vouch for because the ledger itself could not be
+    judged: ``unknown-device`` (no trusted key and log vouch for it), the ledger's verdict ``unverifiable``."""
+    return {"status": "unknown-device", "ledger_verdict": "unverifiable", "detail": detail[:300],
+            "digest": item.digest, "record": None, "device": None, "inclusion_proof": None}
+
+
 def check_provenance(ledger: Any, root: Any, upload: Upload) -> dict[str, Any]:
     """The provenance result of one upload."""
     return verify_items(ledger, root, [(upload.name, digest_upload(upload))])[0]
-
-
-# ---------------------------------------------------------------------------------------- the model
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@dataclass
-class LoadedModel:
-    model: Any
-    meta: dict[str, Any]
-    digest: str
-    path: Path
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-def load_model(path: str | Path) -> LoadedModel:
-    from medadv.models import load_checkpoint
-    from medadv.models.checkpoint import WEIGHTS
-
-    path = Path(path)
-    model, meta = load_checkpoint(path)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    spec = model.spec
-    info = {"task": meta.get("task", spec.task), "arch": spec.arch, "class_names": list(spec.class_names),
-            "threshold": float(spec.threshold), "input_size": spec.input_size, "channels": spec.data_channels,
-            "digest": file_sha256(path / WEIGHTS),
-            "clean_metrics": meta.get("validation"), "robust_metrics": meta.get("robust"),
-            "threshold_rule": (meta.get("training") or {}).get("threshold_rule")}
-    return LoadedModel(model, meta, info["digest"], path, info)
-
-
-def squeeze_variants(x: np.ndarray, cfg: ScreenConfig) -> np.ndarray:
-    """The image and its squeezed versions, 3×C×H×W: original, bit-depth reduced, median filtered."""
-    from scipy.ndimage import median_filter
-
-    levels = (1 << cfg.bits) - 1
-    bits = np.round(x * levels) / levels
-    med = median_filter(x, size=(1, cfg.median, cfg.median), mode="reflect")
-    return np.stack([x, bits.astype(np.float32), med.astype(np.float32)])
-
-
-def model_input(variants: np.ndarray, spec: Any) -> Any:
-    """Variants resized to the network's input as the wrapper would (so the batch has one shape) and
-    brought to the model's channel count (grey repeated, colour averaged)."""
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(np.ascontiguousarray(variants))
-    c = spec.data_channels
-    if t.shape[1] != c:
-        t = t.expand(-1, c, -1, -1).contiguous() if t.shape[1] == 1 else t.mean(1, keepdim=True).expand(-1, c, -1, -1)
-    size = spec.input_size
-    if t.shape[-2:] != (size, size):
-        t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return t.contiguous()
-
-
-def probabilities(model: Any, batch: Any) -> np.ndarray:
-    """P(disease) for a batch (N×C×S×S)."""
-    import torch
-    import torch.nn.functional as F
-
-    with torch.inference_mode():
-        return F.softmax(model(batch), dim=1)[:, 1].float().cpu().numpy()
-
-
-def screening(p: np.ndarray, cfg: ScreenConfig) -> dict[str, Any]:
-    """Feature squeezing (Xu et al., 2018) from P(disease) on [original, bit depth, median]: the max L1
-    distance between the probability vectors; flagged when above the threshold."""
-    d = {"bit_depth": float(2 * abs(p[0] - p[1])), "median": float(2 * abs(p[0] - p[2]))}
-    score = max(d.values())
-    return {"method": "feature-squeezing", "score": round(score, 6), "threshold": cfg.threshold,
-            "flagged": bool(score > cfg.threshold), "distances": {k: round(v, 6) for k, v in d.items()},
-            "squeezers": {"bit_depth": cfg.bits, "median": cfg.median}}
-
-
-def disagreement_map(model: Any, rows: Any, squeezer: int) -> str:
-    """Where squeezing moves the prediction: ``|dP/dx * (squeezed - x)|`` per pixel (the first-order share of
-    each pixel in the change of P(disease)), at the network's input size, as a PNG data URL (white = none,
-    red = most). Computed for flagged images only and returned with the answer, never stored."""
-    import base64
-    import io
-
-    import torch
-    import torch.nn.functional as F
-    from PIL import Image
-
-    x = rows[0:1].detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        F.softmax(model(x), dim=1)[0, 1].backward()
-    assert x.grad is not None
-    share = (x.grad[0] * (rows[squeezer] - rows[0])).abs().sum(0)
-    top = float(share.max())
-    heat = (share / top).numpy() if top > 0 else np.zeros(tuple(share.shape), np.float32)
-    rgb = np.stack([np.ones_like(heat), 1 - heat, 1 - heat], axis=-1)
-    buf = io.BytesIO()
-    Image.fromarray((rgb * 255).round().astype(np.uint8)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def diagnosis(p0: float, info: dict[str, Any]) -> dict[str, Any]:
-    positive = bool(p0 >= info["threshold"])
-    return {"p_disease": round(float(p0), 6), "threshold": info["threshold"], "positive": positive,
-            "label": info["class_names"][1 if positive else 0], "model_digest": info["digest"]}
 
 
 def temp_folder() -> tempfile.TemporaryDirectory:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import secrets
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,50 +33,27 @@ from medadv.serve.analysis import (
     ScreenConfig,
     ServiceError,
     decode_pixels,
-    diagnosis,
     digest_upload,
-    disagreement_map,
-    load_model,
-    model_input,
-    probabilities,
     save_upload,
-    screening,
-    squeeze_variants,
     temp_folder,
     verify_items,
 )
 from medadv.serve.batching import MicroBatcher
-from medadv.serve.store import ROLES, TokenInfo, open_store
+from medadv.serve.config import POLICIES, ServiceConfig, service_config
+from medadv.serve.model import (
+    diagnosis,
+    disagreement_map,
+    load_model,
+    model_rows,
+    probabilities,
+    screening,
+    squeezer_row,
+)
+from medadv.serve.store import PUBLIC_TOKEN_FIELDS, ROLES, TokenInfo, open_store, parse_duration
 
 log = logging.getLogger("medadv.serve")
-POLICIES = ("require-provenance", "flag")
 API_VERSION = "v1"
-
-
-@dataclass
-class ServiceConfig:
-    model: Path
-    ledger: str
-    policy: str = "require-provenance"
-    trust_root: str | None = None
-    service_key: str | None = None
-    max_batch: int = 16
-    max_wait_ms: float = 5.0
-    limits: Limits = field(default_factory=Limits)
-    screen: ScreenConfig = field(default_factory=ScreenConfig)
-    rate: float = 20.0  # requests per second per token (token bucket refill)
-    burst: int = 40  # bucket size
-
-    def check(self) -> None:
-        if self.policy not in POLICIES:
-            raise MedadvError(f"policy {self.policy!r} is not one of {', '.join(POLICIES)}.",
-                              "pass --policy require-provenance or --policy flag.")
-        if not 1 <= self.max_batch <= 1024:
-            raise MedadvError(f"--max-batch {self.max_batch} is not between 1 and 1024.", "pass --max-batch 16.")
-        if not 0 <= self.max_wait_ms <= 10_000:
-            raise MedadvError(f"--max-wait-ms {self.max_wait_ms} is not between 0 and 10000.", "pass --max-wait-ms 5.")
-        if self.rate <= 0 or self.burst < 1:
-            raise MedadvError("the rate limit must be positive.", "pass --rate 20 --burst 40.")
+__all__ = ["POLICIES", "ServiceConfig", "close_app", "create_app", "run", "run_workers", "service_config"]
 
 
 class TokenBuckets:
@@ -103,6 +80,7 @@ class TokenBuckets:
 class TokenRequest(BaseModel):
     role: str
     label: str = ""
+    expires_in: str | None = None  # e.g. "30d", "12h"; None: never
 
 
 def _error(status: int, what: str, fix: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -142,6 +120,31 @@ class _BodyLimit:
         return await self.app(scope, counted, send)
 
 
+_POSITION = re.compile(r"[0-9]{1,18}")  # ASCII digits only, and below 2**63 (the database's integers)
+_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?(Z|[+-][0-9]{2}:[0-9]{2}))?")
+
+
+def parse_since(since: str) -> tuple[int, str | None]:
+    """``GET /v1/analyses?since=``: a ledger position (ASCII digits, below 2**63) -> (position, None), or an
+    ISO 8601 time with ``Z`` or an offset (or a date, midnight UTC) -> (0, the time as the stored times are
+    written, UTC with microseconds). Anything else, or a time that is not a real one in UTC, is a 422."""
+    from datetime import datetime, timezone
+
+    fix = "pass since=0, since=42, since=2026-01-31 or since=2026-01-31T12:00:00Z."
+    if _POSITION.fullmatch(since):
+        return int(since), None
+    if not _TIME.fullmatch(since):
+        raise ServiceError(422, f"since={since[:40]!r} is neither a position (up to 18 digits 0-9) nor an ISO time "
+                                "with Z or an offset.", fix)
+    try:
+        when = datetime.fromisoformat(since.replace("Z", "+00:00"))
+        when = when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        raise ServiceError(422, f"since={since!r} is not a time that exists in UTC (a day, hour or offset out of "
+                                "range).", fix) from None
+    return 0, when.isoformat(timespec="microseconds").replace("+00:00", "Z")  # the stored times' format
+
+
 def analysis_view(receipt: dict[str, Any]) -> dict[str, Any]:
     """What the API answers for one analysis: its result, digests, position and the receipt itself."""
     r = receipt["result"]
@@ -161,7 +164,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     config.check()
     root = load_trust_root(config.trust_root)
-    loaded = load_model(config.model)
+    loaded = load_model(config.model, config.screen)
     key, pub_path, _ = load_or_create_service_key(config.service_key or keystore_dir() / "medadv-service.key")
     ledger = open_ledger(config.ledger)
     try:
@@ -171,8 +174,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         raise
     import torch
 
-    spec = loaded.model.spec
-    batcher = MicroBatcher(lambda b: probabilities(loaded.model, b), lambda rows: torch.cat(rows),
+    batcher = MicroBatcher(lambda b: probabilities(loaded, b), lambda rows: torch.cat(rows),
                            max_batch=config.max_batch, max_wait_ms=config.max_wait_ms)
     # provenance of concurrent uploads in one verify_digests call (trust state and head read once per group)
     verifier = MicroBatcher(lambda items: verify_items(ledger, root, items), lambda rows: [i for r in rows for i in r],
@@ -246,6 +248,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
             info = await run_in_threadpool(store.lookup_token, cred.credentials.strip())
             if info is None:
                 raise ServiceError(401, "unknown bearer token.", "use a token issued by `medadv serve token create`.")
+            refused = info.refusal()  # checked on every request: a revocation or an expiry acts at once
+            if refused is not None:
+                raise ServiceError(401, f"{refused}.", "ask the service's operator for a new token.")
             wait = buckets.take(info.token_id)
             if wait > 0:
                 err = ServiceError(429, f"too many requests for this token (limit {config.rate:g}/s, burst "
@@ -261,13 +266,14 @@ def create_app(config: ServiceConfig) -> FastAPI:
     # ---------------------------------------------------------------------------------- analysis
 
     def prepare(data: bytes, filename: str | None) -> tuple[dict[str, Any], Any, Any]:
-        """Limits, decoding, digest and squeezing (in a worker thread): (image info, digest, model rows)."""
+        """Limits, decoding, digest, squeezing and the model's defense and preprocessing (in a worker
+        thread): (image info, digest, model rows)."""
         with temp_folder() as tmp:
             upload = save_upload(data, filename, Path(tmp), config.limits)
             x = decode_pixels(upload)
             item = digest_upload(upload)
         image = {"name": upload.name, "format": upload.kind, "height": upload.height, "width": upload.width}
-        return image, item, model_input(squeeze_variants(x, config.screen), spec)
+        return image, item, model_rows(x, loaded)
 
     @app.post("/v1/analyses", tags=["analyses"], summary="Analyse one image (PNG, JPEG or DICOM)")
     async def create_analysis(file: UploadFile = File(..., description="PNG, JPEG or DICOM file"),
@@ -281,14 +287,14 @@ def create_app(config: ServiceConfig) -> FastAPI:
             result["withheld"] = f"policy require-provenance: the image is {prov['status']}"
         else:
             p = await batcher.submit(rows)
-            result["screening"] = screening(p, config.screen)
-            result["diagnosis"] = diagnosis(float(p[0]), loaded.info)
+            result["screening"] = screening(p, loaded)
+            result["diagnosis"] = diagnosis(p[0], loaded)
         fields = {"analysis_id": secrets.token_hex(12), "time": utc_now(), "submitter": who.token_id,
                   "image_digest": item.digest, "model_digest": loaded.digest, "result": result}
         heat = None
         if result["screening"] is not None and result["screening"]["flagged"]:
             worst = max(result["screening"]["distances"], key=result["screening"]["distances"].get)
-            heat = await run_in_threadpool(disagreement_map, loaded.model, rows, 1 if worst == "bit_depth" else 2)
+            heat = await run_in_threadpool(disagreement_map, loaded, rows, squeezer_row(loaded, worst))
         receipt = (await appender.submit([fields]))[0]
         view = analysis_view(receipt)
         view["disagreement_map"] = heat  # for the page; derived from the image, so never stored
@@ -317,21 +323,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
                                                description="a ledger position (integer) or an ISO 8601 UTC time"),
                             limit: int = Query(100, ge=1, le=1000),
                             who: TokenInfo = Depends(need("reader"))) -> dict:
-        if since.isdigit():
-            rows = await run_in_threadpool(store.list_receipts, int(since), None, limit)
-        else:
-            from datetime import datetime, timezone
-
-            try:
-                when = datetime.fromisoformat(since.replace("Z", "+00:00"))
-            except ValueError:
-                raise ServiceError(422, f"since={since!r} is neither a position nor an ISO time.",
-                                   "pass since=0, since=42 or since=2026-01-31T12:00:00Z.") from None
-            when = when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
-            stamp = when.isoformat(timespec="microseconds").replace("+00:00", "Z")  # the stored times' format
-            rows = await run_in_threadpool(store.list_receipts, 0, stamp, limit)
+        position, stamp = parse_since(since)
+        rows = await run_in_threadpool(store.list_receipts, position, stamp, limit)
         items = [analysis_view(r) for r in rows]
-        nxt = items[-1]["ledger_position"] if items else (int(since) if since.isdigit() else 0)
+        nxt = items[-1]["ledger_position"] if items else position
         return {"analyses": items, "count": len(items), "next": nxt}
 
     # ------------------------------------------------------------------------------ model, admin
@@ -348,13 +343,29 @@ def create_app(config: ServiceConfig) -> FastAPI:
         if req.role not in ROLES:
             raise ServiceError(422, f"role {req.role[:20]!r} is not one of {', '.join(ROLES)}.",
                                f"pass role {' or '.join(ROLES)}.")
-        issued = await run_in_threadpool(store.create_token, req.role, req.label)
-        return {"token": issued.token, "token_id": issued.token_id, "role": issued.role}
+        try:
+            span = parse_duration(req.expires_in) if req.expires_in is not None else None
+        except MedadvError as exc:
+            raise ServiceError(422, exc.what.replace("--expires-in", "expires_in"),
+                               'pass e.g. "expires_in": "30d" or "12h".') from None
+        issued = await run_in_threadpool(store.create_token, req.role, req.label, span)
+        return {"token": issued.token, "token_id": issued.token_id, "role": issued.role,
+                "expires_at": issued.expires_at}
 
     @app.get("/v1/tokens", tags=["admin"], summary="List tokens, without secrets (admins)")
     async def list_tokens(who: TokenInfo = Depends(need("admin"))) -> dict:
         rows = await run_in_threadpool(store.token_rows)
-        return {"tokens": [{k: r[k] for k in ("token_id", "role", "label", "created_at")} for r in rows]}
+        return {"tokens": [{k: r[k] for k in PUBLIC_TOKEN_FIELDS} for r in rows]}
+
+    @app.delete("/v1/tokens/{token_id}", tags=["admin"], summary="Revoke a token from now on (admins)")
+    async def revoke_token(token_id: str, who: TokenInfo = Depends(need("admin"))) -> dict:
+        try:
+            row, already = await run_in_threadpool(store.revoke_token, token_id)
+        except MedadvError as exc:
+            if exc.__cause__ is not None:
+                raise  # the database failed (its error is the cause): 503
+            raise ServiceError(404, exc.what, exc.fix or "") from None
+        return {"token": row, "already_revoked": already}
 
     @app.get("/v1/stats", tags=["admin"], summary="Batching statistics (admins)")
     async def stats(who: TokenInfo = Depends(need("admin"))) -> dict:

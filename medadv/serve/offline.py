@@ -2,7 +2,8 @@
 HTTP, sharded over ``torchrun`` processes.
 
 Each file goes through exactly the steps of one upload (:func:`medadv.serve.app.create_app`): the same
-limits, decoding, digest and squeezing (:mod:`medadv.serve.analysis`), the provenance check against the
+limits, decoding and digest (:mod:`medadv.serve.analysis`), the served model behind its checkpoint's
+defense with the same squeezing (:mod:`medadv.serve.model`), the provenance check against the
 ledger and trust root (:func:`verify_items`), the same policy (``require-provenance`` withholds screening
 and diagnosis from an image that does not verify; ``flag`` analyses it), feature-squeezing screening and
 the diagnosis. The model sees each image's three rows (original and two squeezed versions) as one batch,
@@ -49,7 +50,8 @@ from medadv.errors import MedadvError
 from medadv.progress import SILENT, Monitor
 
 if TYPE_CHECKING:
-    from medadv.serve.app import ServiceConfig
+    from medadv.jobs.serve_batch import ServeBatchJob, ServeBatchResult
+    from medadv.serve.config import ServiceConfig
 
 FORMAT = "medadv-serve-batch/1"
 # fields of a row that differ between two runs of the same files (compare rows with these removed)
@@ -119,14 +121,8 @@ class _Analyst:
 
     def prepare(self, path: Path) -> tuple[dict[str, Any], Any, Any]:
         """As the API's ``prepare``: limits, decoding, digest and squeezing -> (image, digest, model rows)."""
-        from medadv.serve.analysis import (
-            decode_pixels,
-            digest_upload,
-            model_input,
-            save_upload,
-            squeeze_variants,
-            temp_folder,
-        )
+        from medadv.serve.analysis import decode_pixels, digest_upload, save_upload, temp_folder
+        from medadv.serve.model import model_rows
 
         with open(path, "rb") as f:
             data = f.read(self.config.limits.max_bytes + 1)  # as the API reads an upload
@@ -135,7 +131,7 @@ class _Analyst:
             x = decode_pixels(upload)
             item = digest_upload(upload)
         image = {"name": upload.name, "format": upload.kind, "height": upload.height, "width": upload.width}
-        return image, item, model_input(squeeze_variants(x, self.config.screen), self.loaded.model.spec)
+        return image, item, model_rows(x, self.loaded)
 
     def earlier(self, digest: str, name: str) -> dict[str, Any] | None:
         """A receipt recorded before this run for this submitter, model, content, name, policy and screening."""
@@ -143,6 +139,7 @@ class _Analyst:
             return None
         from sqlalchemy import select
 
+        from medadv.serve.receipts import load_receipt_json
         from medadv.serve.store import analyses
 
         q = (select(analyses.c.receipt)
@@ -152,9 +149,14 @@ class _Analyst:
         screen = self.config.screen
         with self.store._read("looking up earlier analyses") as conn:
             for row in conn.execute(q):
-                receipt = json.loads(row.receipt)
-                r = receipt.get("result") or {}
-                s = r.get("screening")
+                try:
+                    receipt = load_receipt_json(row.receipt)
+                except MedadvError:
+                    continue  # an edited row vouches for nothing: the file is analysed again
+                r = receipt.get("result") if isinstance(receipt, dict) else None
+                s = r.get("screening") if isinstance(r, dict) else None
+                if not isinstance(r, dict) or not isinstance(s, dict | None) or not isinstance(r.get("image"), dict):
+                    continue
                 if (r.get("policy") == self.config.policy and (r.get("image") or {}).get("name") == name
                         and (s is None or (s.get("threshold") == screen.threshold
                                            and s.get("squeezers") == {"bit_depth": screen.bits,
@@ -164,7 +166,8 @@ class _Analyst:
 
     def analyse(self, jobs: list[tuple[int, Path]]) -> list[dict[str, Any]]:
         """Rows for this rank's files of one step: an error row, an earlier receipt, or a new result."""
-        from medadv.serve.analysis import ServiceError, diagnosis, probabilities, screening, verify_items
+        from medadv.serve.analysis import ServiceError, verify_items
+        from medadv.serve.model import diagnosis, probabilities, screening
 
         rows: list[dict[str, Any]] = []
         pending: list[tuple[int, Path, dict[str, Any], Any, Any]] = []
@@ -196,9 +199,9 @@ class _Analyst:
             if config.policy == "require-provenance" and prov["status"] != "verified":
                 result["withheld"] = f"policy require-provenance: the image is {prov['status']}"
             else:
-                p = probabilities(loaded.model, x)  # the image's 3 rows alone: as a lone request is batched
-                result["screening"] = screening(p, config.screen)
-                result["diagnosis"] = diagnosis(float(p[0]), loaded.info)
+                p = probabilities(loaded, x)  # the image's rows alone: as a lone request is batched
+                result["screening"] = screening(p, loaded)
+                result["diagnosis"] = diagnosis(p[0], loaded)
             rows.append({"index": j, "file": str(path), "status": "analysed", "resumed": False,
                          "image_digest": item.digest, "result": result})
         return rows
@@ -222,8 +225,8 @@ def analyze_files(config: ServiceConfig, files: list[str | os.PathLike[str]], ou
     from medadv.provenance.ledger import open_ledger, utc_now
     from medadv.provenance.trust import load_trust_root
     from medadv.runinfo import environment
-    from medadv.serve.analysis import load_model
     from medadv.serve.app import analysis_view
+    from medadv.serve.model import load_model
     from medadv.serve.receipts import load_or_create_service_key
     from medadv.serve.store import open_store
 
@@ -245,7 +248,7 @@ def analyze_files(config: ServiceConfig, files: list[str | os.PathLike[str]], ou
         setup_error: MedadvError | None = None
         try:
             root = load_trust_root(config.trust_root)
-            loaded = load_model(config.model)
+            loaded = load_model(config.model, config.screen)
             ledger = stack.enter_context(open_ledger(config.ledger, readonly=True))  # this mode never writes it
             if shard.is_main:
                 key, pub, _ = load_or_create_service_key(config.service_key or keystore_dir() / "medadv-service.key")
@@ -358,3 +361,18 @@ def _record(config: ServiceConfig, loaded: Any, key: Any, pub: Any, store: Any, 
         "run": {"world_size": world, "sharded": "files (file j of the sorted list on rank j % N)",
                 "new_receipts_seq": [first_seq, last_seq], "seconds": round(seconds, 2), "environment": env},
     }
+
+
+def run_batch(job: ServeBatchJob, *, monitor: Monitor = SILENT) -> ServeBatchResult:
+    """The ``medadv serve batch`` job (:mod:`medadv.jobs.serve_batch`): the checked service config, the
+    collected files, :func:`analyze_files`; every rank returns the record, rank 0 wrote it."""
+    from medadv import dist
+    from medadv.jobs.serve_batch import ServeBatchResult
+    from medadv.serve.config import service_config
+
+    config = service_config(job.model, job.ledger, policy=job.policy, trust_root=job.trust_root,
+                            service_key=job.service_key, max_upload_mb=job.max_upload_mb, max_pixels=job.max_pixels,
+                            screen_threshold=job.screen_threshold)
+    record = analyze_files(config, collect_images(list(job.images)), job.out, submitter=job.submitter,
+                           monitor=monitor, resume=job.resume)
+    return ServeBatchResult(record, Path(job.out), is_main=dist.current().is_main)

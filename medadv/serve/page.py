@@ -29,7 +29,8 @@ PAGE = r"""<!doctype html>
 <body>
 <h1>medadv analysis service</h1>
 <p class="sub">Task <b>{{ info.task }}</b> &middot; model {{ info.arch }} &middot; operating threshold
- {{ "%.3f"|format(info.threshold) }} &middot; policy <b>{{ policy }}</b> &middot; model digest <code>{{ info.digest[:16] }}</code></p>
+ {{ "%.3f"|format(info.threshold) }} &middot; policy <b>{{ policy }}</b> &middot; model digest <code>{{ info.digest[:16] }}</code>
+ {% if info.defense %}&middot; behind {{ info.defense.defenses|map(attribute="name")|join(", ") }}{% endif %}</p>
 <section><label>Bearer token <input id="token" type="password" size="60" autocomplete="off"></label>
  <button id="save">Use token</button></section>
 <section><form id="upload"><input id="file" type="file" name="file" accept=".png,.jpg,.jpeg,.dcm,.dicom,image/png,image/jpeg,application/dicom">

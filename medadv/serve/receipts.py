@@ -16,20 +16,24 @@ edited field (result, digests, time, position, key id or signature) fails.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from medadv.db import row_digest
 from medadv.errors import MedadvError
-from medadv.io import atomic_path
 from medadv.provenance.digest import canonical_json
-from medadv.provenance.keys import DeviceKey, PublicKey, load_private_key, load_public_pem, public_pem
+from medadv.provenance.keys import (
+    DeviceKey,
+    PublicKey,
+    load_private_key,
+    load_public_pem,
+    private_pem,
+    write_public_key,
+    write_secret,
+)
 
 RECEIPT_TYPE = "medadv-analysis-receipt/1"
 DOMAIN = b"medadv-analysis-receipt/1\n"
@@ -41,7 +45,7 @@ _MAX_RECEIPT = 1 << 20
 
 def entry_hash(entry: dict[str, Any]) -> str:
     """The chain hash of one analysis entry (the fields of :data:`_ENTRY_FIELDS` plus seq and prev_hash)."""
-    return hashlib.sha256(ENTRY_DOMAIN + canonical_json(entry)).hexdigest()
+    return row_digest(ENTRY_DOMAIN, canonical_json(entry))
 
 
 def chain_entry(receipt_or_fields: dict[str, Any], seq: int, prev_hash: str) -> dict[str, Any]:
@@ -63,6 +67,15 @@ def sign_receipt(key: DeviceKey, fields: dict[str, Any], seq: int, prev_hash: st
                                "service_key_id": key.key_id}
     receipt["signature"] = key.sign(_signed_bytes(receipt)).hex()
     return receipt
+
+
+def load_receipt_json(data: str | bytes, what: str = "the receipt") -> Any:
+    """A receipt's JSON, strictly (:func:`medadv.strictjson.loads`: no NaN, no duplicate keys, at most
+    1 MiB and 32 levels deep; a receipt nests about 8): raises :class:`MedadvError` for anything else."""
+    from medadv.strictjson import loads
+
+    return loads(data, max_bytes=_MAX_RECEIPT, max_depth=32, what=what,
+                 fix="use the receipt the service returned, unedited.")
 
 
 def verify_receipt(receipt: Any, public: PublicKey) -> tuple[bool, str]:
@@ -116,9 +129,9 @@ def verify_receipt_file(path: str | os.PathLike[str], public_key: str | os.PathL
     if len(data) > _MAX_RECEIPT:
         return False, f"{p} is larger than a receipt can be ({len(data)} bytes)", None
     try:
-        receipt = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return False, f"{p} is not JSON ({str(exc)[:80]})", None
+        receipt = load_receipt_json(data)
+    except MedadvError as exc:
+        return False, exc.what.rstrip("."), None
     ok, why = verify_receipt(receipt, pub)
     return ok, why, receipt
 
@@ -133,21 +146,7 @@ def load_or_create_service_key(path: str | os.PathLike[str]) -> tuple[DeviceKey,
     if not p.exists():
         try:
             p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            key = Ed25519PrivateKey.generate()
-            pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-            # written 0600 to a temporary name, then hard-linked into place: never replaces an existing key,
-            # and a concurrent reader (another worker) never sees a half-written one
-            tmp = p.with_name(f".{p.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(pem)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.link(tmp, p)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_secret(p, private_pem(Ed25519PrivateKey.generate()))  # 0600, atomic, never replaces
         except FileExistsError:
             pass  # another process made it first: use theirs
         except OSError as exc:
@@ -157,7 +156,5 @@ def load_or_create_service_key(path: str | os.PathLike[str]) -> tuple[DeviceKey,
             created = True
     key = load_private_key(SERVICE_NAME, path=p)
     if created or not pub.is_file():
-        with atomic_path(pub) as tmp:
-            tmp.write_bytes(public_pem(key.public.public_key).encode())
-            os.chmod(tmp, 0o644)
+        write_public_key(pub, key.public.public_key)
     return key, pub, created

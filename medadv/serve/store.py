@@ -6,28 +6,27 @@
   SQLite, an advisory lock on PostgreSQL), so concurrent writers never fork the chain and a crash
   leaves either the whole row or nothing. Append-only: triggers refuse UPDATE and DELETE.
 * ``serve_tokens``: bearer tokens, stored as ``sha256(token)`` only, with a role (submitter, reader,
-  admin) and a short public id. The token itself is shown once, when it is made.
+  admin), a short public id, and optionally when it expires and when it was revoked (both checked on
+  every request). The token itself is shown once, when it is made. A database made before expiry and
+  revocation existed gets the two columns (NULL: never expires, not revoked) the first time it is opened
+  for writing (:meth:`ServiceStore.create`).
 
-The provenance ledger's tables are never written here.
+The provenance ledger's tables are never written here. Engines, transactions, the append-only triggers
+and the hash chain come from :mod:`medadv.db`, as the ledger's do.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
+import re
 import secrets
-import sqlite3
 import threading
-import urllib.parse
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import (
-    DDL,
     BigInteger,
     Column,
     Connection,
@@ -36,26 +35,22 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    create_engine,
-    event,
     insert,
     inspect,
     select,
     text,
+    update,
 )
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.pool import QueuePool
 
+from medadv.db import GENESIS, AppendOnly, ChainWalker, Database, chain_head, open_engine, utc_now
 from medadv.errors import MedadvError
 from medadv.provenance.digest import canonical_json
 from medadv.provenance.keys import DeviceKey
-from medadv.provenance.ledger import resolve_location, utc_now
-from medadv.serve.receipts import chain_entry, entry_hash, sign_receipt
+from medadv.serve.receipts import chain_entry, entry_hash, load_receipt_json, sign_receipt
 
 ROLES = ("submitter", "reader", "admin")
-GENESIS = "0" * 64
+PUBLIC_TOKEN_FIELDS = ("token_id", "role", "label", "created_at", "expires_at", "revoked_at")  # never the hash
 TOKEN_PREFIX = "mdv_"
-PG_LOCK_KEY = int.from_bytes(hashlib.sha256(b"medadv-serve-analyses-append").digest()[:8], "big", signed=True)
 
 metadata = MetaData()
 analyses = Table(
@@ -77,24 +72,38 @@ tokens = Table(
     Column("role", String(16), nullable=False),
     Column("label", Text, nullable=False),
     Column("created_at", String(40), nullable=False),
+    Column("expires_at", String(40), nullable=True),  # utc_now() format; NULL: never
+    Column("revoked_at", String(40), nullable=True),  # NULL: not revoked
 )
-for _op in ("UPDATE", "DELETE"):
-    event.listen(metadata, "after_create", DDL(
-        f"CREATE TRIGGER serve_analyses_no_{_op.lower()} BEFORE {_op} ON serve_analyses "
-        "BEGIN SELECT RAISE(ABORT, 'the medadv analyses table is append-only'); END"
-    ).execute_if(dialect="sqlite"))
-event.listen(metadata, "after_create", DDL(
-    "CREATE OR REPLACE FUNCTION medadv_serve_append_only() RETURNS trigger LANGUAGE plpgsql AS "
-    "$fn$ BEGIN RAISE EXCEPTION 'the medadv analyses table is append-only'; END $fn$"
-).execute_if(dialect="postgresql"))
-event.listen(metadata, "after_create", DDL(
-    "CREATE TRIGGER serve_analyses_append_only BEFORE UPDATE OR DELETE ON serve_analyses "
-    "FOR EACH ROW EXECUTE FUNCTION medadv_serve_append_only()"
-).execute_if(dialect="postgresql"))
+TOKEN_COLUMNS_ADDED = ("expires_at", "revoked_at")  # after the first release: migrated in place
+MAX_TOKEN_LIFETIME = timedelta(days=3650)
+_DURATION = re.compile(r"([1-9][0-9]{0,5})([mhdw])")
+_UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
+GUARD = AppendOnly(("serve_analyses",), function="medadv_serve_append_only")  # tokens are revocable: no guard
+GUARD.attach(metadata)
 
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def parse_duration(value: str) -> timedelta:
+    """``30d``, ``12h``, ``45m``, ``2w`` -> a timedelta (ASCII digits, one unit, at most ten years)."""
+    m = _DURATION.fullmatch(value.strip())
+    span = int(m.group(1)) * _UNITS[m.group(2)] if m else None
+    if span is None or span > MAX_TOKEN_LIFETIME:
+        raise MedadvError(f"--expires-in {value[:20]!r} is not a duration of at most ten years (a number and one of "
+                          "m, h, d, w).", "pass e.g. --expires-in 30d or --expires-in 12h.")
+    return span
+
+
+def _parse_time(stamp: str | None) -> datetime | None:
+    """A stored time (utc_now() format) as an aware datetime; None when it cannot be read."""
+    try:
+        when = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except (ValueError, TypeError):
+        return None
+    return when if when.tzinfo is not None else None
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,20 @@ class TokenInfo:
     token_id: str
     role: str
     label: str
+    expires_at: str | None = None
+    revoked_at: str | None = None
+
+    def refusal(self, now: datetime | None = None) -> str | None:
+        """Why this token may not be used at ``now`` (revoked, expired), or None. A stored time that
+        cannot be read counts as past (fail closed)."""
+        now = now or datetime.now(timezone.utc)
+        if self.revoked_at is not None:
+            return f"token {self.token_id} was revoked at {self.revoked_at}"
+        if self.expires_at is not None:
+            when = _parse_time(self.expires_at)
+            if when is None or when <= now:
+                return f"token {self.token_id} expired at {self.expires_at}"
+        return None
 
 
 @dataclass(frozen=True)
@@ -109,97 +132,104 @@ class IssuedToken:
     token: str  # shown once; only its sha256 is stored
     token_id: str
     role: str
+    expires_at: str | None = None
 
 
-def _sqlite_engine(path: Path) -> Engine:
-    uri = f"file:{urllib.parse.quote(str(path))}?mode=rw"
-
-    def connect() -> sqlite3.Connection:
-        conn = sqlite3.connect(uri, uri=True, timeout=60.0, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA synchronous=FULL")  # an answered analysis survives a power cut
-        return conn
-
-    engine = create_engine("sqlite://", creator=connect, poolclass=QueuePool, pool_size=2, max_overflow=8)
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'DEFERRED')}")
-
-    return engine
+def _stamp(when: datetime) -> str:
+    return when.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-class ServiceStore:
+class ServiceStore(Database):
     """The service's tables in one database. Thread-safe; make it with :func:`open_store`."""
 
-    def __init__(self, engine: Engine, display: str) -> None:
-        self.engine = engine
-        self.display = display
-        self.dialect = engine.dialect.name
-        self._append_lock = threading.Lock()  # in-process writers queue here rather than on the DB lock
+    NOUN = "service database"
+    LOCK_LABEL = b"medadv-serve-analyses-append"  # not the ledger's: analyses never wait on registrations
 
-    def close(self) -> None:
-        self.engine.dispose()
+    def __init__(self, engine: Engine, display: str) -> None:
+        super().__init__(engine, display)
+        self._append_lock = threading.Lock()  # in-process writers queue here rather than on the DB lock
 
     def __enter__(self) -> ServiceStore:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @contextlib.contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
-        try:
-            yield
-        except MedadvError:
-            raise
-        except SQLAlchemyError as exc:
-            msg = " ".join(str(exc).split("\n")[0].split())[:200]
-            raise MedadvError(f"service database {self.display}: {action} failed ({msg}).",
-                              "check that the database is reachable and writable; retry.") from exc
-
-    @contextlib.contextmanager
-    def _write(self, action: str) -> Iterator[Connection]:
-        with self._errors(action), self.engine.connect() as conn:
-            if self.dialect == "sqlite":
-                conn.execution_options(sqlite_begin="IMMEDIATE")
-            with conn.begin():
-                if self.dialect == "postgresql":
-                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PG_LOCK_KEY})
-                yield conn
-
-    @contextlib.contextmanager
-    def _read(self, action: str) -> Iterator[Connection]:
-        with self._errors(action), self.engine.connect() as conn, conn.begin():
-            yield conn
 
     def create(self) -> None:
         with self._write("creating the service tables") as conn:
             if not inspect(conn).has_table("serve_analyses"):  # the triggers come with the tables, once
                 metadata.create_all(conn)
+            elif not inspect(conn).has_table("serve_tokens"):
+                metadata.create_all(conn, tables=[tokens])
+            else:
+                self._migrate_tokens(conn)
+
+    def _migrate_tokens(self, conn: Connection) -> None:
+        """Add the expiry and revocation columns to a token table made before them (under the write lock,
+        so two processes opening an old database at once add them once). Old tokens: NULL, NULL."""
+        have = {c["name"] for c in inspect(conn).get_columns("serve_tokens")}
+        for name in TOKEN_COLUMNS_ADDED:
+            if name not in have:
+                conn.execute(text(f"ALTER TABLE serve_tokens ADD COLUMN {name} VARCHAR(40)"))
+
+    def _check_token_schema(self, conn: Connection) -> None:
+        have = {c["name"] for c in inspect(conn).get_columns("serve_tokens")}
+        missing = [n for n in TOKEN_COLUMNS_ADDED if n not in have]
+        if missing:
+            raise MedadvError(f"service database {self.display}: its token table predates token expiry and "
+                              f"revocation (no {', '.join(missing)} column).",
+                              "open it once for writing (e.g. `medadv serve token list`) to add the columns.")
 
     # ------------------------------------------------------------------------------------------ tokens
 
-    def create_token(self, role: str, label: str = "") -> IssuedToken:
+    def create_token(self, role: str, label: str = "", expires_in: timedelta | None = None) -> IssuedToken:
+        """A new token of ``role``; ``expires_in``: refused on every request after that long (None: never)."""
         if role not in ROLES:
             raise MedadvError(f"role {role!r} is not one of {', '.join(ROLES)}.", f"pass --role {' or '.join(ROLES)}.")
+        if expires_in is not None and not timedelta(0) < expires_in <= MAX_TOKEN_LIFETIME:
+            raise MedadvError("a token's lifetime must be positive and at most ten years.",
+                              "pass e.g. --expires-in 30d.")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)  # 32 random bytes
         token_id = secrets.token_hex(6)
+        now = datetime.now(timezone.utc)
+        expires = None if expires_in is None else _stamp(now + expires_in)
         with self._write("issuing a token") as conn:
             conn.execute(insert(tokens).values(token_hash=hash_token(token), token_id=token_id, role=role,
-                                               label=label[:200], created_at=utc_now()))
-        return IssuedToken(token, token_id, role)
+                                               label=label[:200], created_at=_stamp(now), expires_at=expires))
+        return IssuedToken(token, token_id, role, expires)
 
     def lookup_token(self, token: str) -> TokenInfo | None:
+        """The token's row (its expiry and revocation included: :meth:`TokenInfo.refusal`), or None."""
         if not token or len(token) > 200:
             return None
         with self._read("checking a token") as conn:
-            row = conn.execute(select(tokens.c.token_id, tokens.c.role, tokens.c.label)
+            row = conn.execute(select(tokens.c.token_id, tokens.c.role, tokens.c.label, tokens.c.expires_at,
+                                      tokens.c.revoked_at)
                                .where(tokens.c.token_hash == hash_token(token))).first()
-        return TokenInfo(row.token_id, row.role, row.label) if row is not None else None
+        if row is None:
+            return None
+        return TokenInfo(row.token_id, row.role, row.label, row.expires_at, row.revoked_at)
 
     def token_rows(self) -> list[dict[str, Any]]:
+        """Every token without its hash: token_id, role, label, created_at, expires_at, revoked_at."""
+        cols = [tokens.c[n] for n in PUBLIC_TOKEN_FIELDS]
         with self._read("listing tokens") as conn:
-            return [dict(r._mapping) for r in conn.execute(select(tokens).order_by(tokens.c.created_at))]
+            self._check_token_schema(conn)
+            return [dict(r._mapping) for r in conn.execute(select(*cols).order_by(tokens.c.created_at))]
+
+    def revoke_token(self, token_id: str) -> tuple[dict[str, Any], bool]:
+        """Revoke the token ``token_id`` from now on: (its row, whether it was revoked already). Raises
+        :class:`MedadvError` when no token has that id."""
+        token_id = token_id.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{1,32}", token_id):
+            raise MedadvError(f"{token_id[:40]!r} is not a token id (hex digits, as `medadv serve token list` "
+                              "shows them).", "pass the id column of `medadv serve token list`.")
+        with self._write("revoking a token") as conn:
+            self._check_token_schema(conn)
+            changed = conn.execute(update(tokens).where(tokens.c.token_id == token_id, tokens.c.revoked_at.is_(None))
+                                   .values(revoked_at=utc_now())).rowcount
+            row = conn.execute(select(*[tokens.c[n] for n in PUBLIC_TOKEN_FIELDS])
+                               .where(tokens.c.token_id == token_id)).first()
+        if row is None:
+            raise MedadvError(f"no token has id {token_id}.", "list the tokens with `medadv serve token list`.")
+        return dict(row._mapping), changed == 0
 
     # ---------------------------------------------------------------------------------------- analyses
 
@@ -214,23 +244,31 @@ class ServiceStore:
         the lot); all are stored or none. Returns their receipts."""
         for fields in many:
             canonical_json(fields["result"])  # refuse non-JSON results before taking the lock
+        with self._append_lock:
+            return self.transact("recording the analysis", lambda conn: self._append(conn, many, key))
+
+    def _append(self, conn: Connection, many: list[dict[str, Any]], key: DeviceKey) -> list[dict[str, Any]]:
+        """Sign and insert ``many`` after the chain's head, in the open write transaction ``conn`` (it may run
+        again: nothing here outlives the transaction)."""
+        try:
+            head = chain_head(conn, analyses, "entry_hash")
+        except ValueError as exc:
+            raise MedadvError(f"service database {self.display}: in the analyses chain, {exc}.",
+                              "tell the service's operator (`check_chain` names the row).") from None
+        seq, prev = (head.seq, head.entry_hash) if head is not None else (0, GENESIS)
         receipts: list[dict[str, Any]] = []
-        with self._append_lock, self._write("recording the analysis") as conn:
-            head = conn.execute(select(analyses.c.seq, analyses.c.entry_hash)
-                                .order_by(analyses.c.seq.desc()).limit(1)).first()
-            seq, prev = (int(head.seq), head.entry_hash) if head is not None else (0, GENESIS)
-            rows = []
-            for fields in many:
-                seq += 1
-                receipt = sign_receipt(key, fields, seq, prev)
-                prev = receipt["ledger"]["entry_hash"]
-                rows.append({"seq": seq, "id": fields["analysis_id"], "prev_hash": receipt["ledger"]["prev_hash"],
-                             "entry_hash": prev, "created_at": fields["time"], "submitter": fields["submitter"],
-                             "image_digest": fields["image_digest"], "model_digest": fields["model_digest"],
-                             "receipt": canonical_json(receipt).decode()})
-                receipts.append(receipt)
-            if rows:
-                conn.execute(insert(analyses), rows)
+        rows = []
+        for fields in many:
+            seq += 1
+            receipt = sign_receipt(key, fields, seq, prev)
+            prev = receipt["ledger"]["entry_hash"]
+            rows.append({"seq": seq, "id": fields["analysis_id"], "prev_hash": receipt["ledger"]["prev_hash"],
+                         "entry_hash": prev, "created_at": fields["time"], "submitter": fields["submitter"],
+                         "image_digest": fields["image_digest"], "model_digest": fields["model_digest"],
+                         "receipt": canonical_json(receipt).decode()})
+            receipts.append(receipt)
+        if rows:
+            conn.execute(insert(analyses), rows)
         return receipts
 
     def get_receipt(self, analysis_id: str) -> tuple[str, dict[str, Any]] | None:
@@ -238,16 +276,16 @@ class ServiceStore:
         with self._read("reading an analysis") as conn:
             row = conn.execute(select(analyses.c.submitter, analyses.c.receipt)
                                .where(analyses.c.id == analysis_id)).first()
-        return (row.submitter, json.loads(row.receipt)) if row is not None else None
+        return (row.submitter, _stored_receipt(row.receipt, analysis_id)) if row is not None else None
 
     def list_receipts(self, since_seq: int = 0, since_time: str | None = None,
                       limit: int = 100) -> list[dict[str, Any]]:
-        q = select(analyses.c.receipt).where(analyses.c.seq > since_seq)
+        q = select(analyses.c.seq, analyses.c.receipt).where(analyses.c.seq > since_seq)
         if since_time:
             q = q.where(analyses.c.created_at >= since_time)
         with self._read("listing analyses") as conn:
             rows = conn.execute(q.order_by(analyses.c.seq).limit(limit)).all()
-        return [json.loads(r.receipt) for r in rows]
+        return [_stored_receipt(r.receipt, f"#{r.seq}") for r in rows]
 
     def count(self) -> int:
         with self._read("counting analyses") as conn:
@@ -255,42 +293,44 @@ class ServiceStore:
 
     def check_chain(self) -> list[str]:
         """Problems with the analyses chain (empty when intact): order, links, and each row's hash."""
+        words = {"gap": "expected #{m} (rows missing)", "link": "prev_hash does not match the row before it",
+                 "unreadable": "the stored receipt is unreadable",
+                 "edited": "its content does not match its entry_hash (edited)"}
         problems: list[str] = []
-        prev, expected = GENESIS, 1
+        walker = ChainWalker()
         with self._read("checking the analyses chain") as conn:
             for row in conn.execute(select(analyses).order_by(analyses.c.seq)):
-                if row.seq != expected:
-                    problems.append(f"#{row.seq}: expected #{expected} (rows missing)")
                 try:
-                    receipt = json.loads(row.receipt)
-                    recomputed = entry_hash(chain_entry(receipt, row.seq, row.prev_hash))
-                except (ValueError, KeyError, TypeError):
-                    problems.append(f"#{row.seq}: the stored receipt is unreadable")
+                    receipt = load_receipt_json(row.receipt)
+                    recomputed: str | None = entry_hash(chain_entry(receipt, row.seq, row.prev_hash))
+                except (MedadvError, ValueError, KeyError, TypeError):
                     recomputed = None
-                if row.prev_hash != prev:
-                    problems.append(f"#{row.seq}: prev_hash does not match the row before it")
-                if recomputed is not None and recomputed != row.entry_hash:
-                    problems.append(f"#{row.seq}: its content does not match its entry_hash (edited)")
-                prev, expected = row.entry_hash, row.seq + 1
+                problems.extend(f"#{b.seq}: " + words[b.kind].format(m=b.missing_from)
+                                for b in walker.step(row.seq, row.prev_hash, row.entry_hash, recomputed))
         return problems
+
+
+def _stored_receipt(stored: str, which: str) -> dict[str, Any]:
+    """A stored receipt, parsed strictly: one that is not a receipt-sized JSON object was written by someone
+    other than the service (an edit in the database): a one-line 503 naming it, never a 500."""
+    from medadv.serve.analysis import ServiceError
+
+    try:
+        receipt = load_receipt_json(stored, f"the stored receipt of analysis {which}")
+    except MedadvError as exc:
+        raise ServiceError(503, f"{exc.what.rstrip('.')}: the service's record was edited in the database.",
+                           "tell the service's operator (the analyses chain check names the row).") from None
+    if not isinstance(receipt, dict):
+        raise ServiceError(503, f"the stored receipt of analysis {which} is not a JSON object: the service's "
+                                "record was edited in the database.", "tell the service's operator.")
+    return receipt
 
 
 def open_store(where: str | os.PathLike[str], *, create: bool = True) -> ServiceStore:
     """The service tables in the database at ``where`` (the ledger's path or URL); the database must exist."""
-    kind, loc = resolve_location(where)
-    if kind == "sqlite":
-        path = Path(loc).absolute()
-        if not path.is_file():
-            raise MedadvError(f"ledger {path} does not exist.",
-                              "create it with `medadv provenance init`, or pass --ledger to an existing ledger.")
-        store = ServiceStore(_sqlite_engine(path), str(path))
-    else:
-        try:
-            engine = create_engine(str(loc), pool_size=4, max_overflow=8, isolation_level="READ COMMITTED")
-        except (ImportError, SQLAlchemyError) as exc:
-            raise MedadvError(f"cannot use database URL for the service ({str(exc)[:120]}).",
-                              "install the driver: pip install 'medadv[postgres]'.") from exc
-        store = ServiceStore(engine, engine.url.render_as_string(hide_password=True))
+    engine, display = open_engine(where, pool_size=4, max_overflow=8, missing_fix=(
+        "create it with `medadv provenance init`, or pass --ledger to an existing ledger."))
+    store = ServiceStore(engine, display)
     try:
         if create:
             store.create()

@@ -1,0 +1,94 @@
+"""The one model interface: what every model-like object in medadv is (the wrapper around a network, a
+model seen through a DICOM window, a defended model, EOT, a detector in front of a model).
+
+:class:`Model` is the protocol code is written against; :class:`ModelBase` implements everything but
+``forward`` and ``spec`` once, so the copies cannot drift: scores and decisions come from the task kind
+named in ``spec`` (:mod:`medadv.kinds`), computed through the object's own ``forward`` (so a defense in
+front of the network acts on them), in eval mode, with the mode restored even on error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class Model(Protocol):
+    """Stored pixels N×C×H×W in [0, 1] -> N×K logits, plus what gives them meaning."""
+
+    spec: Any  # medadv.models.wrapper.ModelSpec: arch, task, kind, class names, threshold, input geometry
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @property
+    def kind(self) -> Any: ...
+
+    @property
+    def threshold(self) -> float: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def differentiable(self) -> bool: ...
+
+    def probabilities(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor: ...
+
+    def predict(self, scores: torch.Tensor | np.ndarray) -> np.ndarray: ...
+
+    def with_adaptive(self, adaptive: bool) -> Model: ...
+
+
+class ModelBase(nn.Module):
+    """The shared implementation of :class:`Model`. Subclasses provide ``spec`` and ``forward``; a wrapper
+    around another model (``self.model``) inherits its differentiability."""
+
+    @property
+    def kind(self):
+        """The task kind that gives the logits their meaning (binary unless the spec says otherwise)."""
+        from medadv.kinds import get_kind
+
+        return get_kind(getattr(self.spec, "kind", "binary"))
+
+    @property
+    def threshold(self) -> float:
+        return float(self.spec.threshold)
+
+    @property
+    def device(self) -> torch.device:
+        param = next(self.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    @property
+    def differentiable(self) -> bool:
+        """False for networks without gradients (ONNX): white-box attacks cannot run on them."""
+        inner = self.__dict__.get("_modules", {}).get("model") or self.__dict__.get("_modules", {}).get("network")
+        return getattr(inner, "differentiable", True)
+
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """The kind's scores through this object's ``forward``, in eval mode, in batches: binary
+        P(disease), N floats; multi-class the N×K class probabilities."""
+        was_training = self.training
+        self.eval()
+        device, kind = self.device, self.kind
+        try:
+            out = [kind.scores(self(x[i:i + batch_size].to(device))).float().cpu() for i in range(0, len(x), batch_size)]
+        finally:
+            self.train(was_training)
+        if out:
+            return torch.cat(out)
+        return torch.zeros((0,) if getattr(self.spec, "kind", "binary") == "binary" else (0, len(self.spec.class_names)))
+
+    def predict(self, scores: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Decisions at the operating point (binary: 1 where P(disease) >= threshold; multi-class: argmax)."""
+        return self.kind.predict(scores, self.threshold)
+
+    def with_adaptive(self, adaptive: bool) -> ModelBase:
+        """This model with gradients through its defenses by BPDA (``adaptive``) or masked: a model with no
+        non-differentiable defense is the same either way. Defended models override it."""
+        return self
