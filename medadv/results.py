@@ -478,6 +478,8 @@ STUDY_TASK: dict[str, str] = {
     "battery": "the battery's configuration (budgets, image counts, `fast`: the crafting path of FGSM/PGD)",
     "clean": "the victim's metrics on the whole test split, as the battery measured them",
     "curve_images": "images the curves and `breaking_eps` were measured on",
+    "curve_subset": "which images those are: the paper rows' own (Table 2) when the curves may use as many, else a "
+                    "separate stratified subset (stated in the report beside the curves)",
     "battery_seconds": "reproduce: wall time of the battery", "budget": "reproduce with `--budget`: how the plan was sized",
     "provenance": "audit with `--require-provenance`: verification counts per status and the failing image ids",
     "defense": "audit of a defended checkpoint: the defense and how it was attacked",

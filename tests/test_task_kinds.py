@@ -196,3 +196,23 @@ def test_grader_audit_report_shows_kappa_and_grades(grader, capsys, tmp_path):
     assert "5-class model" in html and "moderate NPDR" in html
     row = results["tasks"][0]["rows"]["pgd_white"]
     assert "quadratic_kappa" in row["adversarial"] and row["n_images"] == 20
+
+
+def test_curves_under_a_limit_use_the_table2_images_and_say_which():
+    """Issue 22 item 11: audit --limit N drew the curves from another subset than Table 2 (eps-0 accuracy 31%
+    beside Table 2's 37.5%), unstated. With room for them, the curves now run on the paper rows' images."""
+    from medadv.data import load_split
+    from medadv.evaluate.battery import BatteryConfig, run_battery
+    from medadv.models.train import TrainConfig, build_classifier
+
+    torch.manual_seed(0)
+    model = build_classifier(TrainConfig(task="chest-xray"), 1, ("normal", "pneumonia")).eval()
+    test = load_split("chest-xray", "test", data_root=DATA)
+    out = run_battery(model, test, config=BatteryConfig(rows=("fgsm",), n_images=24, curve_images=24,
+                                                          curve_eps=(0.0, 2 / 255), curve_steps=2, break_search=()))
+    r = out.results
+    assert r["curve_images"] == 24 and r["curve_subset"].startswith("the images of the paper rows")
+    assert r["curves"]["white"][0]["accuracy"] == pytest.approx(r["rows"]["fgsm"]["clean"]["accuracy"])
+    fewer = run_battery(model, test, config=BatteryConfig(rows=("fgsm",), n_images=24, curve_images=12,
+                                                            curve_eps=(0.0,), curve_steps=2, break_search=()))
+    assert fewer.results["curve_subset"].startswith("a separate seeded") and "24" in fewer.results["curve_subset"]

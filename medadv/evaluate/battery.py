@@ -258,7 +258,14 @@ def run_battery(victim: MedicalClassifier, test: ImageSet, *, surrogate: Medical
         if row.key == "pgd_white" or (row.key == "pgd_black" and not examples):
             examples = pick_examples(run, data, cfg.examples_per_class)
 
-    curve_data = stratified_subset(test, cfg.curve_images, seed + 3)
+    # the curves' eps-0 point must be comparable with Table 2: when the curves may use as many images as
+    # the paper rows (always under `audit --limit N` with N <= curve_images), they use the same images
+    if cfg.curve_images >= len(main):
+        curve_data, curve_subset = main, "the images of the paper rows (Table 2)"
+    else:
+        curve_data = stratified_subset(test, cfg.curve_images, seed + 3)
+        curve_subset = (f"a separate seeded, class-stratified subset of {len(curve_data)} test images "
+                        f"(the paper rows use {len(main)})")
     curves: dict[str, list[dict[str, Any]]] = {"white": [], "black": []}
     kinds = [k for k, ok in (("white", differentiable), ("black", surrogate is not None)) if ok and cfg.curve_eps]
     p_curve = predict(victim, curve_data) if kinds else None
@@ -270,6 +277,7 @@ def run_battery(victim: MedicalClassifier, test: ImageSet, *, surrogate: Medical
             curves[kind].append(_point(eps, run, curve_data, victim, p_curve))
     results["curves"] = curves
     results["curve_images"] = len(curve_data)
+    results["curve_subset"] = curve_subset
     results["breaking_eps"] = _breaking_eps(victim, curve_data, curves["white"], cfg, levels, seed, curve_params,
                                             differentiable, monitor)
     return BatteryOutput(results, examples)
