@@ -273,10 +273,6 @@ class AutoAttack(Attack):
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> AttackResult:
         threat, thr = self.threat, _threshold(model)
-        with torch.no_grad():
-            classes = check_logits(model(x[:1]), 1, None).shape[1]
-        if classes != threat.classes:  # targets and Square's margin mean K-class goals (the runner sets it too)
-            threat = self.threat = threat.with_(classes=classes)
         flags = {"randomness": False, "zero_gradients": 0, "square_stronger": 0,
                  "broken_by": {"apgd-ce": 0, "apgd-margin": 0, "square": 0}}
         queries = None
@@ -285,6 +281,8 @@ class AutoAttack(Attack):
                 a, b = model(x), model(x)
                 logits = check_logits(a, len(x), None)
             flags["randomness"] = not torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+            if logits.shape[1] != threat.classes:  # targets and Square's margin mean K-class goals
+                threat = self.threat = threat.with_(classes=logits.shape[1])
             x_out = x.clone()
             ok = threat.succeeded(decide(logits, thr), y)
             for stage, loss in (("apgd-ce", "ce"), ("apgd-margin", "margin")):
