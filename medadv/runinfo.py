@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from medadv import allocator
+
 PACKAGES = ("medadv", "torch", "numpy", "monai", "scikit-learn", "scikit-image", "pydicom", "safetensors",
             "efficientnet-lite-pytorch", "onnxruntime")
 
@@ -34,6 +36,7 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
+        "allocator": allocator.state()["why"],
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

@@ -38,6 +38,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _decoded_cache(tmp_path_factory):
+    """Decoded folders are cached in the session's temporary folder, never in the user's cache."""
+    if "MEDADV_DECODED_CACHE" not in os.environ:
+        os.environ["MEDADV_DECODED_CACHE"] = str(tmp_path_factory.mktemp("decoded"))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _threads_restored(request):
     before = torch.get_num_threads()

@@ -5,7 +5,7 @@ deferred one is how a circle hides), so a new import that breaks the order fails
 
 The order, low to high (a module may import its own layer and any lower one):
 
-    base utilities (errors, io, runinfo, progress, strictjson, cache, dist, db, results)
+    base utilities (errors, io, runinfo, progress, strictjson, cache, dist, db, results, allocator)
     < data < tasks, kinds (task kinds), metrics, provenance (the data gate) < models < attacks < defenses < evaluate < report
     < budget < study, defense_study, plans < jobs < serve < cli
 
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "medadv"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "io", "runinfo", "progress", "strictjson", "cache", "dist", "db", "results"),  # results: typed records
+    ("errors", "io", "runinfo", "progress", "strictjson", "cache", "dist", "db", "results", "allocator"),  # results: typed records
     ("data",),
     ("tasks", "kinds", "metrics", "provenance"),
     ("models",),

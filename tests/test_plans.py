@@ -75,7 +75,7 @@ def _same_fields(a, b, where: str) -> None:
 
 
 def test_every_shipped_plan_is_listed():
-    assert plans.shipped() == ["reproduce/chest-xray", "reproduce/demo", "reproduce/derm-melanoma",
+    assert plans.shipped() == ["reproduce/chest-xray", "reproduce/demo-224", "reproduce/demo", "reproduce/derm-melanoma",
                                "reproduce/fundus-dr", "defend/chest-xray", "defend/fundus-dr"]
 
 
@@ -329,7 +329,12 @@ def test_reproduce_without_a_plan_runs_the_shipped_three(tmp_path, capsys, captu
 
 def test_demo_runs_its_plan_or_the_file_it_is_given(tmp_path, capsys, captured):
     run(["demo", "--out", str(tmp_path / "d"), "-q", "--budget", "none"], capsys)
-    assert captured["run_study"] == [golden_reproduce()["demo"]]
+    [default] = captured["run_study"]  # the paper's regime: a pretrained network at 224 px, the paper's eps
+    assert default == reproduce_plan("demo-224")
+    assert (default.train.size, default.train.arch, default.train.pretrained) == (224, "efficientnet-lite0", "imagenet")
+    assert set(default.battery.rows) == {"pgd_white", "pgd_black"}
+    run(["demo", "--plan", "demo", "--out", str(tmp_path / "d"), "-q", "--budget", "none"], capsys)
+    assert captured["run_study"] == [golden_reproduce()["demo"]]  # the 28 px run, unchanged
     path = _write(tmp_path, _edit(battery={"curve_images": 32}))
     run(["demo", "--plan", str(path), "--out", str(tmp_path / "d"), "-q", "--budget", "none"], capsys)
     assert captured["run_study"][0].battery.curve_images == 32

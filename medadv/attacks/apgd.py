@@ -162,9 +162,12 @@ class APGD(Attack):
                 threat: ThreatModel, generator: torch.Generator, thr: float) -> torch.Tensor:
         """Per image (N×C×H×W in, same out): its first adversarial iterate, else its point of highest loss.
 
-        An image leaves the batch at its first adversarial iterate, which is what it returns: every
-        per-image quantity (loss, step size, checkpoint test) is its own, so the images left follow the
-        same path as in the whole batch and no forward or backward pass is spent on a finished image.
+        An image leaves the batch at its first iterate that is adversarial *once stored* (rounded to the
+        data's grid), which is what it returns: the first iterate across the boundary usually lies just
+        across it, and rounding to 8 bits undoes half a level per pixel, so judging the continuous iterate
+        returned points that failed once written (AutoAttack then lost to PGD-40, which keeps stepping).
+        Every per-image quantity (loss, step size, checkpoint test) is its own, so the images left follow
+        the same path as in the whole batch and no forward or backward pass is spent on a finished image.
         """
         geo, eps, n = threat.geometry, threat.radius, len(x)
         mask = threat.mask_for(x)
@@ -180,7 +183,12 @@ class APGD(Attack):
             (grad,) = torch.autograd.grad(loss.sum(), xa)
             if mask is not None:
                 grad = grad * mask
-            return loss.detach(), grad, threat.succeeded(decide(logits.detach(), thr), y)
+            adv = threat.succeeded(decide(logits.detach(), thr), y)
+            if bool(adv.any()):  # confirm on the stored image (one forward on those few images)
+                with torch.no_grad():
+                    stored = threat.to_grid(xa.detach()[adv], x[adv])
+                    adv[adv.clone()] = threat.succeeded(decide(model(stored), thr), y[adv])
+            return loss.detach(), grad, adv
 
         delta = geo.random_start(x, eps, generator)
         x_cur = threat.project(x + (delta if mask is None else delta * mask), x, mask)

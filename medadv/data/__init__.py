@@ -16,6 +16,7 @@ and records the result in ``ImageSet.meta["leakage"]``.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,11 @@ import numpy as np
 from medadv.data import medmnist
 from medadv.data import leakage
 from medadv.data.checksums import sha256_arrays, sha256_file, sha256_files
+from medadv.data.decoded import cached_decode
 from medadv.data.folder import FITS, Layout, load_images_full, read_labels, resize
 from medadv.data.imageset import ImageSet, apply_window, to_storage
-from medadv.data.splits import patient_split
-from medadv.data.tasks import EXCLUDED, TASKS, Task, get_task
+from medadv.data.splits import VAL_FRACTION, patient_split, val_from_train
+from medadv.data.tasks import EXCLUDED, FULL_RESOLUTION_FROM, TASKS, Task, get_task
 from medadv.errors import MedadvError
 
 __all__ = ["ImageSet", "Task", "TASKS", "apply_window", "get_task", "load_split", "resolve_data_root",
@@ -46,17 +48,45 @@ def resolve_data_root(data_root: str | os.PathLike[str] | None = None) -> Path:
     return Path(pooch.os_cache("medadv"))
 
 
-def resolve_source(task: Task, source: str | None, data_root: Path) -> str:
-    """The source string to read: ``source`` if given, else the task's first source present here."""
+def resolve_source(task: Task, source: str | None, data_root: Path, size: int | None = None) -> str:
+    """The source string to read: ``source`` if given, else (for a network input ``size`` above
+    FULL_RESOLUTION_FROM px) the task's first full-resolution folder present here, else its first source
+    present here, else its last (an official file, downloaded)."""
     if source:
         return source
-    for candidate in task.sources:
+    large = task.full_resolution if size is not None and size > FULL_RESOLUTION_FROM else ()
+    for candidate in (*large, *task.sources):
         kind, _, name = candidate.partition(":")
         if kind == "folder" and (data_root / name / "labels.csv").is_file():
             return candidate
         if kind == "medmnist" and (data_root / "medmnist" / medmnist.file_name(name)).is_file():
             return candidate
     return task.sources[-1]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved source string, parsed once: ``kind`` medmnist, folder or path; ``path`` the folder or
+    file it names (None for a MedMNIST flag); ``resplit``: whether it asks for a patient-level re-split."""
+
+    spec: str  # without the resplit prefix
+    kind: str
+    name: str
+    path: Path | None
+    resplit: bool
+
+
+def parse_source(task: Task, source: str | None, root: Path, size: int | None = None) -> Source:
+    """The source to read for ``task`` (see :func:`resolve_source`), parsed."""
+    spec = resolve_source(task, source, root, size)
+    resplit = spec.startswith(RESPLIT)
+    spec = spec[len(RESPLIT):] if resplit else spec
+    kind, _, name = spec.partition(":")
+    if kind == "medmnist" and name:
+        return Source(spec, "medmnist", name, None, resplit)
+    if kind == "folder" and name:
+        return Source(spec, "folder", name, root / name, resplit)
+    return Source(spec, "path", spec, Path(spec).expanduser(), resplit)
 
 
 def _medmnist_size(size: int | None) -> int:
@@ -100,18 +130,16 @@ def load_split(
     if fit not in FITS:
         raise MedadvError(f"--fit {fit!r} is not letterbox or crop.", "pass --fit letterbox or --fit crop.")
     root = resolve_data_root(data_root)
-    spec = resolve_source(task, source, root)
-    if spec.startswith(RESPLIT):
-        spec, resplit_by_patient = spec[len(RESPLIT):], True
-    opts = dict(resplit=resplit_by_patient, split_seed=split_seed, pattern=patient_pattern, fit=fit, fit_size=fit_size)
-    kind, _, name = spec.partition(":")
-    if kind == "medmnist" and name:
-        path = medmnist.locate(name, file_size or _medmnist_size(size), root, download=download)
+    src = parse_source(task, source, root, size)
+    opts = dict(resplit=resplit_by_patient or src.resplit, split_seed=split_seed, pattern=patient_pattern, fit=fit,
+                fit_size=fit_size)
+    if src.path is None:
+        path = medmnist.locate(src.name, file_size or _medmnist_size(size), root, download=download)
         out = _from_npz(task, split, path, size, **opts)
-    elif kind == "folder" and name:
-        out = _from_folder(task, split, root / name, size, allow_outside=allow_outside_paths, **opts)
+    elif src.kind == "folder":
+        out = _from_folder(task, split, src.path, size, allow_outside=allow_outside_paths, **opts)
     else:
-        path = Path(spec).expanduser()
+        path, spec = src.path, src.spec
         if path.suffix == ".npz":
             out = _from_npz(task, split, path, size, **opts)
         elif path.is_dir():
@@ -130,13 +158,10 @@ def split_leakage(task: str | Task, source: str | None = None, *, data_root: str
     """The patient-leakage record of a source's splits, from ids alone (no image is decoded)."""
     task = get_task(task) if isinstance(task, str) else task
     root = resolve_data_root(data_root)
-    spec = resolve_source(task, source, root)
-    resplit = spec.startswith(RESPLIT)
-    spec = spec[len(RESPLIT):] if resplit else spec
-    kind, _, name = spec.partition(":")
-    if kind == "medmnist":
+    src = parse_source(task, source, root)
+    if src.path is None:
         return leakage.unchecked("MedMNIST files carry no patient ids")
-    path = root / name if kind == "folder" else Path(spec).expanduser()
+    path, resplit = src.path, src.resplit
     if path.suffix == ".npz":
         if resplit:
             return leakage.unchecked("re-split by patient: no patient is in two splits")
@@ -147,8 +172,7 @@ def split_leakage(task: str | Task, source: str | None = None, *, data_root: str
         return leakage.unchecked("split by medadv at patient level: no patient is in two splits")
     if not any(r.patient_id for r in rows):
         return leakage.unchecked("labels.csv has no patient_id column")
-    return leakage.split_overlap({s: [r.patient_id for r in rows if r.split == s] for s in medmnist.SPLITS},
-                                 "labels.csv's patient_id column")
+    return folder_members(path, "train", split_seed=split_seed, allow_outside=allow_outside_paths)[1]
 
 
 def data_class_names(task: str | Task, source: str | None = None, *,
@@ -157,12 +181,9 @@ def data_class_names(task: str | Task, source: str | None = None, *,
     strings, for labels 0 and 1) or labels.csv's optional ``class_name`` column (one name per label)."""
     task = get_task(task) if isinstance(task, str) else task
     root = resolve_data_root(data_root)
-    spec = resolve_source(task, source, root)
-    spec = spec[len(RESPLIT):] if spec.startswith(RESPLIT) else spec
-    kind, _, name = spec.partition(":")
-    if kind == "medmnist":
+    path = parse_source(task, source, root).path
+    if path is None:
         return None
-    path = root / name if kind == "folder" else Path(spec).expanduser()
     if path.suffix == ".npz" and path.is_file():
         names = medmnist.read_npz_extra(path, "class", "names")
         if names is not None and len(names) != 2:
@@ -277,12 +298,8 @@ def folder_source(task: str | Task, source: str | None, data_root: str | os.Path
     """The folder a source names and whether it is re-split, or None when it is not a folder source."""
     task = get_task(task) if isinstance(task, str) else task
     root = resolve_data_root(data_root)
-    spec = resolve_source(task, source, root)
-    resplit = spec.startswith(RESPLIT)
-    spec = spec[len(RESPLIT):] if resplit else spec
-    kind, _, name = spec.partition(":")
-    path = root / name if kind == "folder" and name else Path(spec).expanduser()
-    return (path, resplit) if kind != "medmnist" and path.is_dir() else None
+    src = parse_source(task, source, root)
+    return (src.path, src.resplit) if src.path is not None and src.path.is_dir() else None
 
 
 def folder_members(folder: Path, split: str, *, resplit: bool = False, split_seed: int = 0,
@@ -301,12 +318,26 @@ def folder_members(folder: Path, split: str, *, resplit: bool = False, split_see
     elif any(s is None for s in given):
         raise MedadvError(f"{folder / 'labels.csv'} gives a split for some rows but not all.",
                           "fill the split column for every row, or leave it empty everywhere.")
+    elif "val" not in given and (carved := _val_from_train(rows, given, split_seed)) is not None:
+        splits, how = carved, f"labels.csv; val: {VAL_FRACTION} of train's patients, stratified, seed {split_seed}"
     else:
         splits, how = np.array(given), "labels.csv"
     record = leakage.unchecked("labels.csv has no patient_id column") if not has_patients else \
         leakage.split_overlap({s: [r.patient_id for r, a in zip(rows, splits) if a == s] for s in medmnist.SPLITS},
                               "labels.csv's patient_id column")
     return [r for r, s in zip(rows, splits) if s == split], record, how
+
+
+def _val_from_train(rows, given: list, split_seed: int) -> np.ndarray | None:
+    """Given splits with a validation split carved from train (e.g. Kermany's chest X-rays ship official
+    train and test only), or None when train is absent or too small to carve from."""
+    splits = np.array(given, dtype=object)
+    train = np.flatnonzero(splits == "train")
+    carved = val_from_train(np.array([rows[i].label for i in train]), [rows[i].patient_id for i in train], split_seed)
+    if carved is None:
+        return None
+    splits[train] = carved
+    return splits.astype(str)
 
 
 def _from_folder(task: Task, split: str, folder: Path, size: int | None, *, resplit: bool, split_seed: int,
@@ -317,13 +348,18 @@ def _from_folder(task: Task, split: str, folder: Path, size: int | None, *, resp
         return ImageSet(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64), [], task.name, split,
                         str(folder), "")
     files = [r.path for r in picked]
-    loaded = load_images_full(files, size, str(folder), fit, fit_size)
+    missing = next((f for f in files if not f.is_file()), None)
+    if missing is not None:  # named before hashing, as the decoder would name it
+        raise MedadvError(f"image {missing} does not exist.", "fix its row in labels.csv or add the file.")
+    checksum = sha256_files([folder / "labels.csv", *files], folder)
+    loaded = cached_decode(checksum, len(files), {"size": size, "fit": fit, "fit_size": fit_size},
+                           lambda: load_images_full(files, size, str(folder), fit, fit_size))
     grids = loaded.stored_levels
     return ImageSet(
         pixels=loaded.pixels, labels=np.array([r.label for r in picked], dtype=np.int64),
         ids=[f.relative_to(folder).as_posix() if f.is_relative_to(folder) else f.as_posix() for f in files],
         task=task.name, split=split, source=str(folder),
-        checksum=sha256_files([folder / "labels.csv", *files], folder),
+        checksum=checksum,
         patient_ids=[r.patient_id for r in picked] if any(r.patient_id for r in picked) else None,
         files=files, window=loaded.window,
         stored_levels=None if all(g is None for g in grids) else np.array([g or 0 for g in grids], dtype=np.int64),

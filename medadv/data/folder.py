@@ -130,7 +130,8 @@ def decode(path: Path) -> Decoded:
 
 
 def read_image(path: Path) -> tuple[np.ndarray, int]:
-    """One image file as float64 C×H×W in [0, 1] and its storage levels (255 or 65535); DICOM windowed."""
+    """One image file as float64 C×H×W in [0, 1] and its storage levels (255 or 65535); DICOM windowed.
+    An RGB file whose three channels are equal everywhere is read as one gray channel (the same values)."""
     if not path.is_file():
         raise MedadvError(f"image {path} does not exist.", "fix its row in labels.csv or add the file.")
     if path.suffix.lower() in DICOM_SUFFIXES or _is_dicom(path):
@@ -147,7 +148,10 @@ def read_image(path: Path) -> tuple[np.ndarray, int]:
                 im = im.convert("L")
             elif im.mode != "L":
                 im = im.convert("RGB")  # RGBA, palette, CMYK, YCbCr
-            arr = np.asarray(im, dtype=np.float64) / 255.0
+            raw = np.asarray(im)
+            if raw.ndim == 3 and (raw[..., 0] == raw[..., 1]).all() and (raw[..., 1] == raw[..., 2]).all():
+                raw = raw[..., 0]  # a gray image saved as RGB (X-rays often are): one channel, exactly
+            arr = raw.astype(np.float64) / 255.0
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise MedadvError(f"image {path} is corrupt or not an image ({type(exc).__name__}).",
                           "replace the file or remove its row from labels.csv.") from exc

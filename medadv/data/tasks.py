@@ -17,6 +17,7 @@ import numpy as np
 from medadv.errors import MedadvError
 
 EXCLUDED = -1  # a raw label outside the binary task (e.g. seborrheic keratosis for melanoma vs nevus)
+FULL_RESOLUTION_FROM = 64  # a network input above this many pixels prefers a task's full-resolution folder
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class Task:
     kind: str = "binary"  # a registered task kind (medadv.kinds)
     graded: bool = False  # ordinal classes (grades): quadratic-weighted kappa is reported
     positive_from: int | None = None  # multi-class: the clinically first decision, class >= this (referable)
+    # full-resolution folders, preferred when present for a network input above FULL_RESOLUTION_FROM px:
+    # a 224 px network then reads 224 px images instead of 28 px thumbnails upsampled
+    full_resolution: tuple[str, ...] = ()
 
     @property
     def classes(self) -> int:
@@ -69,7 +73,9 @@ TASKS: dict[str, Task] = {
              kind="multiclass", graded=True, positive_from=2),
         Task("chest-xray", "Pneumonia (chest X-ray)", "chest-xray", ("normal", "pneumonia"),
              ("medmnist:pneumoniamnist",), _identity,
-             "PneumoniaMNIST stands in for the paper's pneumothorax task (pediatric pneumonia)."),
+             "PneumoniaMNIST stands in for the paper's pneumothorax task (pediatric pneumonia); above 64 px the "
+             "same X-rays at 224 px (pneumonia-224, Kermany et al. 2018) when present.",
+             full_resolution=("folder:pneumonia-224",)),
         Task("chest-pneumothorax", "Pneumothorax (chest X-ray)", "chest-xray", ("no finding", "pneumothorax"),
              ("medmnist:chestmnist",), _pneumothorax,
              "ChestMNIST (NIH ChestX-ray14): pneumothorax vs no finding, other findings excluded, as in the paper."),

@@ -34,6 +34,7 @@ from medadv.errors import MedadvError
 from medadv.evaluate.clean import kind_metrics
 from medadv.kinds import parse_target
 from medadv.evaluate.perceptibility import flips, perturbation_stats
+from medadv.models.interface import memory_batch
 from medadv.models.wrapper import MedicalClassifier, Windowed
 from medadv.progress import SILENT, Monitor
 from medadv.results import SCHEMA  # the one schema string: the typed records of medadv.results hold it
@@ -203,7 +204,7 @@ def run_attack(
                           "drop --surrogate or pick fgsm, pgd, pgd-l2, patch or uap.")
     adversarial = np.empty_like(data.pixels)
     queries: list[torch.Tensor] = []
-    batches = window_batches(data, batch_size)
+    batches = window_batches(data, memory_batch(crafter, batch_size))
 
     def attack_batch(b: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         x = data.stored(idx).to(device)

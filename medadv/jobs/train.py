@@ -98,10 +98,11 @@ def train(job: TrainJob, *, monitor: Monitor = SILENT, warn: Warn = ignore) -> T
     from medadv.dist import current
     from medadv.models.train import TrainConfig, train as run_training
 
-    source = job.source
-    if job.resplit_by_patient:  # a resplit: source travels in the checkpoint, so evaluate and attack read the same split
-        resolved = resolve_source(get_task(job.task), source, resolve_data_root(job.data_root))
-        source = resolved if resolved.startswith(RESPLIT) else RESPLIT + resolved
+    # resolved here, at the network's size (a 224 px network reads a full-resolution folder when present), so
+    # the class names, the leakage check and the training read one source, which the checkpoint records
+    source = resolve_source(get_task(job.task), job.source, resolve_data_root(job.data_root), job.size)
+    if job.resplit_by_patient and not source.startswith(RESPLIT):  # the checkpoint's source says resplit
+        source = RESPLIT + source
     names = _class_names(job, source)
     cfg = TrainConfig(task=job.task, arch=job.arch, size=job.size, epochs=job.epochs, batch_size=job.batch_size,
                       seed=job.seed, recipe=job.recipe, pretrained=job.pretrained, source=source,

@@ -43,6 +43,23 @@ class Model(Protocol):
     def with_adaptive(self, adaptive: bool) -> Model: ...
 
 
+# Input values per batch (the network's input size squared times its channels) that keep one batch within a
+# few GB: a gradient pass holds every activation, about 100 MB per image for EfficientNet-Lite0 at 224 px
+# (128 such images took 14 GB), so 32 RGB images at 224 px; a forward pass without gradients twice that
+# (64 images: 2.5 GB, as fast per image as 256 at 6 GB). Images of 128 px or less keep the batch given.
+GRADIENT_BATCH_VALUES = 32 * 3 * 224 * 224
+
+
+def memory_batch(model: object, batch_size: int, *, gradients: bool = True) -> int:
+    """``batch_size``, capped so one batch stays a few GB whatever the network's input size."""
+    spec = getattr(model, "spec", None)
+    if spec is None:
+        return batch_size
+    per_image = max(1, int(spec.net_channels) * int(spec.input_size) ** 2)
+    budget = GRADIENT_BATCH_VALUES * (1 if gradients else 2)
+    return max(1, min(batch_size, budget // per_image))
+
+
 class ModelBase(nn.Module):
     """The shared implementation of :class:`Model`. Subclasses provide ``spec`` and ``forward``; a wrapper
     around another model (``self.model``) inherits its differentiability."""
@@ -71,11 +88,13 @@ class ModelBase(nn.Module):
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """The kind's scores through this object's ``forward``, in eval mode, in batches: binary
-        P(disease), N floats; multi-class the N×K class probabilities."""
+        """The kind's scores through this object's ``forward``, in eval mode, in batches of at most
+        ``batch_size`` (capped by :func:`memory_batch`): binary P(disease), N floats; multi-class the N×K
+        class probabilities."""
         was_training = self.training
         self.eval()
         device, kind = self.device, self.kind
+        batch_size = memory_batch(self, batch_size, gradients=False)
         try:
             out = [kind.scores(self(x[i:i + batch_size].to(device))).float().cpu() for i in range(0, len(x), batch_size)]
         finally:

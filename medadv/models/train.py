@@ -229,7 +229,7 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
     out = Path(out)
     kind = get_kind(task.kind)
     root = resolve_data_root(data_root)
-    cfg.source = resolve_source(task, cfg.source, root)
+    cfg.source = resolve_source(task, cfg.source, root, cfg.size)
     recipe = pick_recipe(cfg.recipe, cfg.pretrained is not None)
     seed_everything(cfg.seed)
 
