@@ -42,8 +42,8 @@ from medadv.kinds import get_kind
 from medadv.models.checkpoint import save_checkpoint
 from medadv.models.recipes import Augment, Recipe, pick_recipe
 from medadv.models.wrapper import MedicalClassifier, ModelSpec
-from medadv.models.zoo import (build_network, default_normalization, get_arch, imagenet_state_dict, load_matching,
-                               read_weights, stem_for)
+from medadv.models.zoo import (build_network, default_normalization, first_conv_channels, get_arch, imagenet_state_dict,
+                               load_matching, read_weights, stem_for)
 from medadv.progress import SILENT, Monitor
 from medadv.runinfo import config_hash, environment, seed_everything
 
@@ -136,14 +136,17 @@ def build_classifier(cfg: TrainConfig, data_channels: int, class_names: tuple[st
     arch = get_arch(cfg.arch)
     pretrained = cfg.pretrained is not None
     net_channels = 3 if pretrained and arch.family == "efficientnet-lite" else data_channels
+    user_weights = read_weights(Path(cfg.pretrained)) if pretrained and cfg.pretrained != "imagenet" else None
+    if user_weights is not None and first_conv_channels(user_weights) == 3:
+        net_channels = 3  # ImageNet weights (a ResNet-50 or DenseNet-121 from torchvision): gray is repeated
     stem = stem_for(arch, cfg.size)
     outputs = get_kind(kind).outputs(len(class_names))
     network = build_network(arch, net_channels, cfg.size, stem=stem, outputs=outputs)
     if cfg.pretrained == "imagenet":
         loaded, total = load_matching(network, imagenet_state_dict(arch), f"{arch.name} ImageNet weights")
         monitor.log(f"ImageNet weights: {loaded}/{total} tensors loaded (new {outputs}-logit head)")
-    elif cfg.pretrained:
-        loaded, total = load_matching(network, read_weights(Path(cfg.pretrained)), cfg.pretrained)
+    elif user_weights is not None:
+        loaded, total = load_matching(network, user_weights, str(cfg.pretrained))
         monitor.log(f"weights from {cfg.pretrained}: {loaded}/{total} tensors loaded")
     mean, std = default_normalization(arch, net_channels, pretrained)
     spec = ModelSpec(arch=arch.name, input_size=cfg.size, data_channels=data_channels, net_channels=net_channels,

@@ -128,13 +128,33 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 def load_matching(network: nn.Module, state: dict[str, torch.Tensor], what: str) -> tuple[int, int]:
     """Copy every tensor of ``state`` whose name and shape match (the 2-logit head stays new).
 
+    Files in torchvision's layout load into MONAI's networks: DenseNet's layers are matched without
+    MONAI's ``.layers.`` level (``features.denseblock1.denselayer1.norm1.weight``), and a convolution
+    whose weight the file gives but whose bias it lacks (torchvision's ResNet downsampling has none) gets
+    a zero bias, so the layer computes what it computed where the weights were trained.
+
     Returns (tensors loaded, tensors in the network); raises if nothing matches.
     """
     own = network.state_dict()
-    strip = lambda k: k.removeprefix("module.").removeprefix("network.")  # noqa: E731
-    picked = {strip(k): v for k, v in state.items() if strip(k) in own and own[strip(k)].shape == v.shape}
+    alias = {k.replace(".layers.", "."): k for k in own if ".layers." in k}  # torchvision name -> MONAI name
+
+    def name(key: str) -> str:
+        key = key.removeprefix("module.").removeprefix("network.")
+        return key if key in own else alias.get(key, key)
+
+    picked = {name(k): v for k, v in state.items() if name(k) in own and own[name(k)].shape == v.shape}
     if not picked:
         raise MedadvError(f"none of the weights in {what} fit this architecture.",
                           "check that --arch matches the weights.")
+    for key in own:
+        if key.endswith(".bias") and key not in picked and key.removesuffix(".bias") + ".weight" in picked \
+                and own[key].ndim == 1 and own[key.removesuffix(".bias") + ".weight"].ndim == 4:
+            picked[key] = torch.zeros_like(own[key])  # the file's convolution had no bias
     network.load_state_dict(picked, strict=False)
     return len(picked), len(own)
+
+
+def first_conv_channels(state: dict[str, torch.Tensor]) -> int | None:
+    """The input channels of a weight file's first convolution (3 for ImageNet weights), or None."""
+    first = next((v for v in state.values() if v.ndim == 4), None)
+    return None if first is None else int(first.shape[1])
