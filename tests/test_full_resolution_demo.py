@@ -32,11 +32,11 @@ def test_the_default_demo_fine_tunes_at_224_px_and_the_paper_eps_breaks_it(data_
         ("efficientnet-lite0", 224, "imagenet")
     assert task["table1"]["source"].endswith("pneumonia-224") and task["table1"]["image_size"] == [224, 224]
     assert task["table1"]["n"] == 624  # Kermany's official test split, at 224 px
-    eps = 2 / 255  # the paper's 0.02 in [-1, 1]: two levels of the 8-bit grid
     for row in ("pgd_white", "pgd_black"):
         r = task["rows"][row]
-        assert r["attack"]["threat_model"]["eps"] == pytest.approx(eps) and r["n_images"] == 16
-        assert r["perturbation"]["linf_max"] <= eps + 1e-12
+        # the paper's 0.02 in [-1, 1] is 0.01 in [0, 1]: two whole levels of the 8-bit grid
+        assert r["attack"]["threat_model"]["eps"] == pytest.approx(0.01) and r["n_images"] == 16
+        assert r["perturbation"]["linf_max"] <= 2 / 255 + 1e-12
     t2 = task["table2"]
     assert t2["clean"]["n"] == t2["white"]["n"] == t2["black"]["n"] == 16
     # whatever six steps of fine-tuning learned, the paper's eps takes away
