@@ -37,7 +37,7 @@ _state: dict[str, object] = {"applied": False, "why": "not requested"}
 
 def keep_freed_memory() -> dict[str, object]:
     """Tell glibc to keep freed memory (idempotent); returns :func:`state`."""
-    if _state["applied"] or _state["why"] != "not requested":
+    if _state["why"] != "not requested":  # decided once: applied, refused or skipped
         return state()
     why = _skip_reason()
     if why:

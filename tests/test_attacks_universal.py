@@ -129,7 +129,9 @@ def test_patch_changes_one_square_of_the_requested_area_only(c, h, w, fraction, 
     patch, x_adv = attack.state()["patch"], result.x_adv
 
     s = patch_side(fraction, h, w)
-    assert patch.shape == (c, s, s) and abs(s * s - fraction * h * w) <= math.sqrt(fraction * h * w) + 1
+    assert patch.shape == (c, s, s)
+    # the requested area, unless a square that large does not fit: then the largest that does (8x31 at 0.3)
+    assert abs(s * s - fraction * h * w) <= math.sqrt(fraction * h * w) + 1 or s == min(h, w) < math.sqrt(fraction * h * w)
     assert torch.equal(x_adv, levels(x_adv).float() / L)
     for i, (r, q) in enumerate(result.info["location"].tolist()):
         box = torch.zeros(h, w, dtype=torch.bool)

@@ -137,11 +137,12 @@ def build_classifier(cfg: TrainConfig, data_channels: int, class_names: tuple[st
     pretrained = cfg.pretrained is not None
     net_channels = 3 if pretrained and arch.family == "efficientnet-lite" else data_channels
     user_weights = read_weights(Path(cfg.pretrained)) if pretrained and cfg.pretrained != "imagenet" else None
-    if user_weights is not None and first_conv_channels(user_weights) == 3:
-        net_channels = 3  # ImageNet weights (a ResNet-50 or DenseNet-121 from torchvision): gray is repeated
     stem = stem_for(arch, cfg.size)
     outputs = get_kind(kind).outputs(len(class_names))
     network = build_network(arch, net_channels, cfg.size, stem=stem, outputs=outputs)
+    if user_weights is not None and net_channels != 3 and first_conv_channels(network, user_weights) == 3:
+        net_channels = 3  # ImageNet weights (a ResNet-50 or DenseNet-121 from torchvision): gray is repeated
+        network = build_network(arch, net_channels, cfg.size, stem=stem, outputs=outputs)
     if cfg.pretrained == "imagenet":
         loaded, total = load_matching(network, imagenet_state_dict(arch), f"{arch.name} ImageNet weights")
         monitor.log(f"ImageNet weights: {loaded}/{total} tensors loaded (new {outputs}-logit head)")

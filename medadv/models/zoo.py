@@ -154,7 +154,10 @@ def load_matching(network: nn.Module, state: dict[str, torch.Tensor], what: str)
     return len(picked), len(own)
 
 
-def first_conv_channels(state: dict[str, torch.Tensor]) -> int | None:
-    """The input channels of a weight file's first convolution (3 for ImageNet weights), or None."""
-    first = next((v for v in state.values() if v.ndim == 4), None)
-    return None if first is None else int(first.shape[1])
+def first_conv_channels(network: nn.Module, state: dict[str, torch.Tensor]) -> int | None:
+    """The input channels a weight file gives ``network``'s first convolution (3 for ImageNet weights), or
+    None when the file lacks it. The network names its first convolution (module order); a file's key
+    order is not to be trusted (safetensors sorts its keys)."""
+    first = next(k for k, v in network.state_dict().items() if v.ndim == 4)
+    found = next((v for k, v in state.items() if k.removeprefix("module.").removeprefix("network.") == first), None)
+    return None if found is None or found.ndim != 4 else int(found.shape[1])
