@@ -4,9 +4,10 @@ A demo that takes 6.5 minutes on a quiet 2-core machine took 37.5 on a busy AVX2
 fix image counts and epochs, ``demo`` and ``reproduce`` take ``--budget`` (``8m``, ``90s``, ``1h``): before
 training, :func:`calibrate` times a few real training steps and input-gradient passes of the plan's
 network on its own data, :func:`estimate_seconds` turns the plan into a count of those units, and
-:func:`fit_plan` shrinks the plan (curve images, then attacked images, then epochs, in that order,
-because the headline rows matter more than the curves and an undertrained victim changes the story most)
-until the estimate fits. What was chosen, and why, is recorded in results.json and the report.
+:func:`fit_plan` shrinks the plan (curve images, then attacked images, then the fitted and query-bound
+attacks' budgets, then training images, then epochs, in that order (:data:`SHRINK_ORDER`), because the
+headline rows matter more than the curves and an undertrained victim changes the story most) until the
+estimate fits. What was chosen, and why, is recorded in results.json and the report.
 
 The estimate is a model, not a promise: it counts gradient passes, adds ``OVERHEAD_FRACTION`` for what
 they leave out, and plans are fitted to ``SAFETY`` of the budget. Each battery row is priced by the attack
@@ -50,6 +51,8 @@ SAFETY = 0.8  # plan to this fraction of the budget: headroom for a machine that
 # the report): on the development machine the demo took 390 s against 283 s of counted passes.
 OVERHEAD_FRACTION = 0.4
 MIN_IMAGES, MIN_CURVE_IMAGES, MIN_EPOCHS = 64, 32, 1
+# the fitted and query-bound rows' floors, and the fewest training images a pretrained network is fine-tuned on
+MIN_FIT_STEPS, MIN_FIT_IMAGES, MIN_QUERIES, MIN_QUERY_IMAGES, MIN_TRAIN = 50, 32, 200, 16, 1000
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
 
@@ -133,11 +136,14 @@ def row_passes(battery: BatteryConfig, n_main: int, n_query: int) -> dict[str, f
 
 
 def estimate_seconds(plan: TaskPlan, costs: UnitCosts, n_train: int, n_test: int) -> dict[str, float]:
-    """Seconds per stage of ``plan`` (victim and surrogate training, the battery rows, the curves)."""
+    """Seconds per stage of ``plan`` (victim and surrogate training, the battery rows, the curves);
+    ``n_train`` is the training split's size (the plan's ``max_train`` caps it here)."""
     b = plan.battery
     n_main = min(b.n_images, n_test)
     n_query = min(b.n_query_images, n_test)
     n_curve = min(b.curve_images, n_test)
+    if plan.train.max_train:
+        n_train = min(n_train, plan.train.max_train)
     g = costs.grad_image_s
     stages = {"training": 2 * plan.train.epochs * n_train * costs.train_image_s}  # victim and surrogate
     stages["attacks"] = sum(row_passes(b, n_main, n_query).values()) * g
@@ -150,9 +156,64 @@ def estimate_seconds(plan: TaskPlan, costs: UnitCosts, n_train: int, n_test: int
     return stages
 
 
+@dataclass(frozen=True)
+class Knob:
+    """One size the budget may shrink: how to read it off a plan (the value in effect, capped by the
+    data) and how to set it. Its name is the plan field it sets."""
+
+    name: str
+    read: Callable[[Any, int, int], int]  # (plan, n_train, n_test) -> value in effect
+    write: Callable[[Any, int], Any]  # (plan, value) -> plan
+
+    def shrink(self, value: int, floor: int) -> int:
+        return max(floor, value - 1 if self.name == "epochs" else math.ceil(value / 2))
+
+
+def _battery_knob(name: str, default: int | None = None, cap_by_test: bool = False) -> Knob:
+    def read(p: Any, n_train: int, n_test: int) -> int:
+        value = getattr(p.battery, name) or default
+        return min(value, n_test) if cap_by_test else value
+    return Knob(name, read, lambda p, v: replace(p, battery=replace(p.battery, **{name: v})))
+
+
+KNOBS = {k.name: k for k in (
+    _battery_knob("curve_images", cap_by_test=True),
+    _battery_knob("n_images", cap_by_test=True),
+    # the fitted rows (patch, universal perturbation) and the query-bound rows (Square, HopSkipJump); a
+    # plan that leaves fit_steps unset uses the attacks' own (at most 300)
+    _battery_knob("fit_steps", default=300),
+    _battery_knob("n_fit_images"),
+    _battery_knob("max_queries"),
+    _battery_knob("n_query_images", cap_by_test=True),
+    Knob("max_train", lambda p, n_train, n_test: min(p.train.max_train or n_train, n_train),
+         lambda p, v: replace(p, train=replace(p.train, max_train=v))),
+    Knob("epochs", lambda p, n_train, n_test: p.train.epochs, lambda p, v: replace(p, train=replace(p.train, epochs=v))),
+)}
+
+# The order says what is worth most, and each step's floor: curves first, then the attacked images, then
+# the fitted and query-bound attacks' own budgets, then the training images (a pretrained network
+# fine-tunes well on a thousand), then epochs (an undertrained victim changes the story most), and last
+# the curves and the attacked images down to their minimum.
+SHRINK_ORDER: tuple[tuple[str, int], ...] = (
+    ("curve_images", MIN_CURVE_IMAGES * 2), ("n_images", MIN_IMAGES * 2),
+    ("fit_steps", MIN_FIT_STEPS), ("n_fit_images", MIN_FIT_IMAGES), ("max_queries", MIN_QUERIES),
+    ("n_query_images", MIN_QUERY_IMAGES),
+    ("max_train", MIN_TRAIN), ("epochs", MIN_EPOCHS),
+    ("curve_images", MIN_CURVE_IMAGES), ("n_images", MIN_IMAGES),
+)
+
+
+def apply_sizing(plan: TaskPlan, sizes: dict[str, int]) -> TaskPlan:
+    """``plan`` with the sizes a budget record chose (:func:`fit_plan`'s ``record["plan"]``)."""
+    for name, value in sizes.items():
+        plan = KNOBS[name].write(plan, value)
+    return plan
+
+
 def fit_plan(plan: TaskPlan, seconds: float, costs: UnitCosts, n_train: int, n_test: int
              ) -> tuple[TaskPlan, dict[str, Any]]:
-    """``plan`` shrunk until its estimate fits ``SAFETY * seconds``, and the record of what was chosen."""
+    """``plan`` shrunk until its estimate fits ``SAFETY * seconds``, and the record of what was chosen;
+    ``n_train``: the training split's size."""
     target = SAFETY * seconds
     original = estimate_seconds(plan, costs, n_train, n_test)
     steps_taken: list[str] = []
@@ -161,24 +222,14 @@ def fit_plan(plan: TaskPlan, seconds: float, costs: UnitCosts, n_train: int, n_t
         return estimate_seconds(p, costs, n_train, n_test)["total"] <= target
 
     current = plan
-    # the order says what is worth most: curves first, then the attacked images, then training
-    shrinkers = (
-        ("curve_images", MIN_CURVE_IMAGES * 2, lambda p, v: replace(p, battery=replace(p.battery, curve_images=v)),
-         lambda p: min(p.battery.curve_images, n_test)),
-        ("n_images", MIN_IMAGES * 2, lambda p, v: replace(p, battery=replace(p.battery, n_images=v)),
-         lambda p: min(p.battery.n_images, n_test)),
-        ("epochs", MIN_EPOCHS, lambda p, v: replace(p, train=replace(p.train, epochs=v)),
-         lambda p: p.train.epochs),
-        ("curve_images", MIN_CURVE_IMAGES, lambda p, v: replace(p, battery=replace(p.battery, curve_images=v)),
-         lambda p: min(p.battery.curve_images, n_test)),
-        ("n_images", MIN_IMAGES, lambda p, v: replace(p, battery=replace(p.battery, n_images=v)),
-         lambda p: min(p.battery.n_images, n_test)),
-    )
-    for name, floor, apply, read in shrinkers:
-        while not fits(current) and read(current) > floor:
-            value = read(current)
-            smaller = max(floor, value - 1 if name == "epochs" else math.ceil(value / 2))
-            current = apply(current, smaller)
+    changed: dict[str, int] = {}
+    for name, floor in SHRINK_ORDER:
+        knob = KNOBS[name]
+        while not fits(current) and knob.read(current, n_train, n_test) > floor:
+            value = knob.read(current, n_train, n_test)
+            smaller = knob.shrink(value, floor)
+            current = knob.write(current, smaller)
+            changed[name] = smaller
             steps_taken.append(f"{name} {value} -> {smaller}")
     final = estimate_seconds(current, costs, n_train, n_test)
     record = {
@@ -188,12 +239,10 @@ def fit_plan(plan: TaskPlan, seconds: float, costs: UnitCosts, n_train: int, n_t
         "estimate_s": {"as_planned": round(original["total"], 1), "chosen": round(final["total"], 1),
                        "stages": {k: round(v, 1) for k, v in final.items() if k != "total"}},
         "changes": steps_taken,
-        # what the run will use (image counts capped at the test split) ...
-        "chosen": {"epochs": current.train.epochs, "n_images": min(current.battery.n_images, n_test),
-                   "curve_images": min(current.battery.curve_images, n_test)},
-        # ... and the plan's own fields, so a resumed run rebuilds exactly this plan (and its cache keys)
-        "plan": {"epochs": current.train.epochs, "n_images": current.battery.n_images,
-                 "curve_images": current.battery.curve_images},
+        # what the run will use (capped at the splits) ...
+        "chosen": {name: KNOBS[name].read(current, n_train, n_test) for name in KNOBS},
+        # ... and the plan's fields that changed, so a resumed run rebuilds exactly this plan (and its cache keys)
+        "plan": changed,
         "fits": final["total"] <= target,
     }
     return current, record
@@ -227,8 +276,6 @@ def fit_study(plans: list[TaskPlan], seconds: float, data_root, device: str = "c
         read = dict(data_root=data_root, source=resolved.source, size=resolved.size, file_size=resolved.data_size)
         n_train = len(load_split(task, "train", **read))
         n_test = len(load_split(task, "test", **read))
-        if resolved.max_train:
-            n_train = min(n_train, resolved.max_train)
         costs = calibrate(replace(plan, train=resolved), data_root, device)
         measured.append((costs, n_train, n_test, estimate_seconds(plan, costs, n_train, n_test)["total"]))
         if monitor is not None:

@@ -281,7 +281,7 @@ def attack(
     steps: Annotated[int | None, typer.Option(help="Iterations.")] = None,
     step_size: Annotated[str | None, typer.Option(help="Step size in [0, 1] units (default eps/4 L-inf, eps/5 L2).")] = None,
     norm: Annotated[str | None, typer.Option(help="linf or l2.")] = None,
-    target: Annotated[str | None, typer.Option(help="opposite (the paper), disease, healthy, none (untargeted), or class:K (toward class K, e.g. a DR grade; for a graded model disease is the most severe grade and opposite the farthest one).")] = None,
+    target: Annotated[str | None, typer.Option(help="opposite (the paper), disease, healthy, none (untargeted), or class:K (toward class K, e.g. a DR grade; for a graded model disease is the most severe grade and opposite the farthest one). A multi-label reader: hide (every finding below its threshold: 'no finding'), finding:NAME=1 or =0 (add or remove one finding, keeping the others; e.g. finding:Pneumothorax=1), opposite (every finding flipped) or none.")] = None,
     no_random_start: Annotated[bool, typer.Option("--no-random-start", help="Start from the clean image.")] = False,
     mask: Annotated[Path | None, typer.Option(help="PNG mask at the stored image size; nonzero pixels may change.")] = None,
     grid: Annotated[str, typer.Option(help="Storage grid of the output: 'data' (the images' own 8/16-bit), or 'none' (continuous; nothing is saved).")] = "data",
@@ -339,11 +339,18 @@ def attack_summary(results: dict) -> None:
     table = Table(title=f"{results['attack']['name']} ({results['attack']['access']}) on {results['n_images']} images")
     table.add_column("", no_wrap=True)
     # the columns are the task kind's: the paper's clinical metrics for binary, kappa and macro AUC for graders
-    keys = ("accuracy", "auc", "sensitivity", "specificity", "mean_confidence") if "classes" not in results["clean"] \
-        else ("accuracy", "balanced_accuracy", "macro_auc", "quadratic_kappa", "mean_confidence")
+    multilabel = "per_finding" in results["clean"]
+    if multilabel:  # a reader: exact match, AUCs and the "any finding" decision
+        keys: tuple[str, ...] = ("accuracy", "macro_auc", "micro_auc", "any_sensitivity", "any_specificity", "mean_confidence")
+    elif "classes" not in results["clean"]:
+        keys = ("accuracy", "auc", "sensitivity", "specificity", "mean_confidence")
+    else:
+        keys = ("accuracy", "balanced_accuracy", "macro_auc", "quadratic_kappa", "mean_confidence")
     table.add_column("images", justify="right")
+    names = {"quadratic_kappa": "kappa (quadratic)", "accuracy": "exact match" if multilabel else "accuracy",
+             "any_sensitivity": "any finding sens.", "any_specificity": "any finding spec."}
     for col in keys:
-        table.add_column(col.replace("_", " ").replace("quadratic kappa", "kappa (quadratic)"), justify="right")
+        table.add_column(names.get(col, col.replace("_", " ")), justify="right")
     # clean and adversarial are on the same (attacked) images; "split clean" is the whole split's figure
     rows = [("clean", results["clean"]), ("adversarial", results["adversarial"])]
     memory = results.get("in_memory")
@@ -353,10 +360,15 @@ def attack_summary(results: dict) -> None:
     if results.get("clean_full_split"):
         rows.append(("split clean", results["clean_full_split"]))
     for label, m in rows:
+        anyf = m.get("any_finding") or {}
+        m = {**m, "any_sensitivity": anyf.get("sensitivity"), "any_specificity": anyf.get("specificity")}
         table.add_row(label, str(m["n"]), *("n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in keys))
     out.print(table)
     f, p = results["flips"], results["perturbation"]
-    graded = f"{f['up']} up, {f['down']} down a class, " if "up" in f else ""
+    if multilabel:
+        graded = f"{f['findings_changed']} finding decisions ({f['up']} added, {f['down']} removed), images "
+    else:
+        graded = f"{f['up']} up, {f['down']} down a class, " if "up" in f else ""
     line = (f"flips: {graded}{f['healthy_to_disease']} healthy->disease, {f['disease_to_healthy']} disease->healthy "
             f"of {results['n_images']}; L-inf max {p['linf_max']:.4f} (attacked tensor), SSIM {p['ssim_mean']:.4f}")
     if p.get("written"):
@@ -364,7 +376,12 @@ def attack_summary(results: dict) -> None:
                  f"{p['written']['linf_max_stored']:.0f} stored units")
     succ = results.get("success")
     if succ:
-        line += f"; success {succ['succeeded']} of {succ['correct_before']} correctly classified"
+        counted = "eligible (see success.definition)" if multilabel else "correctly classified"
+        line += f"; success {succ['succeeded']} of {succ['correct_before']} {counted}"
+    coll = (results.get("findings") or {}).get("collateral")
+    if coll:
+        line += (f"; collateral: {coll['images_with_collateral']} of {coll['images']} images changed another finding "
+                 f"(mean {coll['mean_other_findings_changed'] or 0:.2f})")
     if p.get("stored"):
         st = p["stored"]
         line += f"; L-inf max {st['linf_max_stored']:.0f} stored values ({'/'.join(map(str, st['bits_stored']))} bits)"
@@ -386,16 +403,17 @@ def reproduce(
     data_root: DataRoot = None,
     seed: Seed = 0,
     device: Device = "cpu",
-    budget: Annotated[str | None, typer.Option(help="Time budget, e.g. 30m: measure this machine, then size image counts and epochs to fit (default: the plans as documented).")] = None,
+    budget: Annotated[str, typer.Option(help="Time budget for the whole study, e.g. 30m or 2h: measure this machine, then size training images, epochs, attacked images and the attacks' own budgets to fit (the default fits 30 minutes on 2 cores with headroom). 'none' runs the plans as documented (the full 224 px plans: a GPU or a long night).")] = "30m",
     defense: Annotated[list[str] | None, typer.Option("--defense", help="Put this preprocessing defense in front of every victim (e.g. jpeg, bit-depth:bits=4; repeat for several): the battery then attacks the defended pipeline with BPDA.")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Reproduce the paper on its three tasks: Tables 1-2 next to the paper's, the talks' attacks, curves, figures."""
+    """Reproduce the paper on its three tasks in its regime (chest X-rays and dermoscopy at 224 px, fundus at the
+    best resolution present): Tables 1-2 next to the paper's, the talks' attacks, curves, figures."""
     _door(out, "folder")
     from medadv.budget import parse_budget
     from medadv.jobs.reproduce import ReproduceJob, reproduce as run_reproduce
 
-    seconds = parse_budget(budget) if budget is not None else None
+    seconds = None if budget == "none" else parse_budget(budget)
     job = ReproduceJob(out=out, tasks=tasks, plans=tuple(plan or ()), cache=cache, budget=seconds,
                        defenses=tuple(parse_defense(d) for d in defense or ()), data_root=data_root, seed=seed)
     job.device, monitor = _join(device, quiet)
@@ -661,7 +679,18 @@ def out_table(title: str, metrics: dict) -> None:
 
 
 def metric_rows(metrics: dict) -> list[tuple[str, float | None]]:
-    """(label, value) rows of a metrics record, binary or multi-class (the keys say which)."""
+    """(label, value) rows of a metrics record, binary, multi-class or multi-label (the keys say which)."""
+    if "per_finding" in metrics:  # a multi-label reader: the overall figures, then AUC per finding
+        anyf = metrics.get("any_finding") or {}
+        rows = [("exact-match accuracy", metrics.get("accuracy")), ("label-wise accuracy", metrics.get("label_accuracy")),
+                (f"macro AUC ({metrics.get('macro_auc_findings', 0)} of {metrics.get('n_findings')} findings estimable)",
+                 metrics.get("macro_auc")), ("micro AUC", metrics.get("micro_auc")),
+                (f"any finding: AUC (n={anyf.get('n')}, {anyf.get('n_abnormal')} abnormal)", anyf.get("auc")),
+                ("any finding: sensitivity", anyf.get("sensitivity")), ("any finding: specificity", anyf.get("specificity"))]
+        rows += [(f"AUC {r['finding']} ({r['positives']} of {r['n_known']} positive"
+                  + (", too few to estimate" if r["auc"] is None else "") + ")", r["auc"]) for r in metrics["per_finding"]]
+        rows.append(("mean confidence", metrics.get("mean_confidence")))
+        return rows
     if "classes" not in metrics:  # binary: the paper's Table 1
         return [(k.replace("_", " "), metrics.get(k))
                 for k in ("accuracy", "auc", "sensitivity", "specificity", "mean_confidence", "threshold")]

@@ -110,3 +110,95 @@ def multiclass_metrics(labels: np.ndarray, probs: np.ndarray, *, class_names: tu
                            "specificity": tn / (tn + fp) if tn + fp else None,
                            "tp": tp, "tn": tn, "fp": fp, "fn": fn}
     return out
+
+
+# A finding's AUC needs both classes present in numbers that make it more than noise: with fewer positives
+# (or negatives) among the known labels it is reported as not estimable, never as 0.5.
+MIN_AUC_CASES = 5
+MISSING = -1  # a multi-label finding's label that is unknown (blank, or "uncertain" under the ignore policy)
+
+
+def _auc_or_reason(y: np.ndarray, p: np.ndarray) -> tuple[float | None, str | None]:
+    pos = int(y.sum())
+    neg = len(y) - pos
+    if pos < MIN_AUC_CASES or neg < MIN_AUC_CASES:
+        return None, f"not estimable: {pos} positive and {neg} negative known labels (at least {MIN_AUC_CASES} of each)"
+    return float(roc_auc_score(y, p)), None
+
+
+def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, thresholds, *,
+                       finding_names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Metrics of a multi-label reader from its N×F finding probabilities and one threshold per finding.
+
+    ``labels``: N×F with 0 absent, 1 present and :data:`MISSING` (-1) unknown; unknown labels are left out
+    of every figure of their finding (never counted as absent). Per finding: known count, positives, AUC
+    (None with the reason when fewer than :data:`MIN_AUC_CASES` positives or negatives), and sensitivity and
+    specificity at its threshold. Overall: macro AUC (mean over estimable findings, with their count), micro
+    AUC (every known image-finding pair), exact-match accuracy (every known finding right), label-wise
+    accuracy, and the clinically first decision "any finding" vs "no finding" (abnormal when any finding
+    reaches its threshold; its AUC scores an image by its most probable finding) on images whose labels are
+    all known."""
+    y = np.asarray(labels).astype(np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    t = np.asarray(thresholds, dtype=np.float64).ravel()
+    if y.ndim != 2 or y.shape != p.shape or len(t) != y.shape[1] or len(y) == 0:
+        raise MedadvError(f"multi-label metrics need N×F labels and probabilities and F thresholds; got labels "
+                          f"{y.shape}, probabilities {p.shape}, {len(t)} thresholds.", "score every image once.")
+    if not np.isfinite(p).all():
+        raise MedadvError("the model returned NaN or infinite probabilities.", "check the model and its input.")
+    names = tuple(finding_names) if finding_names else tuple(f"finding {i}" for i in range(y.shape[1]))
+    known = y != MISSING
+    pred = (p >= t).astype(np.int64)
+    per_finding = []
+    for f, name in enumerate(names):
+        k = known[:, f]
+        yf, pf, df = y[k, f], p[k, f], pred[k, f]
+        auc, why = _auc_or_reason(yf, pf)
+        tp, fn = int(((df == 1) & (yf == 1)).sum()), int(((df == 0) & (yf == 1)).sum())
+        tn, fp = int(((df == 0) & (yf == 0)).sum()), int(((df == 1) & (yf == 0)).sum())
+        per_finding.append({
+            "finding": name, "n_known": int(k.sum()), "n_missing": int((~k).sum()), "positives": int(yf.sum()),
+            "threshold": float(t[f]), "auc": auc, **({"auc_note": why} if why else {}),
+            "sensitivity": tp / (tp + fn) if tp + fn else None, "specificity": tn / (tn + fp) if tn + fp else None,
+            "tp": tp, "fn": fn, "tn": tn, "fp": fp,
+        })
+    estimable = [r["auc"] for r in per_finding if r["auc"] is not None]
+    micro, micro_why = _auc_or_reason(y[known], p[known])
+    full = known.all(1)
+    abnormal_true, abnormal_pred = (y[full] == 1).any(1), (pred[full] == 1).any(1)
+    any_auc, any_why = _auc_or_reason(abnormal_true.astype(np.int64), p[full].max(1)) if full.any() else (None, "no image with every label known")
+    tp = int((abnormal_pred & abnormal_true).sum())
+    fn = int((~abnormal_pred & abnormal_true).sum())
+    tn = int((~abnormal_pred & ~abnormal_true).sum())
+    fp = int((abnormal_pred & ~abnormal_true).sum())
+    exact = ((pred == y) | ~known).all(1)
+    confidence = np.where(pred == 1, p, 1.0 - p)[known]
+    return {
+        "n": int(len(y)), "n_findings": len(names), "findings": list(names),
+        "accuracy": float(exact.mean()),
+        "accuracy_definition": "exact match: every known finding of the image on the right side of its threshold",
+        "label_accuracy": float((pred == y)[known].mean()) if known.any() else None,
+        "macro_auc": float(np.mean(estimable)) if estimable else None,
+        "macro_auc_findings": len(estimable),
+        "micro_auc": micro, **({"micro_auc_note": micro_why} if micro_why else {}),
+        "any_finding": {"n": int(full.sum()), "n_abnormal": int(abnormal_true.sum()), "auc": any_auc,
+                        **({"auc_note": any_why} if any_why else {}),
+                        "sensitivity": tp / (tp + fn) if tp + fn else None,
+                        "specificity": tn / (tn + fp) if tn + fp else None, "tp": tp, "fn": fn, "tn": tn, "fp": fp,
+                        "rule": "abnormal when any finding reaches its threshold"},
+        "per_finding": per_finding,
+        "thresholds": [float(v) for v in t],
+        "n_missing_labels": int((~known).sum()),
+        "mean_confidence": float(confidence.mean()) if confidence.size else None,
+    }
+
+
+def youden_thresholds(labels: np.ndarray, probs: np.ndarray) -> tuple[float, ...]:
+    """One Youden threshold per finding (column) on its known labels; 0.5 where a column has one class."""
+    y = np.asarray(labels).astype(np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    out = []
+    for f in range(y.shape[1]):
+        k = y[:, f] != MISSING
+        out.append(youden_threshold(y[k, f], p[k, f]) if k.any() else 0.5)
+    return tuple(out)

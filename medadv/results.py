@@ -252,9 +252,28 @@ MULTICLASS_METRICS: dict[str, str] = {
 }
 """Multi-class metrics (:func:`medadv.metrics.multiclass_metrics`); the last three keys only where they apply."""
 
+MULTILABEL_METRICS: dict[str, str] = {
+    "n": "images measured", "n_findings": "F, the number of findings", "findings": "the F finding names",
+    "accuracy": "exact match: images with every known finding on the right side of its threshold",
+    "accuracy_definition": "that rule, in words", "label_accuracy": "fraction of known image-finding labels decided right",
+    "macro_auc": "mean AUC over the estimable findings (null if none)", "macro_auc_findings": "how many were estimable",
+    "micro_auc": "AUC over every known image-finding pair (null with its note when not estimable)",
+    "any_finding": "the clinically first decision, abnormal (any finding at its threshold) vs no finding, on images "
+                   "with every label known: n, n_abnormal, auc (by the most probable finding), sensitivity, specificity, "
+                   "tp, fn, tn, fp, rule",
+    "per_finding": "per finding: finding, n_known, n_missing, positives, threshold, auc (null with auc_note when fewer "
+                   "than 5 positives or negatives are known: never 0.5), sensitivity, specificity, tp, fn, tn, fp",
+    "thresholds": "the per-finding operating points", "n_missing_labels": "unknown labels, left out of every figure",
+    "mean_confidence": "mean probability of each known finding's decided side",
+}
+"""Multi-label metrics (:func:`medadv.metrics.multilabel_metrics`), each finding at its own threshold."""
+
 FLIPS = {"healthy_to_disease": "decisions moved from class 0 (healthy) to disease (any other class): a provider's fraud",
          "disease_to_healthy": "from disease to healthy: an insurer's", "total": "every changed decision",
-         "up": "multi-class only: moved toward the last (most severe) class", "down": "multi-class only: moved toward class 0"}
+         "up": "multi-class: moved toward the last (most severe) class; multi-label: findings absent -> present",
+         "down": "multi-class: moved toward class 0; multi-label: findings present -> absent",
+         "findings_changed": "multi-label only: image-finding decisions that changed side (healthy_to_disease, "
+                             "disease_to_healthy and total then count images: no finding <-> some finding, any change)"}
 """The keys of ``flips``."""
 
 
@@ -388,9 +407,14 @@ class AttackResults(Record):
     attack: AttackRecord = doc("the attack")
     n_images: int = doc("images attacked")
     clean: dict[str, Any] = doc("the victim's metrics on the attacked images before the attack (the task kind's keys: "
-                                "[binary](#binary-metrics), [multi-class](#multi-class-metrics))")
+                                "[binary](#binary-metrics), [multi-class](#multi-class-metrics), "
+                                "[multi-label](#multi-label-metrics))")
     adversarial: dict[str, Any] = doc("the same metrics on the same images after the attack")
     flips: dict[str, int] = doc("decisions changed at the operating point: [keys](#flips)")
+    findings: dict[str, Any] | None = doc(
+        "multi-label readers: per finding (up, down, right_before, made_wrong), n_eligible, findings_made_wrong, "
+        "findings_right_before; a finding target adds `collateral` (other findings that changed side on the images "
+        "it counts), hide adds `still_present`", default=None, omit=True)
     success_rate: float | None = doc(
         "among the images the victim classified correctly before the attack, the fraction whose adversarial decision "
         "reached the goal (targeted) or left the true label (untargeted); null if none was correct")

@@ -256,13 +256,11 @@ def _budgeted(plans: list[TaskPlan], seconds: float, cache: StageCache, root: Pa
 
 
 def _apply_sizing(plan: TaskPlan, record: dict[str, Any]) -> TaskPlan:
-    from medadv.budget import caveat
+    from medadv.budget import apply_sizing, caveat
 
-    chosen = record["plan"]
     note = caveat(record)
-    return replace(plan, train=replace(plan.train, epochs=chosen["epochs"]),
-                   battery=replace(plan.battery, n_images=chosen["n_images"], curve_images=chosen["curve_images"]),
-                   caveats=(*plan.caveats, note) if note else plan.caveats)
+    sized = apply_sizing(plan, record["plan"])
+    return replace(sized, caveats=(*plan.caveats, note) if note else plan.caveats)
 
 
 def run_study(kind: str, plans: list[TaskPlan], out: Path, *, data_root: str | Path | None = None,

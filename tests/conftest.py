@@ -29,7 +29,7 @@ def pytest_collection_finish(session):
 
 # Tests that use these fixtures train a model or run a study (minutes on 2 cores): they are marked
 # ``slow`` here, so `make test-fast` (-m "not slow") is the inner loop and `make test` runs everything.
-SLOW_FIXTURES = {"chest_model", "study_cache", "grader"}
+SLOW_FIXTURES = {"chest_model", "study_cache", "grader", "reader"}
 
 
 def pytest_collection_modifyitems(config, items):

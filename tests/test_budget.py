@@ -97,3 +97,26 @@ def test_fit_study_shares_the_budget_and_a_resumed_run_reuses_the_sizing(data_ro
     again, saved = _budgeted([DEMO_PLAN], 60.0, cache, data_root, "cpu", SILENT)
     assert len(calls) == n_calls  # not measured again
     assert again == first and saved[0]["changes"]
+
+
+def test_a_224_px_plan_shrinks_the_attacks_budgets_and_training_images_before_epochs():
+    from medadv.budget import SHRINK_ORDER, apply_sizing
+
+    plan = REPRODUCE_PLANS["chest-xray"]  # the documented full plan: every training X-ray, 3 epochs
+    costs = UnitCosts(train_image_s=0.055, grad_image_s=0.028)  # measured at 224 px on a 2-core AVX2 machine
+    full = estimate_seconds(plan, costs, 4694, 624)["total"]
+    sized, record = fit_plan(plan, 0.2 * full, costs, 4694, 624)
+    names = [c.split()[0] for c in record["changes"]]
+    stage = 0  # each change belongs to the next stage of the documented order that shrinks its field
+    for name in names:
+        while SHRINK_ORDER[stage][0] != name:
+            stage += 1  # an IndexError here: a change out of the documented order
+    assert {"fit_steps", "max_queries", "max_train"} <= set(names)
+    assert names.index("max_train") < names.index("epochs") if "epochs" in names else True
+    assert sized.train.max_train is not None and sized.train.max_train < 4694
+    assert record["chosen"]["max_train"] == sized.train.max_train
+    # the training images cap the estimate: what the run trains on is what was priced
+    assert estimate_seconds(sized, costs, 4694, 624)["training"] == pytest.approx(
+        2 * sized.train.epochs * sized.train.max_train * 0.055)
+    # a resumed run rebuilds exactly this plan from the record
+    assert apply_sizing(plan, record["plan"]) == sized

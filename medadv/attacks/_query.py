@@ -4,61 +4,50 @@ per-image query bookkeeping against a budget.
 Score attacks see N×K probabilities. A binary victim's decision is P(disease) >= threshold (its operating
 point, not argmax), so success and the margin loss are both measured against that threshold; a K-class
 victim's decision is the most probable class, and the margin is in log-probabilities against the best
-other class.
+other class; a multi-label reader's probabilities are per finding, each against its own threshold. What
+each means is the threat model's task kind's (:mod:`medadv.kinds`).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
 from medadv.attacks.threat_model import ThreatModel
 from medadv.errors import MedadvError
+from medadv.kinds import get_kind, parse_target
 
 
 def wanted_class(threat: ThreatModel, y: torch.Tensor) -> torch.Tensor:
-    """The class each image must be predicted as to count as a success (binary task: untargeted means
-    the class that is not its label). For a K-class untargeted threat there is no single such class:
-    the label to leave is returned, and :func:`margin` is told ``untargeted``."""
-    goal = threat.goal(y)
-    return goal if threat.targeted or threat.classes > 2 else 1 - goal
+    """What each image's margin is measured toward (the threat model's task kind decides,
+    :meth:`~medadv.kinds.TaskKind.query_goal`): the goal; for a binary untargeted threat the class that is
+    not its label; for a K-class untargeted one the label to leave (:func:`margin` is told ``untargeted``);
+    for a multi-label reader the wanted state of every finding."""
+    return threat.task_kind.query_goal(parse_target(threat.target), y, threat.classes)
 
 
-def predicted(probs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The victim's labels: binary, 1 where P(disease) >= threshold; K classes, the most probable."""
-    return (probs[:, 1] >= threshold).long() if probs.shape[1] == 2 else probs.argmax(1)
+def predicted(probs: torch.Tensor, threshold, threat: ThreatModel | None = None) -> torch.Tensor:
+    """The victim's decisions from its probabilities at its operating point (binary: P(disease) >=
+    threshold; K classes: the most probable; multi-label: each finding at its own threshold)."""
+    kind = threat.task_kind if threat is not None else get_kind("binary")
+    return kind.decide_probs(probs, threshold)
 
 
-def score_success(probs: torch.Tensor, y: torch.Tensor, threat: ThreatModel, threshold: float) -> torch.Tensor:
-    """Per image: does the victim's thresholded decision meet the threat model's goal?"""
-    return threat.succeeded(predicted(probs, threshold), y)
+def score_success(probs: torch.Tensor, y: torch.Tensor, threat: ThreatModel, threshold) -> torch.Tensor:
+    """Per image: does the victim's decision meet the threat model's goal?"""
+    return threat.succeeded(predicted(probs, threshold, threat), y)
 
 
-def log_odds(probs: torch.Tensor) -> torch.Tensor:
-    """log P(disease) - log P(healthy), from the two probabilities separately: a confident softmax keeps
-    the small one precise where 1 - p would round to 0, so the margin does not saturate."""
-    tiny = torch.finfo(probs.dtype).tiny
-    return probs[:, 1].clamp_min(tiny).log() - probs[:, 0].clamp_min(tiny).log()
-
-
-def margin(probs: torch.Tensor, want: torch.Tensor, threshold: float, untargeted: bool = False) -> torch.Tensor:
-    """Margin loss to minimize, in log-odds: how far each image is from being predicted ``want``.
+def margin(probs: torch.Tensor, want: torch.Tensor, threshold, untargeted: bool = False,
+           threat: ThreatModel | None = None) -> torch.Tensor:
+    """Margin loss to minimize, in log-odds: how far each image is from being predicted ``want``
+    (:meth:`~medadv.kinds.TaskKind.query_margin` of the threat model's kind; a classifier's without one).
 
     Binary: <= 0 on the wanted side of logit(threshold) (< 0 for ``want`` = healthy, where ties go to
     disease). K classes: log P(want) against the best other class (``untargeted``: ``want`` is the label
     to leave, and the margin is how far the label still leads).
     """
-    if probs.shape[1] > 2:
-        tiny = torch.finfo(probs.dtype).tiny
-        logp = probs.clamp_min(tiny).log()
-        own = logp.gather(1, want[:, None])[:, 0]
-        best_other = logp.scatter(1, want[:, None], -float("inf")).amax(1)
-        return own - best_other if untargeted else best_other - own
-    if not 0.0 < threshold < 1.0:
-        raise MedadvError(f"operating threshold {threshold} is not inside (0, 1).", "pass the victim's threshold.")
-    s = log_odds(probs) - math.log(threshold / (1.0 - threshold))
-    return torch.where(want == 1, -s, s)
+    kind = threat.task_kind if threat is not None else get_kind("binary")
+    return kind.query_margin(probs, want, threshold, untargeted)
 
 
 class QueryBudget:

@@ -20,15 +20,13 @@ black-box Square broke: the white-box attacks are being fooled). They are on ``a
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from medadv.attacks.base import Attack, AttackResult, ProbabilityOracle, check_logits
-from medadv.attacks.gradient import frozen
+from medadv.attacks.base import Attack, AttackResult, ProbabilityOracle, check_logits, operating_point
+from medadv.attacks.gradient import CLASSIFICATION, frozen
 from medadv.attacks.pgd import check_schedule
 from medadv.attacks.registry import Access, per_query, register
 from medadv.attacks.square import Square
@@ -54,36 +52,16 @@ def checkpoints(steps: int) -> list[int]:
 
 
 def decide(logits: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Decisions: P(disease) >= threshold for two classes, argmax for more."""
-    if logits.shape[1] == 2:
-        return (logits.softmax(1)[:, 1] >= threshold).long()
-    return logits.argmax(1)
+    """A classifier's decisions: P(disease) >= threshold for two classes, argmax for more (the task kind's
+    :meth:`~medadv.kinds.TaskKind.decide`; the attack itself asks its threat model's kind)."""
+    return CLASSIFICATION.decide(logits, threshold)
 
 
 def per_image_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, loss: str,
                    threshold: float = 0.5) -> torch.Tensor:
-    """The per-image objective APGD ascends. ``target`` None: untargeted (away from y)."""
-    k = logits.shape[1]
-    if loss == "ce":
-        return -F.cross_entropy(logits, target, reduction="none") if target is not None else \
-            F.cross_entropy(logits, y, reduction="none")
-    if k == 2:  # the logit margin at the operating threshold, toward the wanted class
-        s = logits[:, 1] - logits[:, 0] - math.log(threshold / (1 - threshold))
-        want = target if target is not None else 1 - y
-        return torch.where(want == 1, s, -s)
-    z, _ = logits.sort(1, descending=True)
-    z_y = logits.gather(1, y[:, None])[:, 0]
-    if target is None:  # DLR: -(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3)
-        others = logits.scatter(1, y[:, None], -float("inf")).amax(1)
-        return -(z_y - others) / (z[:, 0] - z[:, 2] + 1e-12)
-    z_t = logits.gather(1, target[:, None])[:, 0]
-    scale = z[:, 0] - ((z[:, 2] + z[:, 3]) / 2 if k >= 4 else z[:, 2])
-    return -(z_y - z_t) / (scale + 1e-12)
-
-
-def _threshold(model: nn.Module) -> float:
-    t = getattr(model, "threshold", 0.5)
-    return float(t) if isinstance(t, (int, float)) and 0 < t < 1 else 0.5
+    """A classifier's per-image objective APGD ascends (:meth:`~medadv.kinds.TaskKind.per_image_loss`).
+    ``target`` None: untargeted (away from y)."""
+    return CLASSIFICATION.per_image_loss(logits, y, target, loss, threshold)
 
 
 # price: steps per restart (an upper bound: restarts run only on the images still unbroken)
@@ -122,14 +100,14 @@ class APGD(Attack):
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Adversarial images (continuous, inside the ball) and which of them succeed once stored."""
-        threat, thr = self.threat, _threshold(model)
+        threat, thr = self.threat, operating_point(model)
         with torch.no_grad():
             clean_logits = check_logits(model(x), len(x), None)
         if clean_logits.shape[1] != threat.classes:
             threat = self.threat = threat.with_(classes=clean_logits.shape[1])  # targets mean K-class goals
         mask_full = threat.mask_for(x)
         x_out = x.clone()
-        ok = threat.succeeded(decide(clean_logits, thr), y)
+        ok = threat.succeeded(threat.decide(clean_logits, thr), y)
         for target in self._target_plan(clean_logits, y):
             for _ in range(self.restarts):
                 todo = (~ok).nonzero()[:, 0]
@@ -140,7 +118,7 @@ class APGD(Attack):
                 cand = self._ascend(model, x[todo], y[todo], t, sub, generator, thr)
                 stored = sub.to_grid(cand, x[todo])
                 with torch.no_grad():
-                    hit = threat.succeeded(decide(model(stored), thr), y[todo])
+                    hit = threat.succeeded(threat.decide(model(stored), thr), y[todo])
                 x_out[todo] = cand
                 ok[todo] = hit
         return x_out, ok
@@ -152,14 +130,10 @@ class APGD(Attack):
             return [threat.goal(y)]
         if self.loss == "ce":
             return [None]
-        k = clean_logits.shape[1]
-        if k == 2:
-            return [1 - y]
-        order = clean_logits.scatter(1, y[:, None], -float("inf")).argsort(1, descending=True)
-        return [order[:, i] for i in range(min(self.targets, k - 1))]
+        return threat.task_kind.margin_targets(clean_logits, y, self.targets)
 
     def _ascend(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
-                threat: ThreatModel, generator: torch.Generator, thr: float) -> torch.Tensor:
+                threat: ThreatModel, generator: torch.Generator, thr) -> torch.Tensor:
         """Per image (N×C×H×W in, same out): its first adversarial iterate, else its point of highest loss.
 
         An image leaves the batch at its first iterate that is adversarial *once stored* (rounded to the
@@ -179,15 +153,15 @@ class APGD(Attack):
         def loss_grad(xa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             xa = xa.detach().requires_grad_(True)
             logits = check_logits(model(xa), len(xa), None)
-            loss = per_image_loss(logits, y, goal, self.loss, thr)
+            loss = threat.task_kind.per_image_loss(logits, y, goal, self.loss, thr)
             (grad,) = torch.autograd.grad(loss.sum(), xa)
             if mask is not None:
                 grad = grad * mask
-            adv = threat.succeeded(decide(logits.detach(), thr), y)
+            adv = threat.succeeded(threat.decide(logits.detach(), thr), y)
             if bool(adv.any()):  # confirm on the stored image (one forward on those few images)
                 with torch.no_grad():
                     stored = threat.to_grid(xa.detach()[adv], x[adv])
-                    adv[adv.clone()] = threat.succeeded(decide(model(stored), thr), y[adv])
+                    adv[adv.clone()] = threat.succeeded(threat.decide(model(stored), thr), y[adv])
             return loss.detach(), grad, adv
 
         delta = geo.random_start(x, eps, generator)
@@ -280,7 +254,7 @@ class AutoAttack(Attack):
         return [f"{version}: APGD-CE + APGD-margin + Square {q} queries"]
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> AttackResult:
-        threat, thr = self.threat, _threshold(model)
+        threat, thr = self.threat, operating_point(model)
         flags = {"randomness": False, "zero_gradients": 0, "square_stronger": 0,
                  "broken_by": {"apgd-ce": 0, "apgd-margin": 0, "square": 0}}
         queries = None
@@ -292,7 +266,7 @@ class AutoAttack(Attack):
             if logits.shape[1] != threat.classes:  # targets and Square's margin mean K-class goals
                 threat = self.threat = threat.with_(classes=logits.shape[1])
             x_out = x.clone()
-            ok = threat.succeeded(decide(logits, thr), y)
+            ok = threat.succeeded(threat.decide(logits, thr), y)
             for stage, loss in (("apgd-ce", "ce"), ("apgd-margin", "margin")):
                 todo = (~ok).nonzero()[:, 0]
                 if len(todo) == 0:
@@ -315,7 +289,7 @@ class AutoAttack(Attack):
                 queries = torch.zeros(len(x), dtype=torch.long, device=x.device)
                 queries[todo] = result.queries
                 with torch.no_grad():
-                    hit = threat.succeeded(decide(model(result.x_adv), thr), y[todo])
+                    hit = threat.succeeded(threat.decide(model(result.x_adv), thr), y[todo])
                 x_out[todo[hit]] = result.x_adv[hit]
                 ok[todo] = hit
                 flags["broken_by"]["square"] = flags["square_stronger"] = int(hit.sum())

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medadv.attacks.threat_model import ThreatModel
@@ -43,6 +42,23 @@ def check_logits(logits: torch.Tensor, n: int, classes: int | None = None) -> to
     return logits
 
 
+def operating_point(model: object):
+    """The decision point a model's decisions are made at: its ``operating_point`` (a multi-label reader's
+    per-finding thresholds), else its binary ``threshold`` when that is inside (0, 1), else 0.5."""
+    point = getattr(model, "operating_point", None)
+    if point is not None:
+        return point
+    t = getattr(model, "threshold", 0.5)
+    return float(t) if isinstance(t, (int, float)) and 0 < t < 1 else 0.5
+
+
+def _kind_of(model: object):
+    from medadv.kinds import get_kind
+
+    kind = getattr(model, "kind", None)
+    return kind if kind is not None and hasattr(kind, "probabilities") else get_kind("binary")
+
+
 class ProbabilityOracle:
     """Score-based black-box access: ``oracle(x)`` returns N×K class probabilities and counts N queries."""
 
@@ -53,8 +69,10 @@ class ProbabilityOracle:
 
     @classmethod
     def from_model(cls, model: nn.Module, batch_size: int = 512) -> ProbabilityOracle:
+        kind = _kind_of(model)  # a classifier's class probabilities; a multi-label reader's per finding
+
         def probs(x: torch.Tensor) -> torch.Tensor:
-            return F.softmax(check_logits(model(x), len(x)), dim=1)
+            return kind.probabilities(check_logits(model(x), len(x)))
 
         return cls(probs, batch_size)
 
@@ -75,17 +93,17 @@ class LabelOracle:
     most probable class for a K-class one.
     """
 
-    def __init__(self, probability: ProbabilityOracle, threshold: float = 0.5) -> None:
+    def __init__(self, probability: ProbabilityOracle, threshold=0.5, kind=None) -> None:
         self._probability = probability
-        self.threshold = threshold
+        self.threshold = threshold  # the operating point: a float, or a multi-label reader's per finding
+        self.kind = kind if kind is not None else _kind_of(None)
 
     @property
     def total_queries(self) -> int:
         return self._probability.total_queries
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        probs = self._probability(x)
-        return (probs[:, 1] >= self.threshold).long() if probs.shape[1] == 2 else probs.argmax(1)
+        return self.kind.decide_probs(self._probability(x), self.threshold)
 
 
 class Attack(ABC):
@@ -136,8 +154,12 @@ class Attack(ABC):
         if eps is not None:
             return self.at_eps(eps)(victim, x, y)
         self.threat.check_input(x)
-        if y.shape != (len(x),):
-            raise MedadvError(f"{len(x)} images but labels of shape {tuple(y.shape)}.", "give one label per image.")
+        multilabel = self.threat.kind == "multilabel"
+        want = (len(x), self.threat.classes) if multilabel else (len(x),)
+        if tuple(y.shape) != want:
+            raise MedadvError(f"{len(x)} images but labels of shape {tuple(y.shape)}; this {self.threat.task_kind.title} "
+                              f"needs {'×'.join(map(str, want))}.",
+                              "give one label per finding of each image." if multilabel else "give one label per image.")
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         result = self.run(victim, x, y.to(x.device), generator)
         if self.bounded:

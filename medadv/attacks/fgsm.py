@@ -36,7 +36,7 @@ class FGSM(Attack):
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> AttackResult:
         crafter = crafting_model(model, self.fast)
         with frozen(crafter):  # eval mode, no parameter gradients; restored afterwards
-            gradient = autograd_gradient(crafter, self.threat.targeted)
+            gradient = autograd_gradient(crafter, self.threat.targeted, threat=self.threat)
             x_adv, _ = ascend(x, self.threat.goal(y), gradient, self.threat, generator,
                               steps=1, step_size=self.threat.radius, start=False)
         return AttackResult(x_adv.detach())

@@ -11,30 +11,26 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from medadv.attacks.base import check_logits
+from medadv.attacks.base import check_logits, operating_point
 from medadv.attacks.geometry import LINF, geometry
 from medadv.attacks.threat_model import ThreatModel
+from medadv.kinds import get_kind
+
+CLASSIFICATION = get_kind("binary")  # binary and K-class models share their objectives
 
 # (x_adv, goal) -> per-image gradient of the objective to ASCEND, same shape as x_adv.
 GradientFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def objective(logits: torch.Tensor, goal: torch.Tensor, targeted: bool, loss: str = "ce") -> torch.Tensor:
-    """Summed per-image objective to ascend: toward ``goal`` if targeted, away from it otherwise.
-
-    ``ce``: cross-entropy (negated when targeted). ``margin``: the logit margin of the goal class
-    over the best other one (Carlini-Wagner style; it does not saturate on confident models; for two
-    classes the other one).
-    """
-    if loss == "margin":
-        z_goal = logits.gather(1, goal[:, None])[:, 0]
-        margin = z_goal - logits.scatter(1, goal[:, None], -float("inf")).amax(1)
-        return margin.sum() if targeted else -margin.sum()
-    ce = F.cross_entropy(logits, goal, reduction="sum")
-    return -ce if targeted else ce
+def objective(logits: torch.Tensor, goal: torch.Tensor, targeted: bool, loss: str = "ce",
+              threat: ThreatModel | None = None, point=0.5) -> torch.Tensor:
+    """Summed per-image objective to ascend: toward ``goal`` if targeted, away from it otherwise. What it
+    is belongs to the task kind (``threat.kind``; a classifier's when no threat model is given):
+    :meth:`medadv.kinds.TaskKind.objective` (``ce`` or ``margin``); ``point``: the operating point."""
+    kind = threat.task_kind if threat is not None else CLASSIFICATION
+    return kind.objective(logits, goal, targeted, loss, point)
 
 
 @contextlib.contextmanager
@@ -53,17 +49,21 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def autograd_gradient(model: nn.Module, targeted: bool, loss: str = "ce") -> GradientFn:
+def autograd_gradient(model: nn.Module, targeted: bool, loss: str = "ce", threat: ThreatModel | None = None
+                      ) -> GradientFn:
     """Exact gradient of :func:`objective` through ``model`` (white box). Use inside :func:`frozen`.
+    ``threat``: whose task kind the objective is (a classifier's when None), at the model's operating point.
 
     Only the input's gradient is computed: ``torch.autograd.grad`` w.r.t. ``x_adv`` alone, so with the
     parameters frozen no weight gradient is formed or stored.
     """
 
+    point = operating_point(model)
+
     def gradient(x_adv: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
         x_adv = x_adv.detach().requires_grad_(True)  # a view: no copy of the batch
         logits = check_logits(model(x_adv), len(x_adv))
-        (grad,) = torch.autograd.grad(objective(logits, goal, targeted, loss), x_adv)
+        (grad,) = torch.autograd.grad(objective(logits, goal, targeted, loss, threat, point), x_adv)
         return grad
 
     return gradient

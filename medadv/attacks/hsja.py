@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from medadv.attacks._query import QueryBudget, check_budget, wanted_class
+from medadv.attacks._query import QueryBudget, check_budget
 from medadv.attacks.base import Attack, AttackResult, LabelOracle
 from medadv.attacks.geometry import L2_BALL
 from medadv.attacks.registry import Access, per_query, register
@@ -70,7 +70,6 @@ class HopSkipJump(Attack):
         d = mask.flatten(1).sum(1).clamp_min(1)
         theta = self.gamma / (d * geo.dual_of_ones(d))  # the reference's gamma/d² (L-inf), gamma/d^1.5 (L2)
         budget = QueryBudget(oracle, n, self.max_queries, dev)
-        want = wanted_class(threat, y)
         shape = (-1,) + (1,) * (x.ndim - 1)
 
         def adversarial(xq: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -104,7 +103,7 @@ class HopSkipJump(Attack):
         everyone = torch.arange(n, device=dev)
         clean_label = budget(x, everyone)
         done = threat.succeeded(clean_label, y)
-        p, found = self._initialize(x, mask, want, clean_label, everyone[~done], adversarial, spare, generator)
+        p, found = self._initialize(x, mask, y, clean_label, everyone[~done], adversarial, spare, generator)
         idx = everyone[found]
         if len(idx) == 0:
             return AttackResult(x_out, budget.used, {"started": 0})
@@ -178,7 +177,7 @@ class HopSkipJump(Attack):
         settle(best[rest], rest, reserve=0)  # the query held back
         return AttackResult(x_out, budget.used, {"started": int(found.sum())})
 
-    def _initialize(self, x, mask, want, clean_label, idx, adversarial, spare, generator):
+    def _initialize(self, x, mask, y, clean_label, idx, adversarial, spare, generator):
         """An adversarial starting point per image (``found`` says which got one)."""
         n, dev = len(x), x.device
         p = x.clone()
@@ -186,10 +185,9 @@ class HopSkipJump(Attack):
         if len(idx) == 0:
             return p, found
         flat = x.flatten(1)
-        far = torch.cdist(flat[idx], flat)  # nearest image the victim already puts in the wanted class
-        other = clean_label[None, :] != want[idx][:, None]
-        # K-class untargeted: ``want`` is the label to leave, so any image of another class will do
-        far = far.masked_fill(~other if self.threat.classes > 2 and not self.threat.targeted else other, float("inf"))
+        far = torch.cdist(flat[idx], flat)  # nearest image whose decision would already be a success for this one
+        usable = self.threat.succeeded(clean_label[None, :], y[idx][:, None])  # [i, j]: image j's decision for image i
+        far = far.masked_fill(~usable, float("inf"))
         near = torch.full((n,), -1, dtype=torch.long, device=dev)
         near[idx] = torch.where(torch.isfinite(far.amin(1)), far.argmin(1), -1)
         scale = self.threat.geometry.per_pixel(self.threat.radius, x[0].numel())

@@ -30,7 +30,7 @@ class NES(Attack):
     access = "score"
 
     def __init__(self, threat, seed: int = 0, *, max_queries: int = 1000, samples: int = 20, sigma: float = 0.001,
-                 threshold: float = 0.5) -> None:
+                 threshold: float | tuple[float, ...] = 0.5) -> None:
         if samples < 2 or samples % 2:
             raise MedadvError(f"NES needs an even number of samples >= 2; got {samples}.", "pass e.g. samples=20.")
         if not sigma > 0:
@@ -71,7 +71,7 @@ class NES(Attack):
             # queries stay valid images: clipping to [0, 1] biases pixels at 0/1 a little, never the sign
             probes = (xa[:, None] + self.sigma * u).clamp(0.0, 1.0).flatten(0, 1)
             owner = todo[active].repeat_interleave(self.samples)
-            loss = -margin(budget(probes, owner), want[owner], self.threshold, not threat.targeted).view(k, self.samples)
+            loss = -margin(budget(probes, owner), want[owner], self.threshold, not threat.targeted, threat).view(k, self.samples)
             return (loss.view(k, self.samples, *([1] * (xa.ndim - 1))) * u).mean(1) / self.sigma
 
         def stop(xa: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

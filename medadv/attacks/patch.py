@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medadv.attacks.base import AttackResult, check_logits
+from medadv.attacks.base import AttackResult, check_logits, operating_point
 from medadv.attacks.gradient import objective
 from medadv.attacks.registry import Access, fit_steps, one_pass, register
 from medadv.attacks.threat_model import ThreatModel
@@ -96,6 +96,7 @@ class AdversarialPatch(UniversalAttack):
         s = patch_side(self.patch_fraction, h, w)
         mask = self.threat.mask_for(x[:1])
         goal = self.threat.goal(y)
+        point = operating_point(model)
         # a flat grey start: from uniform noise Adam settled in a dark optimum that a plain white square
         # beats toward "disease" on the chest model (flipped 4% vs 19%); from grey it found a bright one (26%)
         patch = torch.full((1, c, s, s), 0.5, device=x.device, dtype=x.dtype, requires_grad=True)
@@ -106,7 +107,7 @@ class AdversarialPatch(UniversalAttack):
             xb = x[idx]
             x_adv = self._paste_random(patch, xb, mask, generator)
             logits = check_logits(model(x_adv), len(xb))
-            loss = -objective(logits, goal[idx], self.threat.targeted) / len(xb)
+            loss = -objective(logits, goal[idx], self.threat.targeted, threat=self.threat, point=point) / len(xb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

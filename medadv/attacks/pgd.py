@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from medadv.attacks.base import Attack, AttackResult, check_logits
+from medadv.attacks.base import Attack, AttackResult, check_logits, operating_point
+from medadv.attacks.threat_model import ThreatModel
 from medadv.attacks.fast import PRECISIONS, accelerated
 from medadv.attacks.gradient import ascend, autograd_gradient, frozen
 from medadv.attacks.registry import Access, per_step, register
@@ -43,13 +44,12 @@ def check_schedule(attack: str, steps: int | None = None, step_size: float | Non
         raise MedadvError(f"{attack} needs restarts >= 1; got {restarts}.", "pass restarts=1 or more.")
 
 
-def decided(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The model's decisions on x at its operating threshold (argmax for K > 2 classes)."""
+def decided(model: nn.Module, x: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
+    """The model's decisions on x at its operating point, as the threat model's task kind reads them
+    (binary: P(disease) >= threshold; K classes: argmax; multi-label: each finding at its threshold)."""
     with torch.no_grad():
         logits = check_logits(model(x), len(x), None)
-    if logits.shape[1] == 2:
-        return (logits.softmax(1)[:, 1] >= getattr(model, "threshold", 0.5)).long()
-    return logits.argmax(1)
+    return threat.decide(logits, operating_point(model))
 
 
 @register("pgd-l2", kind=Access.WHITE_BOX, title="PGD (L2)", norm="l2")
@@ -97,11 +97,11 @@ class PGD(Attack):
         goal = self.threat.goal(y)
         schedule = {"steps": self.steps, "step_size": self.step_size or self.threat.alpha, "start": self.random_start}
         with frozen(crafter):  # eval mode, no parameter gradients; restored afterwards
-            gradient = autograd_gradient(crafter, self.threat.targeted, self.loss)
+            gradient = autograd_gradient(crafter, self.threat.targeted, self.loss, self.threat)
             x_adv, _ = ascend(x, goal, gradient, self.threat, generator, **schedule)
             todo = torch.arange(len(x), device=x.device)
             for _ in range(self.restarts - 1):
-                ok = self.threat.succeeded(decided(crafter, self.threat.to_grid(x_adv[todo], x[todo])), y[todo])
+                ok = self.threat.succeeded(decided(crafter, self.threat.to_grid(x_adv[todo], x[todo]), self.threat), y[todo])
                 todo = todo[~ok]
                 if len(todo) == 0:
                     break

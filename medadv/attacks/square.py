@@ -39,7 +39,7 @@ def p_schedule(p_init: float, it: int, n_iters: int) -> float:
 @register("square", kind=Access.SCORE, title="Square", battery=True, cost=per_query(1000))
 class Square(Attack):
     """Score-based Square attack, L-inf or L2 by the threat model's norm. ``p_init``: initial fraction of
-    the image a square covers; ``threshold``: the victim's operating point on P(disease)."""
+    the image a square covers; ``threshold``: the victim's operating point (P(disease); a multi-label reader's per finding)."""
 
     name = "square"
     access = "score"
@@ -47,7 +47,7 @@ class Square(Attack):
     norms = tuple(_STRATEGIES)
 
     def __init__(self, threat, seed: int = 0, *, max_queries: int = 1000, p_init: float = 0.1,
-                 threshold: float = 0.5) -> None:
+                 threshold: float | tuple[float, ...] = 0.5) -> None:
         if not 0 < p_init <= 1:
             raise MedadvError(f"p_init must be in (0, 1]; got {p_init}.", "pass e.g. p_init=0.1.")
         check_budget(max_queries, 2, "Square")
@@ -70,7 +70,8 @@ class Square(Attack):
 
         def loss_and_success(xq: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             probs = budget(xq, idx)
-            return margin(probs, want[idx], self.threshold, not threat.targeted), score_success(probs, y[idx], threat, self.threshold)
+            return (margin(probs, want[idx], self.threshold, not threat.targeted, threat),
+                    score_success(probs, y[idx], threat, self.threshold))
 
         all_idx = torch.arange(n, device=dev)
         _, done = loss_and_success(x, all_idx)

@@ -23,10 +23,8 @@ from medadv.errors import MedadvError
 from medadv.kinds import get_kind, parse_target
 
 Norm = Literal["linf", "l2"]
-Target = str  # opposite | disease | healthy | none | class:<k> (medadv.kinds.parse_target)
+Target = str  # opposite | disease | healthy | none | class:<k> | hide | finding:<f>=<v> (medadv.kinds.parse_target)
 HEALTHY, DISEASE = 0, 1
-# a classifier's targets mean the same for binary and K-class models (binary is K = 2)
-_CLASSIFICATION = get_kind("binary")
 
 
 def from_signed_unit(value: float) -> float:
@@ -44,8 +42,11 @@ class ThreatModel:
     ``disease`` (force "disease": a provider's fraud), ``healthy`` (force "healthy": an insurer's), or
     ``none`` (untargeted: any error), or ``class:<k>`` (toward class k, e.g. a DR grade); for a K-class
     model ``disease`` is the last class (the most severe grade) and ``opposite`` the class farthest from
-    the true one (:meth:`medadv.kinds.TaskKind.goal`). classes: the victim's number of classes K (the
-    job sets it from the model; 2 for binary). mask: 1 where pixels may change (H×W, 1×H×W, C×H×W or N×C×H×W;
+    the true one (:meth:`medadv.kinds.TaskKind.goal`). A multi-label reader's targets are ``hide`` (every
+    finding below its threshold), ``finding:<f>=<0|1>`` (one finding removed or added, the others kept),
+    ``opposite`` and ``none`` (:mod:`medadv.kinds.multilabel`). classes: the victim's number of classes K
+    (multi-label: findings F; the job sets it from the model; 2 for binary). kind: the victim's task kind
+    (:mod:`medadv.kinds`): it gives targets, objectives, decisions and success their meaning. mask: 1 where pixels may change (H×W, 1×H×W, C×H×W or N×C×H×W;
     e.g. a fundus field of view), None for everywhere. levels: the storage grid, 255 (8-bit) or 65535
     (16-bit); the returned images lie on it, still within eps. None keeps them continuous.
     """
@@ -59,6 +60,7 @@ class ThreatModel:
     mask: torch.Tensor | None = None
     levels: int | None = 255
     classes: int = 2
+    kind: str = "binary"
 
     def __post_init__(self) -> None:
         if self.norm not in GEOMETRIES:
@@ -71,10 +73,11 @@ class ThreatModel:
             raise MedadvError(f"step size must be > 0; got {self.step_size}.", "pass a positive --step-size.")
         if self.steps < 1:
             raise MedadvError(f"steps must be >= 1; got {self.steps}.", "pass --steps 1 or more.")
-        parse_target(self.target)  # one line on an unknown target
+        target = parse_target(self.target)  # one line on an unknown target
         if isinstance(self.classes, bool) or not isinstance(self.classes, int) or self.classes < 2:
             raise MedadvError(f"a threat model needs the victim's number of classes (>= 2); got {self.classes}.",
                               "set classes from the model's spec.")
+        self.task_kind.check_target(target, self.classes)  # an unknown kind, or a target it cannot mean
         if self.levels not in (None, 255, 65535):
             raise MedadvError(f"storage grid of {self.levels} levels is not supported.", "use 255 or 65535.")
 
@@ -98,17 +101,31 @@ class ThreatModel:
     def targeted(self) -> bool:
         return self.target != "none"
 
+    @property
+    def task_kind(self):
+        """The :class:`medadv.kinds.TaskKind` that gives targets, objectives and decisions their meaning."""
+        return get_kind(self.kind)
+
     def with_(self, **changes) -> ThreatModel:
         return replace(self, **changes)
 
     def goal(self, labels: torch.Tensor) -> torch.Tensor:
         """The class each image is pushed toward (targeted) or away from (untargeted: its label); what a
         target means is the task kind's (:meth:`medadv.kinds.TaskKind.goal`)."""
-        return _CLASSIFICATION.goal(parse_target(self.target), labels, self.classes)
+        return self.task_kind.goal(parse_target(self.target), labels, self.classes)
 
     def succeeded(self, predicted: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per image: did the prediction reach the goal (targeted) or leave the label (untargeted)?"""
-        return _CLASSIFICATION.succeeded(parse_target(self.target), predicted, labels, self.classes)
+        """Per image: did the prediction reach the goal (targeted) or leave the label (untargeted)? The
+        leading axes broadcast (a multi-label decision's last axis is its findings)."""
+        return self.task_kind.succeeded(parse_target(self.target), predicted, labels, self.classes)
+
+    def decide(self, logits: torch.Tensor, point) -> torch.Tensor:
+        """The decisions the kind reads off logits at the operating ``point`` (binary: the threshold)."""
+        return self.task_kind.decide(logits, point)
+
+    def objective(self, logits: torch.Tensor, goal: torch.Tensor, loss: str = "ce", point=0.5) -> torch.Tensor:
+        """The summed objective a gradient attack ascends toward (targeted) or away from ``goal``."""
+        return self.task_kind.objective(logits, goal, self.targeted, loss, point)
 
     def mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """The mask broadcast to x's shape (checked), or None."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medadv.attacks.base import AttackResult, check_logits
+from medadv.attacks.base import AttackResult, check_logits, operating_point
 from medadv.attacks.gradient import objective
 from medadv.attacks.registry import Access, fit_steps, one_pass, register
 from medadv.attacks.threat_model import ThreatModel
@@ -54,13 +54,15 @@ class UniversalPerturbation(UniversalAttack):
              monitor: Monitor) -> dict[str, torch.Tensor]:
         mask = self.threat.mask_for(x[:1])  # 1×C×H×W: one mask for every image
         goal = self.threat.goal(y)
+        point = operating_point(model)
         delta = torch.zeros_like(x[:1])
         success = torch.zeros((), device=x.device)
         batches = minibatches(len(x), self.batch_size, self.steps, generator, x.device)
         for idx in monitor.track(batches, f"fitting uap on {len(x)} images", total=self.steps):
             delta.requires_grad_(True)
             logits = check_logits(model((x[idx] + delta).clamp(0.0, 1.0)), len(idx))
-            (grad,) = torch.autograd.grad(objective(logits, goal[idx], self.threat.targeted), delta)
+            (grad,) = torch.autograd.grad(objective(logits, goal[idx], self.threat.targeted, threat=self.threat, point=point),
+                                          delta)
             with torch.no_grad():
                 if mask is not None:
                     grad = grad * mask  # normalize over the pixels that may change only

@@ -15,7 +15,7 @@ from typing import ClassVar, TypeVar
 import torch
 from torch import nn
 
-from medadv.attacks.base import Attack, AttackResult
+from medadv.attacks.base import Attack, AttackResult, operating_point
 from medadv.attacks.gradient import frozen
 from medadv.attacks.threat_model import ThreatModel
 from medadv.errors import MedadvError
@@ -60,7 +60,8 @@ class UniversalAttack(Attack):
         """Learn the universal artifact white-box on ``model`` from training images x (N×C×H×W in [0, 1])
         and labels y (N), in seeded minibatches. Returns self."""
         self.threat.check_input(x)
-        if len(x) == 0 or y.shape != (len(x),):
+        want = (len(x), self.threat.classes) if self.threat.kind == "multilabel" else (len(x),)
+        if len(x) == 0 or tuple(y.shape) != want:
             raise MedadvError(f"{len(x)} training images with labels of shape {tuple(y.shape)}.",
                               "fit on at least one image, with one label per image.")
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
@@ -100,8 +101,7 @@ class UniversalAttack(Attack):
 
     def _success(self, model: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-image success (float) of a training minibatch at the model's operating threshold."""
-        probs = logits.detach().softmax(1)
-        pred = (probs[:, 1] >= getattr(model, "threshold", 0.5)).long() if probs.shape[1] == 2 else probs.argmax(1)
+        pred = self.threat.decide(logits.detach(), operating_point(model))
         return self.threat.succeeded(pred, y).float()
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:

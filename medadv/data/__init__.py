@@ -167,12 +167,12 @@ def split_leakage(task: str | Task, source: str | None = None, *, data_root: str
             return leakage.unchecked("re-split by patient: no patient is in two splits")
         patients, how, _ = _npz_patients(path, patient_pattern)
         return leakage.split_overlap(patients, how) if patients else leakage.unchecked("no patient ids")
-    rows = read_labels(path, allow_outside_paths)
+    rows = read_labels(path, allow_outside_paths, findings_of(task), task.uncertain)
     if resplit or all(r.split is None for r in rows):
         return leakage.unchecked("split by medadv at patient level: no patient is in two splits")
     if not any(r.patient_id for r in rows):
         return leakage.unchecked("labels.csv has no patient_id column")
-    return folder_members(path, "train", split_seed=split_seed, allow_outside=allow_outside_paths)[1]
+    return folder_members(path, "train", split_seed=split_seed, allow_outside=allow_outside_paths, task=task)[1]
 
 
 def data_class_names(task: str | Task, source: str | None = None, *,
@@ -204,6 +204,16 @@ def data_class_names(task: str | Task, source: str | None = None, *,
 def _binary(task: Task, raw: np.ndarray, where: str) -> np.ndarray:
     """The task's labels for ``raw``, refused when a raw class falls outside what the task knows."""
     labels = task.binarize(raw)
+    if labels.ndim == 2:  # multi-label: one 0/1/unknown (-1) label per finding
+        if labels.shape[1] != task.classes:
+            raise MedadvError(f"{where}: {labels.shape[1]} label columns for task {task.name}'s {task.classes} findings.",
+                              "use the file the task reads, or the task the file belongs to.")
+        bad = ~np.isin(labels, (0, 1, EXCLUDED))
+        if bad.any():
+            row = int(np.nonzero(bad)[0][0])
+            raise MedadvError(f"{where}: labels {raw[row].tolist()} at row {row} are not 0, 1 or -1 (unknown) for task "
+                              f"{task.name}.", "fix the labels, or pick the task these labels belong to.")
+        return labels.astype(np.int64)
     bad = ~np.isin(labels, (*range(task.classes), EXCLUDED))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
@@ -213,6 +223,18 @@ def _binary(task: Task, raw: np.ndarray, where: str) -> np.ndarray:
                           f"({int(bad.sum())} such rows); labels are {allowed}.",
                           "fix the labels, or pick the task these labels belong to.")
     return labels
+
+
+def _kept(labels: np.ndarray) -> np.ndarray:
+    """Per image: part of the task (a binary task excludes other classes; a multi-label task keeps every
+    image, its unknown labels marked per finding)."""
+    return labels != EXCLUDED if labels.ndim == 1 else np.ones(len(labels), dtype=bool)
+
+
+def findings_of(task: Task) -> tuple[str, ...] | None:
+    """The finding columns a multi-label task reads from labels.csv (None: a binary or multi-class task
+    reads ``label``)."""
+    return task.class_names if task.kind == "multilabel" else None
 
 
 def _npz_patients(path: Path, pattern: str | None) -> tuple[dict[str, list[str | None]] | None, str, dict]:
@@ -261,7 +283,7 @@ def _from_npz(task: Task, split: str, path: Path, size: int | None, *, resplit: 
         assigned = patient_split(labels, all_patients, split_seed)
         record = leakage.split_overlap({s: [p for p, a in zip(all_patients, assigned) if a == s]
                                         for s in medmnist.SPLITS}, how)
-        pick = np.flatnonzero((assigned == split) & (labels != EXCLUDED))
+        pick = np.flatnonzero((assigned == split) & _kept(labels))
         # ids keep each image's place in the file (split and index), which provenance checks re-read
         members = [(s, i) for s, (im, _) in zip(medmnist.SPLITS, parts) for i in range(len(im))]
         ids = [f"{path.name}#{members[i][0]}/{members[i][1]}" for i in pick]
@@ -276,7 +298,7 @@ def _from_npz(task: Task, split: str, path: Path, size: int | None, *, resplit: 
                               "store one id per image.")
         record = leakage.split_overlap(patients, how) if patients else leakage.unchecked(
             "no patient ids (no *_patient_ids arrays, and *_image_ids match no known pattern)")
-        pick = np.flatnonzero(labels != EXCLUDED)
+        pick = np.flatnonzero(_kept(labels))
         ids = [f"{path.name}#{split}/{i}" for i in pick]
         split_from = "the npz's own splits"
         names_out = None if names[split] is None else [names[split][i] for i in pick]
@@ -303,10 +325,11 @@ def folder_source(task: str | Task, source: str | None, data_root: str | os.Path
 
 
 def folder_members(folder: Path, split: str, *, resplit: bool = False, split_seed: int = 0,
-                   allow_outside: bool = False):
+                   allow_outside: bool = False, task: Task | None = None):
     """The labels.csv rows of one split of a folder, as :func:`load_split` picks them, without decoding
-    an image; and the leakage record of the folder's splits."""
-    rows = read_labels(folder, allow_outside)
+    an image; and the leakage record of the folder's splits. ``task``: a multi-label task reads its
+    finding columns (None: the ``label`` column)."""
+    rows = read_labels(folder, allow_outside, findings_of(task) if task else None, task.uncertain if task else "ignore")
     given = [r.split for r in rows]
     has_patients = any(r.patient_id for r in rows)
     if resplit and not has_patients:
@@ -343,9 +366,10 @@ def _val_from_train(rows, given: list, split_seed: int) -> np.ndarray | None:
 def _from_folder(task: Task, split: str, folder: Path, size: int | None, *, resplit: bool, split_seed: int,
                  pattern: str | None, fit: str, allow_outside: bool = False, fit_size: int | None = None) -> ImageSet:
     picked, record, how = folder_members(folder, split, resplit=resplit, split_seed=split_seed,
-                                         allow_outside=allow_outside)
+                                         allow_outside=allow_outside, task=task)
     if not picked:
-        return ImageSet(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64), [], task.name, split,
+        shape = (0,) if findings_of(task) is None else (0, task.classes)
+        return ImageSet(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(shape, np.int64), [], task.name, split,
                         str(folder), "")
     files = [r.path for r in picked]
     missing = next((f for f in files if not f.is_file()), None)
@@ -364,6 +388,12 @@ def _from_folder(task: Task, split: str, folder: Path, size: int | None, *, resp
         files=files, window=loaded.window,
         stored_levels=None if all(g is None for g in grids) else np.array([g or 0 for g in grids], dtype=np.int64),
         meta={"kind": "folder", "split_from": how, "leakage": record, "fit": fit,
+              **({"missing_labels": {"count": int(sum(v == -1 for r in picked for v in r.label)),
+                                     "uncertain_policy": task.uncertain,
+                                     "rule": "blank is unknown; -1 (uncertain) is "
+                                             + {"ignore": "unknown", "zeros": "absent", "ones": "present"}[task.uncertain]
+                                             + "; unknown labels are left out of the loss and of every figure"}}
+                 if findings_of(task) else {}),
               "bits_stored": sorted({int(g).bit_length() for g in grids if g}) or None,
               "stored_shapes": sorted({f"{h}x{w}" for h, w in loaded.shapes})},
     )

@@ -1,7 +1,10 @@
 """Labeled image folders: ``labels.csv`` (``path,label`` and optional ``patient_id,split``) beside
 PNG, JPEG or DICOM files of any size, grey or colour.
 
-``label`` is the binary task label (0 healthy, 1 disease). Without a ``split`` column the folder is split
+``label`` is the binary task label (0 healthy, 1 disease). A multi-label task reads one column per finding
+instead (named by the task, e.g. NIH ChestX-ray14's 14): 1 present, 0 absent, blank (or ``nan``) unknown,
+and -1 "uncertain" as CheXpert writes it, read by a stated policy (:data:`UNCERTAIN_POLICIES`; default:
+unknown). An unknown label is never read as absent. Without a ``split`` column the folder is split
 70/10/20 by :func:`medadv.data.splits.patient_split`, seeded, stratified and patient-level.
 
 A file listed twice is one image: identical rows are kept once; rows that give it different labels,
@@ -29,12 +32,33 @@ SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "va
 DICOM_SUFFIXES = {".dcm", ".dicom", ""}
 
 
+MISSING = -1  # an unknown finding label (medadv.metrics.MISSING)
+# what a finding's -1 ("uncertain", CheXpert's convention) becomes: unknown (left out of the loss and of
+# every figure), absent, or present (Irvin et al. 2019's U-Ignore, U-Zeros and U-Ones)
+UNCERTAIN_POLICIES = {"ignore": MISSING, "zeros": 0, "ones": 1}
+_PRESENT, _ABSENT, _UNCERTAIN, _BLANK = ("1", "1.0"), ("0", "0.0"), ("-1", "-1.0"), ("", "nan", "NaN")
+
+
 @dataclass
 class Row:
     path: Path
-    label: int
+    label: int | tuple[int, ...]  # binary: 0/1; multi-label: one 0/1/MISSING per finding
     patient_id: str | None
     split: str | None
+
+
+def _finding_label(text: str | None, finding: str, uncertain: str, csv_path: Path, line: int, image: str) -> int:
+    value = (text or "").strip()
+    if value in _PRESENT:
+        return 1
+    if value in _ABSENT:
+        return 0
+    if value in _BLANK:
+        return MISSING
+    if value in _UNCERTAIN:
+        return UNCERTAIN_POLICIES[uncertain]
+    raise MedadvError(f"{csv_path} line {line} ({image}): finding {finding} is '{value}'; a finding is 1 (present), "
+                      "0 (absent), -1 (uncertain) or blank (unknown).", f"fix the {finding} value on line {line}.")
 
 
 def _inside(folder: Path, text: str, csv_path: Path, line: int, allow_outside: bool) -> Path:
@@ -54,15 +78,28 @@ def _inside(folder: Path, text: str, csv_path: Path, line: int, allow_outside: b
     return path
 
 
-def read_labels(folder: Path, allow_outside: bool = False) -> list[Row]:
+def read_labels(folder: Path, allow_outside: bool = False, findings: tuple[str, ...] | None = None,
+                uncertain: str = "ignore") -> list[Row]:
+    """The rows of ``folder/labels.csv``: binary labels, or with ``findings`` one 0/1/unknown label per
+    finding column (``uncertain``: the policy for -1, a key of :data:`UNCERTAIN_POLICIES`)."""
     csv_path = folder / "labels.csv"
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise MedadvError(f"uncertain-label policy '{uncertain}' is not one of {', '.join(UNCERTAIN_POLICIES)}.",
+                          "pass --uncertain ignore, zeros or ones.")
     if not csv_path.is_file():
-        raise MedadvError(f"{csv_path} does not exist.", "give the folder a labels.csv with columns path,label.")
+        want = "path and one column per finding" if findings else "path,label"
+        raise MedadvError(f"{csv_path} does not exist.", f"give the folder a labels.csv with columns {want}.")
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             fields = set(reader.fieldnames or ())
-            if not {"path", "label"} <= fields:
+            if findings:
+                absent = [c for c in ("path", *findings) if c not in fields]
+                if absent:
+                    raise MedadvError(f"{csv_path} has no column{'s' if len(absent) > 1 else ''} {', '.join(absent)}; "
+                                      f"this multi-label task reads path and {', '.join(findings)}.",
+                                      "add the columns (blank where a finding is unknown), or pick the task the file belongs to.")
+            elif not {"path", "label"} <= fields:
                 raise MedadvError(f"{csv_path} has columns {sorted(fields)}; it needs 'path' and 'label'.",
                                   "add a header line: path,label[,patient_id,split].")
             raw = list(reader)
@@ -71,8 +108,13 @@ def read_labels(folder: Path, allow_outside: bool = False) -> list[Row]:
     rows: list[Row] = []
     seen: dict[Path, tuple[Row, int]] = {}
     for line, r in enumerate(raw, start=2):
-        label = (r.get("label") or "").strip()
-        if label not in ("0", "1"):
+        if findings:
+            image = (r.get("path") or "").strip() or "(no path)"
+            label: str | tuple[int, ...] = tuple(_finding_label(r.get(f), f, uncertain, csv_path, line, image)
+                                                 for f in findings)
+        else:
+            label = (r.get("label") or "").strip()
+        if not findings and label not in ("0", "1"):
             image = (r.get("path") or "").strip() or "(no path)"
             shown = ("the label is empty (a missing value; pandas writes NaN so)" if not label
                      else f"label '{label}' is out of range")
@@ -81,7 +123,8 @@ def read_labels(folder: Path, allow_outside: bool = False) -> list[Row]:
         split = (r.get("split") or "").strip().lower() or None
         if split is not None and split not in SPLIT_NAMES:
             raise MedadvError(f"{csv_path} line {line}: split '{split}' is not train, val or test.", "fix the split column.")
-        row = Row(_inside(folder, (r.get("path") or "").strip(), csv_path, line, allow_outside), int(label),
+        row = Row(_inside(folder, (r.get("path") or "").strip(), csv_path, line, allow_outside),
+                  label if isinstance(label, tuple) else int(label),
                   (r.get("patient_id") or "").strip() or None, SPLIT_NAMES.get(split) if split else None)
         key = row.path.resolve()
         if key in seen:  # the same file twice: one image, so the rows must agree (it is then kept once)

@@ -99,6 +99,9 @@ class ImageSet:
         )
 
     def counts(self) -> dict[str, int]:
+        if self.labels.ndim == 2:  # multi-label: images with no finding, with any, and unknown labels
+            return {"n": len(self), "no_finding": int((self.labels == 0).all(1).sum()),
+                    "any_finding": int((self.labels == 1).any(1).sum()), "missing_labels": int((self.labels < 0).sum())}
         return {"n": len(self), "healthy": int((self.labels == 0).sum()), "disease": int((self.labels == 1).sum())}
 
 

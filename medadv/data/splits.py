@@ -17,6 +17,9 @@ def _patient_folds(labels: np.ndarray, patient_ids: list[str | None] | None, see
     number of patients."""
     from sklearn.model_selection import StratifiedGroupKFold
 
+    labels = np.asarray(labels)
+    if labels.ndim == 2:  # multi-label: stratified by "any finding" against "no finding"
+        labels = (labels == 1).any(1).astype(np.int64)
     n = len(labels)
     groups = [pid if pid not in (None, "") else f"__image{i}" for i, pid in enumerate(patient_ids or [None] * n)]
     patients = len(set(groups))

@@ -2,7 +2,8 @@
 raw labels become the task's classes.
 
 A task names its kind (:mod:`medadv.kinds`): binary tasks have class 0 healthy and class 1 the disease;
-multi-class tasks have K classes, ordered by severity when ``graded``. ``sources`` lists where the images
+multi-class tasks have K classes, ordered by severity when ``graded``; multi-label tasks name their
+findings (``class_names``), one 0/1/unknown label each. ``sources`` lists where the images
 come from, in order of preference: the first one present under the data root is used; when none is,
 the last one (an official MedMNIST file) is downloaded.
 """
@@ -35,6 +36,8 @@ class Task:
     # full-resolution folders, preferred when present for a network input above FULL_RESOLUTION_FROM px:
     # a 224 px network then reads 224 px images instead of 28 px thumbnails upsampled
     full_resolution: tuple[str, ...] = ()
+    # multi-label: what a finding's -1 ("uncertain") means (medadv.data.folder.UNCERTAIN_POLICIES)
+    uncertain: str = "ignore"
 
     @property
     def classes(self) -> int:
@@ -55,6 +58,15 @@ def _pneumothorax(raw: np.ndarray) -> np.ndarray:
     pneumothorax = raw[:, 7] == 1
     no_finding = raw.sum(axis=1) == 0
     return np.where(pneumothorax, 1, np.where(no_finding, 0, EXCLUDED)).astype(np.int64)
+
+
+# NIH ChestX-ray14's findings in NIH's order, which is ChestMNIST's label order too
+NIH_FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+                "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
+
+
+def _findings(raw: np.ndarray) -> np.ndarray:
+    return raw.astype(np.int64)  # N×14, already one 0/1 column per finding
 
 
 def _melanoma_vs_nevus(raw: np.ndarray) -> np.ndarray:
@@ -79,6 +91,10 @@ TASKS: dict[str, Task] = {
         Task("chest-pneumothorax", "Pneumothorax (chest X-ray)", "chest-xray", ("no finding", "pneumothorax"),
              ("medmnist:chestmnist",), _pneumothorax,
              "ChestMNIST (NIH ChestX-ray14): pneumothorax vs no finding, other findings excluded, as in the paper."),
+        Task("chest-findings", "Chest X-ray findings (multi-label, NIH ChestX-ray14)", "chest-xray", NIH_FINDINGS,
+             ("folder:nih-cxr14-1000", "medmnist:chestmnist"), _findings,
+             "NIH ChestX-ray14's 14 findings, one sigmoid each (the paper's own dataset): the 1,000-image folder "
+             "when present, else ChestMNIST. An image with no finding reads 'No Finding'.", kind="multilabel"),
         Task("derm-melanoma", "Melanoma vs nevus (dermoscopy)", "dermoscopy", ("nevus", "melanoma"),
              ("folder:isic2017", "medmnist:dermamnist"), _melanoma_vs_nevus,
              "ISIC 2017 folder when present, else DermaMNIST classes melanoma (4) vs melanocytic nevi (5)."),

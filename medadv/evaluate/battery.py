@@ -25,13 +25,15 @@ from medadv.progress import SILENT, Monitor
 
 
 def stratified_subset(data: ImageSet, n: int, seed: int) -> ImageSet:
-    """A seeded subset of ``n`` images keeping the class proportions (all images if n >= len)."""
+    """A seeded subset of ``n`` images keeping the class proportions (all images if n >= len); a
+    multi-label set keeps the proportion of images with some finding against those with none."""
     if n >= len(data):
         return data
     rng = np.random.default_rng(seed)
     picked = []
-    for cls in range(max(2, int(data.labels.max()) + 1)):  # every class of the task kind (binary: 0, 1)
-        idx = np.flatnonzero(data.labels == cls)
+    strata = data.labels if data.labels.ndim == 1 else (data.labels == 1).any(1).astype(np.int64)
+    for cls in range(max(2, int(strata.max()) + 1)):  # every class of the task kind (binary: 0, 1)
+        idx = np.flatnonzero(strata == cls)
         k = int(round(n * len(idx) / len(data)))
         picked.append(rng.permutation(idx)[:k])
     return data.subset(np.sort(np.concatenate(picked)))
@@ -199,6 +201,8 @@ def pick_examples(run: AttackRun, data: ImageSet, per_class: int) -> list[dict[s
 
     Binary examples carry P(disease); multi-class ones (scores N×K) carry their decisions (``pred_clean``,
     ``pred_adv``) and the probability of each decided class."""
+    if "per_finding" in run.results["clean"]:
+        return _finding_examples(run, data, per_class)
     multiclass = run.p_clean.ndim == 2
     if multiclass:
         pred_c, pred_a = run.p_clean.argmax(1), run.p_adv.argmax(1)
@@ -222,6 +226,27 @@ def pick_examples(run: AttackRun, data: ImageSet, per_class: int) -> list[dict[s
             else:
                 ex |= {"p_clean": float(run.p_clean[i]), "p_adv": float(run.p_adv[i])}
             out.append(ex)
+    return out
+
+
+def _finding_examples(run: AttackRun, data: ImageSet, per_class: int) -> list[dict[str, Any]]:
+    """A multi-label reader's examples: abnormal images (some true finding) first, then normal ones, each
+    preferring the images whose report the attack changed most; with every finding's probability before
+    and after, its threshold and its true label (the figure draws them side by side)."""
+    thresholds = np.asarray(run.results["clean"]["thresholds"])
+    before, after = run.p_clean >= thresholds, run.p_adv >= thresholds
+    changed = (before != after).sum(1)
+    abnormal = (data.labels == 1).any(1)
+    out = []
+    for group, label in ((abnormal, 1), (~abnormal, 0)):
+        idx = np.flatnonzero(group)
+        for i in idx[np.argsort(-changed[idx], kind="stable")][:per_class]:
+            out.append({"index": int(i), "id": data.ids[i], "label": label,
+                        "clean": data.pixels[i].astype(np.float64) / data.levels,
+                        "adv": run.adversarial[i].astype(np.float64) / data.levels,
+                        "findings": list(run.results["clean"]["findings"]), "thresholds": thresholds.tolist(),
+                        "truth": data.labels[i].tolist(), "probs_clean": run.p_clean[i].tolist(),
+                        "probs_adv": run.p_adv[i].tolist(), "changed": int(changed[i])})
     return out
 
 

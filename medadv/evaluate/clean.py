@@ -52,5 +52,5 @@ def kind_metrics(model, labels: np.ndarray, scores: np.ndarray) -> dict[str, Any
 
     spec = model.spec
     task = get_task(spec.task) if getattr(spec, "kind", "binary") != "binary" else None
-    return model.kind.metrics(labels, scores, model.threshold, class_names=tuple(spec.class_names),
+    return model.kind.metrics(labels, scores, model.operating_point, class_names=tuple(spec.class_names),
                               graded=bool(task and task.graded), positive_from=task.positive_from if task else None)

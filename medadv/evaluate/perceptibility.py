@@ -53,6 +53,11 @@ def flips(pred_clean: np.ndarray, pred_adv: np.ndarray, classes: int = 2) -> dic
     decision (``total``), those moved up (``up``: toward the last class) and down, and those that
     crossed between class 0 and any other (healthy_to_disease / disease_to_healthy)."""
     pc, pa = np.asarray(pred_clean), np.asarray(pred_adv)
+    if pc.ndim == 2:  # a multi-label reader's N×F decisions: per image, "no finding" against "some finding"
+        before, after = pc.any(1), pa.any(1)
+        return {"healthy_to_disease": int((~before & after).sum()), "disease_to_healthy": int((before & ~after).sum()),
+                "total": int((pc != pa).any(1).sum()), "findings_changed": int((pc != pa).sum()),
+                "up": int(((pc == 0) & (pa == 1)).sum()), "down": int(((pc == 1) & (pa == 0)).sum())}
     if classes <= 2:
         h2d = int(((pc == 0) & (pa == 1)).sum())
         d2h = int(((pc == 1) & (pa == 0)).sum())

@@ -59,16 +59,22 @@ def outcome(victim: MedicalClassifier, threat: ThreatModel, labels: np.ndarray, 
     metrics, flips, and success over the images it classified correctly before. One function, so the
     in-memory images and the written files (re-read) are judged alike."""
     pred_clean, pred_adv = victim.predict(p_clean), victim.predict(p_adv)
-    success = threat.succeeded(torch.from_numpy(pred_adv), torch.from_numpy(labels)).numpy()
-    correct = pred_clean == labels
+    kind, target = victim.kind, parse_target(threat.target)
+    # what success is measured against (a multi-label "finding" target: the model's own decisions before
+    # the attack), and which images count: a classifier's correct ones; a reader's, per target (the kind's)
+    goal_labels = kind.attack_labels(target, labels, pred_clean)
+    success = threat.succeeded(torch.from_numpy(pred_adv), torch.from_numpy(goal_labels)).numpy()
+    correct = kind.eligible(target, labels, pred_clean)
+    details = kind.attack_details(target, labels, pred_clean, pred_adv, tuple(victim.spec.class_names))
     return {
         "adversarial": kind_metrics(victim, labels, p_adv),
         "flips": flips(pred_clean, pred_adv, threat.classes),
+        **({"findings": details} if details is not None else {}),
         # an image the victim already got wrong is no success of the attack's: the rate is over correct ones
         "success_rate": float(success[correct].mean()) if correct.any() else None,
         "success": {"correct_before": int(correct.sum()), "succeeded": int(success[correct].sum()),
                     "wrong_before": int((~correct).sum()), "n": len(labels),
-                    "definition": victim.kind.success_definition(parse_target(threat.target))},
+                    "definition": kind.success_definition(target)},
         "success_rate_on_correct": float(success[correct].mean()) if correct.any() else None,
     }
 
@@ -91,7 +97,7 @@ def victim_for(attack: Attack, model: MedicalClassifier):
     if attack.access == "white-box":
         return model
     oracle = ProbabilityOracle.from_model(model)
-    return oracle if attack.access == "score" else LabelOracle(oracle, model.threshold)
+    return oracle if attack.access == "score" else LabelOracle(oracle, model.operating_point, model.kind)
 
 
 def _probabilities(model: MedicalClassifier, pixels: np.ndarray, levels: int, batch_size: int,
@@ -103,6 +109,17 @@ def _probabilities(model: MedicalClassifier, pixels: np.ndarray, levels: int, ba
         w = None if window is None else torch.from_numpy(window[i:i + batch_size]).float()
         out.append(model.probabilities(apply_window(x, w), batch_size))
     return torch.cat(out).double().numpy()
+
+
+def labels_for_attack(model: MedicalClassifier, data: ImageSet, threat: ThreatModel) -> np.ndarray:
+    """The labels an attack is handed: the true ones, or (a multi-label target defined relative to the
+    model's own report, e.g. add one finding and keep the rest) the decisions of ``model``, the one the
+    attack is crafted on, before the attack (:meth:`medadv.kinds.TaskKind.attack_labels`)."""
+    target = parse_target(threat.target)
+    if not model.kind.needs_decisions(target):
+        return data.labels
+    decisions = model.predict(_probabilities(model, data.pixels, data.levels, 256, data.window))
+    return model.kind.attack_labels(target, data.labels, decisions)
 
 
 def window_batches(data: ImageSet, batch_size: int) -> list[np.ndarray]:
@@ -164,15 +181,17 @@ def run_attack(
         raise MedadvError(f"the threat model's storage grid has {threat.levels} levels but {data.source} stores "
                           f"{data.levels}.", "leave the grid at the data's own bit depth.")
     classes = len(victim.spec.class_names)  # the task kind's targets (class:k, "disease") need K
-    if threat.classes != classes:
-        threat = threat.with_(classes=classes)
+    kind = getattr(victim.spec, "kind", "binary")  # and the kind gives them, and success, their meaning
+    if (threat.classes, threat.kind) != (classes, kind):
+        threat = threat.with_(classes=classes, kind=kind)
     crafter = surrogate if surrogate is not None else victim
     for m in {id(victim): victim, id(crafter): crafter}.values():
         if m.spec.data_channels != data.channels:
             raise MedadvError(f"model {m.spec.arch} takes {m.spec.data_channels}-channel images; {data.source} has "
                               f"{data.channels}.", "attack the model with the data it was trained on.")
     if name in ATTACKS and ATTACKS[name][0].access == "score":
-        params.setdefault("threshold", victim.threshold)  # success is judged at the victim's operating point
+        point = victim.operating_point  # success is judged at the victim's operating point
+        params.setdefault("threshold", list(point) if isinstance(point, tuple) else point)
     attack = make_attack(name, threat, seed, **params)
     device = victim.device
     t0 = time.perf_counter()
@@ -195,20 +214,21 @@ def run_attack(
                                   "come with different VOI windows.",
                                   "use a per-image attack (fgsm, pgd, square, hsja) on these files.")
             fit_model = Windowed(crafter, tuple(fit_data.window[0]))
-        attack.fit(fit_model, fit_data.stored().to(device), torch.from_numpy(fit_data.labels).to(device),
-                   monitor=monitor)
+        attack.fit(fit_model, fit_data.stored().to(device),
+                   torch.from_numpy(labels_for_attack(crafter, fit_data, threat)).to(device), monitor=monitor)
         universal = attack.state()
         params["fit_images"] = len(fit_data)
     if surrogate is not None and attack.access != "white-box" and not fitted:
         raise MedadvError(f"{name} is a query attack; transfer needs a white-box or universal attack.",
                           "drop --surrogate or pick fgsm, pgd, pgd-l2, patch or uap.")
+    attack_labels = labels_for_attack(crafter, data, threat)
     adversarial = np.empty_like(data.pixels)
     queries: list[torch.Tensor] = []
     batches = window_batches(data, memory_batch(crafter, batch_size))
 
     def attack_batch(b: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         x = data.stored(idx).to(device)
-        y = torch.from_numpy(data.labels[idx]).to(device)
+        y = torch.from_numpy(attack_labels[idx]).to(device)
         attack.seed = seed * 1_000_003 + b  # each batch its own stream, reproducible per (seed, batch)
         result = attack(victim_for(attack, _through_window(crafter, data, idx)), x, y)
         q = None if result.queries is None else result.queries.cpu().numpy()

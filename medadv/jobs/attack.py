@@ -88,15 +88,22 @@ def read_mask(path: Path | None):
     return torch.from_numpy((x.max(axis=0) > 0).astype(np.float32))
 
 
-def threat_model(job: AttackJob, levels: Any):
+def threat_model(job: AttackJob, levels: Any, spec: Any = None):
     """The job's threat model: the preset (or the default, 8/255, 20 steps, opposite) with the job's changes;
-    ``levels`` are the data's storage levels (None with grid 'none')."""
+    ``levels`` are the data's storage levels (None with grid 'none'); ``spec``: the victim's, whose task kind
+    and classes give the target its meaning (a finding named in the target becomes its column)."""
     from medadv.attacks import PAPER, ThreatModel
+    from medadv.kinds import parse_target
 
     if job.preset not in (None, "paper"):
         raise MedadvError(f"unknown preset '{job.preset}'.", "use --preset paper or set --eps/--steps yourself.")
     base = PAPER if job.preset == "paper" else ThreatModel(eps=8 / 255, steps=20, target="opposite")
-    changes = {k: v for k, v in dict(eps=job.eps, steps=job.steps, norm=job.norm, target=job.target,
+    target = job.target
+    if spec is not None:
+        if target is not None:
+            target = str(parse_target(target, tuple(spec.class_names)))
+        base = base.with_(classes=len(spec.class_names), kind=getattr(spec, "kind", "binary"))
+    changes = {k: v for k, v in dict(eps=job.eps, steps=job.steps, norm=job.norm, target=target,
                                      step_size=job.step_size).items() if v is not None}
     if job.grid not in ("data", "none"):
         raise MedadvError(f"--grid {job.grid!r} is not 'data' or 'none'.", "pass --grid data or --grid none.")
@@ -178,7 +185,7 @@ def attack(job: AttackJob, *, monitor: Monitor = SILENT, warn: Warn = ignore) ->
         full, data = data, stratified_subset(data, job.limit, job.seed)
     gate = job.provenance.gate(monitor)
     provenance = gate(data) if gate else None
-    threat = threat_model(job, data.levels)
+    threat = threat_model(job, data.levels, victim.spec)
     chosen, params = attack_params(job)
     fit_data = model_split(meta, "train", data_root=job.data_root, source=job.source, image_size=job.image_size,
                            **options) if chosen.needs_fit else None

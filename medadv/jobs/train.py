@@ -67,8 +67,9 @@ class TrainResult:
     @property
     def threshold_rule(self) -> str:
         """How the operating point was chosen, in words."""
-        return "threshold by Youden's J" if self.meta["training"].get("threshold_rule", "youden") == "youden" \
-            else "decision: the most probable class"
+        rule = self.meta["training"].get("threshold_rule", "youden")
+        return {"youden": "threshold by Youden's J", "youden per finding": "a threshold per finding by Youden's J"}.get(
+            rule, "decision: the most probable class")
 
 
 def _class_names(job: TrainJob, source: str | None) -> tuple[str, ...] | None:

@@ -6,7 +6,7 @@ N×K class probabilities), the decision at the operating point, the clinical met
 objectives ("targeted" toward what) and the per-image success. 2D or 3D is a property of the data and the
 network, never of the kind.
 
-Adding a kind (multi-label, segmentation) is one new module with a :class:`TaskKind` subclass and one
+Adding a kind (segmentation) is one new module with a :class:`TaskKind` subclass and one
 :func:`register_kind` call here; nothing else names kinds.
 """
 
@@ -16,6 +16,7 @@ from medadv.errors import MedadvError
 from medadv.kinds.base import TaskKind, Target, parse_target
 from medadv.kinds.binary import Binary
 from medadv.kinds.multiclass import MultiClass
+from medadv.kinds.multilabel import MultiLabel
 
 KINDS: dict[str, TaskKind] = {}
 
@@ -38,5 +39,6 @@ def get_kind(name: str) -> TaskKind:
 
 register_kind(Binary())
 register_kind(MultiClass())
+register_kind(MultiLabel())
 
 __all__ = ["KINDS", "TaskKind", "Target", "get_kind", "parse_target", "register_kind"]

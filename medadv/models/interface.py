@@ -76,6 +76,12 @@ class ModelBase(nn.Module):
         return float(self.spec.threshold)
 
     @property
+    def operating_point(self):
+        """Where decisions are made: binary, the threshold on P(disease); multi-label, one threshold per
+        finding (a tuple); multi-class, unused (argmax). The task kind reads it off the spec."""
+        return self.kind.point_of(self.spec)
+
+    @property
     def device(self) -> torch.device:
         param = next(self.parameters(), None)
         return param.device if param is not None else torch.device("cpu")
@@ -104,8 +110,9 @@ class ModelBase(nn.Module):
         return torch.zeros((0,) if getattr(self.spec, "kind", "binary") == "binary" else (0, len(self.spec.class_names)))
 
     def predict(self, scores: torch.Tensor | np.ndarray) -> np.ndarray:
-        """Decisions at the operating point (binary: 1 where P(disease) >= threshold; multi-class: argmax)."""
-        return self.kind.predict(scores, self.threshold)
+        """Decisions at the operating point (binary: 1 where P(disease) >= threshold; multi-class: argmax;
+        multi-label: N×F, 1 where a finding reaches its threshold)."""
+        return self.kind.predict(scores, self.operating_point)
 
     def with_adaptive(self, adaptive: bool) -> ModelBase:
         """This model with gradients through its defenses by BPDA (``adaptive``) or masked: a model with no

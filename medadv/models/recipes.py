@@ -74,7 +74,7 @@ class Augment:
     (360°), horizontal and vertical flips, and mixup (alpha 0.2) on the batch.
     """
 
-    def __init__(self, modality: str, seed: int, classes: int = 2) -> None:
+    def __init__(self, modality: str, seed: int, classes: int = 2, targets=None) -> None:
         from monai.transforms import Compose, RandFlip, RandRotate
 
         self.classes = classes
@@ -90,6 +90,7 @@ class Augment:
         self.transform = Compose(steps).set_random_state(seed=seed)
         self._seed = seed
         self._mixers: dict[int, object] = {}
+        self.targets = targets  # labels -> soft targets (a task kind's soft_targets); None: one-hot classes
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: N×C×H×W in [0, 1]; y: N class indices. Returns images and soft targets N×classes."""
@@ -98,7 +99,7 @@ class Augment:
         x = torch.stack([torch.as_tensor(self.transform(img)) for img in x]).clamp_(0, 1)
         if isinstance(x, MetaTensor):
             x = x.as_tensor()
-        target = nn.functional.one_hot(y, self.classes).float()
+        target = self.targets(y, self.classes) if self.targets is not None else nn.functional.one_hot(y, self.classes).float()
         if self.mixup_alpha > 0 and len(x) > 1:
             from monai.transforms import MixUp
 

@@ -244,7 +244,7 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
         pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(train_set))[: cfg.max_train])
         train_set = train_set.subset(pick)
     for s in (train_set, val_set):
-        if len(set(s.labels.tolist())) < 2:
+        if len(np.unique(s.labels)) < 2:
             raise MedadvError(f"the {s.split} split of {s.source} holds only one class.", "use a source with both classes.")
     # the head's size comes from the task, not from the classes this split happens to contain
     classes = task.classes
@@ -332,12 +332,16 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
         threshold = kind.operating_point(val_set.labels, p_val)
         threshold_and_metrics = (threshold, kind.metrics(val_set.labels, p_val, threshold, class_names=task.class_names,
                                                          graded=task.graded, positive_from=task.positive_from))
-    model.spec.threshold, val_metrics = shard.broadcast(threshold_and_metrics)
+    point, val_metrics = shard.broadcast(threshold_and_metrics)
+    if isinstance(point, tuple):  # a multi-label reader: one operating point per finding
+        model.spec.thresholds = tuple(float(t) for t in point)
+    else:
+        model.spec.threshold = point
     meta = {
         "task": task.name,
         "seed": cfg.seed,
         "training": {**asdict(cfg), "recipe": recipe.to_json(),
-                     "threshold_rule": "youden" if kind.name == "binary" else "argmax",
+                     "threshold_rule": {"binary": "youden", "multilabel": "youden per finding"}.get(kind.name, "argmax"),
                      "best_epoch": progress["best_epoch"], "best_val_auc": progress["best_auc"],
                      "selection": "robust validation accuracy" if robust_val is not None else kind.selection_name(task.graded),
                      "history": progress["history"], "config_hash": key,
@@ -417,7 +421,7 @@ def _train_epoch(model: nn.Module, optimizer, recipe: Recipe, data: ImageSet, cf
     torch.manual_seed(rank_seed)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch_seed)).numpy()
     kind = kind or get_kind("binary")
-    augment = Augment(modality, epoch_seed % (2**31), classes) if cfg.augment else None
+    augment = Augment(modality, epoch_seed % (2**31), classes, targets=kind.soft_targets) if cfg.augment else None
     # the robust step's randomness (noise, random starts) also derives from (seed, epoch), so resumes match
     generator = torch.Generator(device=model.device).manual_seed(rank_seed) if step_loss is not None else None
     batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]

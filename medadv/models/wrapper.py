@@ -40,6 +40,7 @@ class ModelSpec:
     pretrained: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     kind: str = "binary"  # the task kind (medadv.kinds); checkpoints from before kinds are binary
+    thresholds: tuple[float, ...] = ()  # multi-label: one operating point per finding (class_names order)
 
     @property
     def classes(self) -> int:
@@ -57,8 +58,9 @@ class ModelSpec:
             raise MedadvError("the model spec is not a JSON object.", "train the model again.")
         d = dict(d)
         _check_spec(d)
-        for k in ("mean", "std", "class_names"):
-            d[k] = tuple(d[k])
+        for k in ("mean", "std", "class_names", "thresholds"):
+            if k in d:
+                d[k] = tuple(d[k])
         return cls(**d)
 
 
@@ -104,10 +106,18 @@ def _check_spec(d: dict[str, Any]) -> None:
     if not isinstance(kind, str) or kind not in KINDS:
         raise bad("kind", f"one of {', '.join(KINDS)}")
     names = d["class_names"]
-    want = (2, 2) if kind == "binary" else (3, 1000)
+    want = {"binary": (2, 2), "multilabel": (1, 1000)}.get(kind, (3, 1000))
     if (not isinstance(names, (list, tuple)) or not want[0] <= len(names) <= want[1]
             or not all(isinstance(x, str) for x in names)):
-        raise bad("class_names", "two names" if kind == "binary" else "3 or more names")
+        raise bad("class_names", {"binary": "two names", "multilabel": "one name per finding"}.get(kind, "3 or more names"))
+    thresholds = d.get("thresholds", ())
+    if kind == "multilabel":
+        # a reader's operating points are part of what it is: none may silently become 0.5
+        if (not isinstance(thresholds, (list, tuple)) or len(thresholds) != len(names)
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x <= 1.0 for x in thresholds)):
+            raise bad("thresholds", f"{len(names)} numbers in [0, 1], one per finding")
+    elif thresholds not in ((), []):
+        raise bad("thresholds", "empty (per-finding thresholds are for multi-label models)")
     if kind == "binary" and "threshold" not in d:
         # a missing operating point must not silently become 0.5: every binary checkpoint records one
         raise MedadvError("the checkpoint's spec has no threshold (the binary model's operating point).",

@@ -84,6 +84,51 @@ def example_grid(examples: list[dict[str, Any]], threshold: float, class_names: 
     return to_png(fig)
 
 
+def finding_example(ex: dict[str, Any], title: str) -> bytes:
+    """A multi-label reader's Figure 2: clean image, amplified perturbation, adversarial image, and each
+    finding's probability before (grey) and after (red) the attack with its threshold (black tick); a
+    finding's name is bold where it is truly present."""
+    fig = plt.figure(figsize=(10.4, 3.4))
+    grid = fig.add_gridspec(1, 4, width_ratios=(1, 1, 1, 1.9), wspace=0.55)
+    delta = ex["adv"] - ex["clean"]
+    amp, gain = _amplified(delta)
+    for col, (img, label) in enumerate(((ex["clean"], "clean"), (amp, f"perturbation ×{gain:.0f}\nL∞ = "
+                                          f"{np.abs(delta).max() * 255:.1f}/255"), (ex["adv"], "adversarial"))):
+        ax = fig.add_subplot(grid[0, col])
+        _show(ax, img)
+        ax.set_title(label, fontsize=9)
+    ax = fig.add_subplot(grid[0, 3])
+    names, y = ex["findings"], np.arange(len(ex["findings"]))
+    ax.barh(y + 0.2, ex["probs_clean"], height=0.4, color="#8c959f", label="clean")
+    ax.barh(y - 0.2, ex["probs_adv"], height=0.4, color=WRONG, label="adversarial")
+    ax.scatter(ex["thresholds"], y, marker="|", s=120, color="black", label="threshold", zorder=3)
+    ax.set_yticks(y, names, fontsize=7)
+    for tick, present in zip(ax.get_yticklabels(), ex["truth"]):
+        tick.set_fontweight("bold" if present == 1 else "normal")
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("P(finding)", fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    return to_png(fig)
+
+
+def findings_heatmap(names: Sequence[str], rows: Sequence[str], values: np.ndarray, title: str) -> bytes:
+    """Findings × attacks: the fraction of each finding's right decisions the attack made wrong (NaN grey)."""
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(rows), 0.9 + 0.32 * len(names)))
+    shown = np.ma.masked_invalid(np.asarray(values, dtype=float))
+    cmap = plt.get_cmap("Reds").with_extremes(bad="#d0d7de")
+    im = ax.imshow(shown, cmap=cmap, vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(rows)), rows, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7, color="white" if v > 0.6 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.05, label="right decisions made wrong")
+    ax.set_title(title, fontsize=10)
+    return to_png(fig)
+
+
 def robustness_curves(curves: dict[str, list[dict[str, Any]]], title: str) -> bytes:
     """Accuracy and AUC against eps (white and black box), and flips by direction at the threshold."""
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))

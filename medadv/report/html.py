@@ -10,6 +10,8 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+import numpy as np
+
 from medadv.attacks.registry import record_title
 from medadv.io import atomic_dir, to_json
 from medadv.report import figures
@@ -34,6 +36,15 @@ def task_figures(task: dict[str, Any]) -> dict[str, bytes]:
     thr = task["victim"]["threshold"]
     out: dict[str, bytes] = {}
     examples = task.get("_examples") or []
+    findings = findings_table(task)
+    if findings:
+        out["findings"] = figures.findings_heatmap(findings["names"], findings["rows"], findings["made_wrong"],
+                                                   f"{task['title']}: findings made wrong, per attack (%)")
+    if examples and "findings" in examples[0]:  # a multi-label reader: every finding's probability, before and after
+        first = max(examples, key=lambda e: e["changed"])
+        out["figure2"] = figures.finding_example(first, f"{task['title']}: PGD, paper preset "
+                                                 f"({first['changed']} finding decisions changed)")
+        examples = []
     if examples:
         # a flipped example first: its decision changed (multi-class examples carry their decisions)
         changed = (lambda e: e["pred_adv"] != e["pred_clean"]) if "pred_clean" in examples[0] else \
@@ -54,6 +65,31 @@ def task_figures(task: dict[str, Any]) -> dict[str, bytes]:
     return out
 
 
+def findings_table(task: dict[str, Any]) -> dict[str, Any] | None:
+    """A multi-label task's findings × attacks figures (None for other kinds): per finding its known
+    positives and clean AUC, and per battery row the attacked AUC and the fraction of the finding's right
+    decisions the attack made wrong (NaN where none was right), all on each row's own attacked images."""
+    clean = task.get("table1") or {}
+    rows = {k: r for k, r in (task.get("rows") or {}).items() if isinstance(r, dict) and r.get("findings")}
+    if "per_finding" not in clean or not rows:
+        return None
+    names = [f["finding"] for f in clean["per_finding"]]
+    made_wrong = np.full((len(names), len(rows)), np.nan)
+    auc: dict[str, list[float | None]] = {}
+    for j, (key, r) in enumerate(rows.items()):
+        for i, f in enumerate(r["findings"]["per_finding"]):
+            if f["right_before"]:
+                made_wrong[i, j] = f["made_wrong"] / f["right_before"]
+        auc[key] = [f["auc"] for f in r["adversarial"]["per_finding"]]
+    return {"names": names, "rows": [row_title(k, r) for k, r in rows.items()], "keys": list(rows),
+            "clean_auc": [f["auc"] for f in clean["per_finding"]], "positives": [f["positives"] for f in clean["per_finding"]],
+            "n_known": [f["n_known"] for f in clean["per_finding"]],
+            "attacked_auc": auc, "made_wrong": made_wrong,
+            "n_images": {row_title(k, r): r["n_images"] for k, r in rows.items()},
+            "collateral": {row_title(k, r): r["findings"]["collateral"] for k, r in rows.items()
+                           if r["findings"].get("collateral")}}
+
+
 def render(study: dict[str, Any], images: dict[str, dict[str, bytes]]) -> str:
     env = Environment(loader=PackageLoader("medadv", "report/templates"), autoescape=select_autoescape(["html", "j2"]))
     env.filters["pct"] = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
@@ -62,7 +98,8 @@ def render(study: dict[str, Any], images: dict[str, dict[str, bytes]]) -> str:
     env.filters["pct0"] = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"
     env.filters["eps255"] = lambda v: "n/a" if v is None else f"{v * 255:.2f}/255 ({v:.4f})"
     uris = {task: {k: _data_uri(v) for k, v in figs.items()} for task, figs in images.items()}
-    return env.get_template("report.html.j2").render(study=study, figures=uris, row_title=row_title, mv=metric_value)
+    return env.get_template("report.html.j2").render(study=study, figures=uris, row_title=row_title, mv=metric_value,
+                                                     findings_table=findings_table)
 
 
 # a multi-class record's figure in the columns the binary tables have (the template says which it shows)
@@ -77,6 +114,10 @@ def metric_value(metrics: dict[str, Any] | None, key: str) -> Any:
         return None
     if key in metrics:
         return metrics[key]
+    if "per_finding" in metrics:  # a multi-label reader: macro AUC, and the "any finding" decision
+        anyf = metrics.get("any_finding") or {}
+        return {"auc": metrics.get("macro_auc"), "sensitivity": anyf.get("sensitivity"),
+                "specificity": anyf.get("specificity"), "n_disease": anyf.get("n_abnormal")}.get(key)
     value: Any = metrics
     for part in _MULTICLASS.get(key, (key,)):
         value = value.get(part) if isinstance(value, dict) else None

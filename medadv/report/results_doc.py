@@ -15,7 +15,7 @@ import typing
 from typing import Any
 
 from medadv.attacks.registry import SCHEMA_BEGIN, SCHEMA_END, schema_markdown
-from medadv.results import (BINARY_METRICS, FLIPS, MULTICLASS_METRICS, RECORDS, STUDY_TASK, Record, _record_type,
+from medadv.results import (BINARY_METRICS, FLIPS, MULTICLASS_METRICS, MULTILABEL_METRICS, RECORDS, STUDY_TASK, Record, _record_type,
                             _type_name)
 
 COMMAND = "python -m medadv.report.results_doc docs/results-schema.md"
@@ -83,6 +83,9 @@ def render() -> str:
                          "threshold.", BINARY_METRICS)
     lines += _keys_table("Multi-class metrics", "The same records of a multi-class task (medadv.metrics."
                          "multiclass_metrics); the decision is the most probable class.", MULTICLASS_METRICS)
+    lines += _keys_table("Multi-label metrics", "The same records of a multi-label reader (medadv.metrics."
+                         "multilabel_metrics); each finding is decided at its own threshold, unknown labels left out.",
+                         MULTILABEL_METRICS)
     lines += _keys_table("Flips", "`flips`: decisions changed at the operating point (class 0 is healthy).", FLIPS)
     lines += ["## Attacks", "",
               "Every registered attack (the values of `attack.name`), its access kind, the norms it runs under, whether",

@@ -65,6 +65,8 @@ def judge_written(victim: MedicalClassifier, data: ImageSet, run: AttackRun, pat
     pixels, levels, window = _reload(paths, run.results["data"])
     p = _probabilities(victim, pixels, levels, 256, window)
     agree = victim.predict(p) == victim.predict(run.p_adv)
+    if agree.ndim == 2:  # a multi-label reader: an image agrees when every finding's decision does
+        agree = agree.all(1)
     written = written_linf(data, paths)
     change = float(np.abs(p - run.p_adv).max()) if len(p) else 0.0
     lossy = written["resampled_images"] > 0 or not agree.all()
@@ -76,7 +78,7 @@ def judge_written(victim: MedicalClassifier, data: ImageSet, run: AttackRun, pat
     if not lossy:
         run.results["judged_on"] = "the attacked images in memory (the written files re-read give the same decisions)"
         return
-    keys = ("adversarial", "flips", "success_rate", "success", "success_rate_on_correct")
+    keys = ("adversarial", "flips", "success_rate", "success", "success_rate_on_correct", "findings")
     run.results["in_memory"] = {
         "note": "secondary: the attacked images at the model's input size before write-back; no file holds them",
         **{k: run.results.get(k) for k in keys}}
