@@ -152,16 +152,16 @@ def test_a_plan_falls_back_to_the_stored_28px_file_offline_and_says_so(data_root
     monkeypatch.setenv("MEDADV_OFFLINE", "1")  # no download attempt: the 64 px file is simply not there
     root = tmp_path / "data"
     (root / "medmnist").mkdir(parents=True)
-    plan = REPRODUCE_PLANS["chest-xray"]
+    plan = REPRODUCE_PLANS["fundus-dr"]  # a 64 px network on MedMNIST (chest and dermoscopy read 224 px folders)
     assert plan.train.size == 64 and plan.train.data_size is None
-    with pytest.raises(MedadvError, match="pneumoniamnist_64.npz"):
+    with pytest.raises(MedadvError, match="retinamnist_64.npz"):
         fit_to_data(plan, root)  # nothing at all: the error names the file the plan wanted
-    (root / "medmnist" / "pneumoniamnist.npz").symlink_to(data_root / "medmnist" / "pneumoniamnist.npz")
+    (root / "medmnist" / "retinamnist.npz").symlink_to(data_root / "medmnist" / "retinamnist.npz")
     fitted = fit_to_data(plan, root)
     assert fitted.train.data_size == 28 and fitted.train.size == 64
-    assert fitted.train.source == "medmnist:pneumoniamnist"
+    assert fitted.train.source == "medmnist:retinamnist"
     assert any("28 px" in c and "64 px" in c for c in fitted.caveats)
     # with the 64 px file present, it is read as is and the caveat says MedMNIST+
-    (root / "medmnist" / "pneumoniamnist_64.npz").write_bytes(b"")
+    (root / "medmnist" / "retinamnist_64.npz").write_bytes(b"")
     fitted = fit_to_data(plan, root)
     assert fitted.train.data_size is None and any("MedMNIST+ 64 px" in c for c in fitted.caveats)
