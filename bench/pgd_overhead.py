@@ -20,6 +20,8 @@ argmax misclassification after the attack, untargeted, continuous (no storage gr
 
     .venv/bin/python bench/pgd_overhead.py --model28 /tmp/perf/victim28 --model64 /tmp/perf/victim64 --threads 1
     .venv/bin/python bench/pgd_overhead.py --json   # one line: the 28 px figures (and 64 px under "64")
+    PYTHONPATH=/tmp/peers .venv/bin/python bench/pgd_overhead.py --sizes 224 --model224 <224 px checkpoint> \
+        --batch 32 --methods medadv medadv_fast torchattacks     # the paper's regime (issue 19)
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model28", default="/tmp/perf/victim28", help="checkpoint at 28 px (random weights if absent)")
     ap.add_argument("--model64", default="/tmp/perf/victim64", help="checkpoint at 64 px (random weights if absent)")
+    ap.add_argument("--model224", default=None, help="checkpoint at 224 px, e.g. the demo's EfficientNet-Lite0 (random ResNet-18 if absent)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[28, 64])
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--eps", type=float, default=2 / 255, help="L-inf budget in [0, 1] units (default 2/255)")
