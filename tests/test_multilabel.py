@@ -252,3 +252,5 @@ def test_the_audit_report_of_a_reader_has_the_findings_table_heatmap_and_probabi
     saved = json.loads((out / "results.json").read_text())
     row = saved["tasks"][0]["rows"]["pgd_white"]
     assert row["n_images"] == 16 and len(row["findings"]["per_finding"]) == 14
+    # a reader's paper rows hide every finding (a classifier's go to the opposite class)
+    assert row["attack"]["threat_model"]["target"] == "hide" and "reads 'no finding'" in row["success"]["definition"]

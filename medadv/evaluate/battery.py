@@ -250,6 +250,15 @@ def _finding_examples(run: AttackRun, data: ImageSet, per_class: int) -> list[di
     return out
 
 
+def _for_kind(threat: ThreatModel, victim: MedicalClassifier) -> ThreatModel:
+    """A row's threat model for the victim's task kind. A multi-label reader's paper rows hide every finding
+    (the image reads "no finding": the clinically first harm) where a classifier's go to the opposite class."""
+    spec = victim.spec
+    if getattr(spec, "kind", "binary") != "multilabel" or threat.target != "opposite":
+        return threat
+    return threat.with_(target="hide", kind="multilabel", classes=len(spec.class_names))
+
+
 def run_battery(victim: MedicalClassifier, test: ImageSet, *, surrogate: MedicalClassifier | None = None,
                 train: ImageSet | None = None, config: BatteryConfig | None = None, seed: int = 0,
                 differentiable: bool = True, monitor: Monitor = SILENT) -> BatteryOutput:
@@ -277,8 +286,8 @@ def run_battery(victim: MedicalClassifier, test: ImageSet, *, surrogate: Medical
         data = subsets[row.images]
         crafter = surrogate if row.crafter == "surrogate" else None
         monitor.log(f"{row.key}: {row.attack} on {len(data)} images")
-        run = run_attack(row.attack, victim, data, row.threat, seed=seed, surrogate=crafter, fit_data=fit,
-                         params=dict(row.params), monitor=monitor)
+        run = run_attack(row.attack, victim, data, _for_kind(row.threat, victim), seed=seed, surrogate=crafter,
+                         fit_data=fit, params=dict(row.params), monitor=monitor)
         results["rows"][row.key] = run.results
         if row.key == "pgd_white" or (row.key == "pgd_black" and not examples):
             examples = pick_examples(run, data, cfg.examples_per_class)
