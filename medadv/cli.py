@@ -148,7 +148,7 @@ def version() -> None:
 # ---------------------------------------------------------------------------------------------- train
 @app.command()
 def train(
-    task: Annotated[str, typer.Option(help="Task: fundus-dr, chest-xray, chest-pneumothorax, derm-melanoma.")],
+    task: Annotated[str, typer.Option(help="Task: fundus-dr, fundus-grade, chest-xray, chest-pneumothorax, chest-findings (multi-label), derm-melanoma.")],
     out: Annotated[Path, typer.Option(help="Checkpoint folder to write (model.safetensors + medadv.json).")],
     arch: Annotated[str, typer.Option(help="resnet18, resnet50, densenet121, efficientnet-lite0/1/2.")] = "resnet18",
     size: Annotated[int, typer.Option(help="Network input size in px (the data is pre-resized to it).")] = 28,
@@ -170,6 +170,10 @@ def train(
     sync_batchnorm: Annotated[bool, typer.Option("--sync-batchnorm", help="Under torchrun: BatchNorm statistics over the whole global batch (SyncBatchNorm) instead of each process's share.")] = False,
     resplit_by_patient: Annotated[bool, typer.Option("--resplit-by-patient", help="Pool the given splits and re-split 70/10/20 by patient (recorded in the checkpoint's source).")] = False,
     class_names: Annotated[str | None, typer.Option(help="Names of label 0 and label 1, e.g. normal,abnormal (default: the data's class_names, else the task's).")] = None,
+    findings: Annotated[str | None, typer.Option(help="Multi-label: the labels.csv finding columns to read, comma-separated, or 'all' (every column but path, split, patient_id and the like); default: the task's findings.")] = None,
+    uncertain: Annotated[str | None, typer.Option(help="Multi-label: what a -1 (uncertain) label means: ignore (unknown, left out), zeros (absent) or ones (present); default: the task's (ignore).")] = None,
+    class_weights: Annotated[bool, typer.Option("--class-weights", help="Multi-label: weight each finding's positives by its negatives per positive in the training split (at most 100), so rare findings are learned.")] = False,
+    threshold_rule: Annotated[str, typer.Option(help="Operating point on validation: youden (Youden's J) or sensitivity:S (the most specific threshold with sensitivity >= S, e.g. sensitivity:0.9); per finding for a reader.")] = "youden",
     data_root: DataRoot = None,
     seed: Seed = 0,
     device: Device = "cpu",
@@ -188,6 +192,7 @@ def train(
                    augment=not no_augment, adversarial=adversarial, adv_eps=parse_fraction(adv_eps, "--adv-eps"),
                    adv_steps=adv_steps, trades_beta=trades_beta, noise_sigma=noise_sigma,
                    sync_batchnorm=sync_batchnorm, resplit_by_patient=resplit_by_patient, class_names=class_names,
+                   findings=findings, uncertain=uncertain, class_weights=class_weights, threshold_rule=threshold_rule,
                    data_root=data_root, seed=seed)
     job.device, monitor = _join(device, quiet)  # under torchrun: DDP, rank 0 logs and writes
     result = run_train(job, monitor=monitor, warn=_warn)
@@ -495,7 +500,7 @@ def defend_summary(study: dict, folder: Path) -> None:
 
 @app.command()
 def audit(
-    model: Annotated[Path, typer.Option(help="A medadv checkpoint folder, a TorchScript file (.pt) or an ONNX file (.onnx).")],
+    model: Annotated[Path, typer.Option(help="A medadv checkpoint folder, a TorchScript file (.pt), an ONNX file (.onnx), or a published X-ray reader's weights: xrv:FILE (torchxrayvision DenseNet-121) or chexnet:FILE (CheXNet's DenseNet-121), .safetensors or a state dict.")],
     out: Annotated[Path, typer.Option(help="Report folder: report.html, results.json, figures/.")],
     data: Annotated[str | None, typer.Option("--data", help="Data: medmnist:<flag>, folder:<name>, a .npz, or a folder with labels.csv (default: the model's).")] = None,
     task: Annotated[str | None, typer.Option(help="Task the labels belong to (default: the model's).")] = None,

@@ -193,12 +193,52 @@ def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, thresholds, *,
     }
 
 
-def youden_thresholds(labels: np.ndarray, probs: np.ndarray) -> tuple[float, ...]:
-    """One Youden threshold per finding (column) on its known labels; 0.5 where a column has one class."""
+def parse_threshold_rule(rule: str) -> float | None:
+    """``youden`` -> None; ``sensitivity:S`` (S in (0, 1], e.g. 0.9) -> S. One line naming the fix else."""
+    if rule == "youden":
+        return None
+    name, _, value = rule.partition(":")
+    try:
+        target = float(value)
+    except ValueError:
+        target = float("nan")
+    if name != "sensitivity" or not 0 < target <= 1:
+        raise MedadvError(f"threshold rule {rule!r} is not youden or sensitivity:S with S in (0, 1].",
+                          "pass --threshold-rule youden or e.g. --threshold-rule sensitivity:0.9.")
+    return target
+
+
+def sensitivity_threshold(labels: np.ndarray, p_disease: np.ndarray, sensitivity: float) -> float:
+    """A threshold whose sensitivity on ``labels`` reaches ``sensitivity`` with the most specific decisions
+    that do (halfway between the last positive it must find and the next lower score); 0.5 when one class
+    is absent."""
+    y = np.asarray(labels).ravel().astype(np.int64)
+    p = np.asarray(p_disease, dtype=np.float64).ravel()
+    if not 0 < y.sum() < len(y):
+        return 0.5
+    positives = np.sort(p[y == 1])[::-1]  # a threshold at the k-th highest positive score finds k of them
+    k = int(np.ceil(sensitivity * len(positives) - 1e-9))
+    at = positives[max(k, 1) - 1]
+    # halfway down to the next lower score of any image: the same decisions on these images, and not on a
+    # knife's edge where a rounding-level change of the score would lose that positive
+    below = p[p < at]
+    return float(np.clip((at + below.max()) / 2 if below.size else at, 0.0, 1.0))
+
+
+def rule_threshold(labels: np.ndarray, p_disease: np.ndarray, rule: str = "youden") -> float:
+    """The operating point by ``rule`` (:func:`parse_threshold_rule`) on validation data."""
+    target = parse_threshold_rule(rule)
+    return youden_threshold(labels, p_disease) if target is None else sensitivity_threshold(labels, p_disease, target)
+
+
+def youden_thresholds(labels: np.ndarray, probs: np.ndarray, rule: str = "youden") -> tuple[float, ...]:
+    """One threshold per finding (column) on its known labels by ``rule`` (Youden's J, or
+    ``sensitivity:S``); 0.5 where a column has one class."""
+    parse_threshold_rule(rule)
     y = np.asarray(labels).astype(np.int64)
     p = np.asarray(probs, dtype=np.float64)
     out = []
     for f in range(y.shape[1]):
         k = y[:, f] != MISSING
-        out.append(youden_threshold(y[k, f], p[k, f]) if k.any() else 0.5)
+        out.append(rule_threshold(y[k, f], p[k, f], rule) if k.any() else 0.5)
     return tuple(out)

@@ -304,9 +304,16 @@ def run_study(kind: str, plans: list[TaskPlan], out: Path, *, data_root: str | P
 # ------------------------------------------------------------------------------------------- audit
 
 def load_any_model(path: str | Path, overrides: dict[str, Any] | None = None, device: str = "cpu"):
-    """A medadv checkpoint folder, a TorchScript file or an ONNX file, wrapped, with its metadata.
+    """A medadv checkpoint folder, a TorchScript file, an ONNX file, or a published chest X-ray reader's
+    weights (``xrv:FILE``, torchxrayvision's DenseNet-121; ``chexnet:FILE``, CheXNet's design; read as
+    tensors only, :mod:`medadv.models.xrv`), wrapped, with its metadata.
 
     ``device`` places checkpoints and TorchScript models; ONNX models run on onnxruntime's CPU provider."""
+    from medadv.models.xrv import PREFIXES, load_prefixed
+
+    if str(path).startswith(PREFIXES):
+        model, meta = load_prefixed(str(path), overrides)
+        return model.to(device), meta
     path = Path(path)
     if path.is_dir():
         from medadv.defenses.checkpoint import load_defended
@@ -351,6 +358,12 @@ def run_audit(model_path: Path, out: Path, *, task: str | None, source: str | No
     options = dict(data_options or {})
     if image_size is None and not (src or "").startswith("medmnist:"):
         options.setdefault("fit_size", victim.spec.input_size)  # mixed sizes and non-square images fit the model's input
+    from medadv.data import get_task, with_findings
+
+    task_name = task
+    task = get_task(task_name)
+    if task.kind == "multilabel" and victim.spec.kind == "multilabel":  # the reader's own finding columns
+        task = with_findings(task, tuple(victim.spec.class_names), (meta.get("data") or {}).get("uncertain"))
     test = load_split(task, "test", data_root=root, source=src, size=image_size, **options)
     from medadv.data.leakage import warning as leakage_warning
 
@@ -371,8 +384,9 @@ def run_audit(model_path: Path, out: Path, *, task: str | None, source: str | No
         surrogate, _ = load_checkpoint(surrogate_path, device)
     elif train_surrogate:
         size = victim.spec.input_size
-        cfg = TrainConfig(task=task, arch=train_surrogate, size=size, epochs=3, seed=seed + 1, source=src,
-                          pretrained="imagenet" if train_surrogate.startswith("efficientnet") else None)
+        cfg = TrainConfig(task=task_name, arch=train_surrogate, size=size, epochs=3, seed=seed + 1, source=src,
+                          pretrained="imagenet" if train_surrogate.startswith("efficientnet") else None,
+                          findings=task.class_names if task.kind == "multilabel" else None)
         surrogate_path = trained_model(cfg, cache, root, monitor, device)
         surrogate, _ = load_checkpoint(surrogate_path, device)
     cfg = battery or BatteryConfig()
@@ -395,7 +409,7 @@ def run_audit(model_path: Path, out: Path, *, task: str | None, source: str | No
         if row in rows:
             table2[name] = rows[row]["adversarial"]
     record = {
-        "task": task, "title": f"Audit: {model_path.name} on {test.source}",
+        "task": task_name, "title": f"Audit: {model_path.name} on {test.source}",
         "victim": {"path": str(model_path), "arch": victim.spec.arch, "input_size": victim.spec.input_size,
                    "class_names": list(victim.spec.class_names), "pretrained": victim.spec.pretrained,
                    "threshold": victim.threshold, "training": meta.get("training"),
@@ -416,7 +430,7 @@ def run_audit(model_path: Path, out: Path, *, task: str | None, source: str | No
         "_examples": result.examples,
     }
     study = {"schema": STUDY_SCHEMA, "kind": "audit", "seed": seed,
-             "config": {"model": str(model_path), "task": task, "source": test.source, "battery": cfg.to_json(),
+             "config": {"model": str(model_path), "task": task_name, "source": test.source, "battery": cfg.to_json(),
                         "overrides": overrides or {}},
              "config_hash": config_hash({"model": str(model_path), "source": test.source, "seed": seed}),
              "environment": {**environment(), "device": device}, "seconds": None, "tasks": [record]}

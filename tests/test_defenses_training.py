@@ -88,7 +88,10 @@ def test_noise_training_selects_on_clean_auc_and_plain_hash_is_unchanged(data_ro
 
     plain = TrainConfig(task="chest-xray")
     assert set(_hashed_config(plain)) == set(asdict(plain)) - {"adversarial", "adv_eps", "adv_steps", "trades_beta",
-                                                               "noise_sigma", "robust_val_images", "sync_batchnorm"}
+                                                               "noise_sigma", "robust_val_images", "sync_batchnorm",
+                                                               # the reader's options: absent at their defaults
+                                                               "findings", "uncertain", "class_weights",
+                                                               "threshold_rule"}
     cfg = TrainConfig(task="chest-xray", arch="resnet18", size=28, epochs=1, batch_size=16, max_train=32,
                       augment=False, noise_sigma=0.25)
     _, meta = train(cfg, tmp_path / "ck", data_root=data_root, robust=robust_training(cfg))

@@ -254,3 +254,181 @@ def test_the_audit_report_of_a_reader_has_the_findings_table_heatmap_and_probabi
     assert row["n_images"] == 16 and len(row["findings"]["per_finding"]) == 14
     # a reader's paper rows hide every finding (a classifier's go to the opposite class)
     assert row["attack"]["threat_model"]["target"] == "hide" and "reads 'no finding'" in row["success"]["definition"]
+
+
+# ------------------------------------------------- a user's own findings, weights, rules, robust readers
+
+def test_findings_are_named_or_all_and_refused_where_they_cannot_mean_anything(data_root, tmp_path):
+    from medadv.data import get_task, parse_findings, with_findings
+
+    task = get_task("chest-findings")
+    # "all": every labels.csv column but path, patient_id, split, view, age, sex, in the file's order
+    assert parse_findings("all", task, data_root=data_root) == NIH_FINDINGS
+    two = with_findings(task, ("Pneumothorax", "Effusion"), "zeros")
+    test = load_split(two, "test", data_root=data_root)
+    full = load_split("chest-findings", "test", data_root=data_root)
+    assert test.labels.shape == (200, 2) and two.uncertain == "zeros"
+    assert (test.labels[:, 0] == full.labels[:, PTX]).all()
+    assert (test.labels[:, 1] == full.labels[:, NIH_FINDINGS.index("Effusion")]).all()
+    # a ChestMNIST-style npz: its columns are picked by name
+    rng = np.random.default_rng(1)
+    arrays = {f"{s}_{k}": (rng.integers(0, 256, (8, 28, 28), dtype=np.uint8) if k == "images" else
+                           (rng.random((8, 14)) < 0.3).astype(np.uint8)) for s in ("train", "val", "test") for k in ("images", "labels")}
+    np.savez(tmp_path / "c.npz", **arrays)
+    picked = load_split(two, "test", source=str(tmp_path / "c.npz"))
+    assert (picked.labels == arrays["test_labels"][:, [PTX, NIH_FINDINGS.index("Effusion")]]).all()
+    with pytest.raises(MedadvError, match="npz has no finding Lung Opacity"):
+        load_split(with_findings(task, ("Lung Opacity",)), "test", source=str(tmp_path / "c.npz"))
+    with pytest.raises(MedadvError, match="reserved column patient_id"):
+        with_findings(task, ("Effusion", "patient_id"))
+    with pytest.raises(MedadvError, match="Effusion twice"):
+        with_findings(task, ("Effusion", "Effusion"))
+    with pytest.raises(MedadvError, match="--findings applies to multi-label tasks; chest-xray is binary"):
+        with_findings(get_task("chest-xray"), ("Effusion",))
+    with pytest.raises(MedadvError, match="has no column Lung Opacity"):
+        load_split(with_findings(task, ("Lung Opacity",)), "test", data_root=data_root)
+
+
+def test_a_sensitivity_rule_and_class_weights_are_what_they_say():
+    from medadv.kinds.multilabel import MAX_POS_WEIGHT, positive_weights
+    from medadv.metrics import parse_threshold_rule, sensitivity_threshold
+
+    y = np.array([0, 0, 0, 1, 1, 1, 1, 0, 1, 0])
+    p = np.array([.1, .2, .3, .35, .5, .6, .7, .8, .9, .05])
+    t = sensitivity_threshold(y, p, 0.8)  # 5 positives, 4 to find: the 4th highest is 0.5, the next lower score 0.35
+    assert t == pytest.approx(0.425) and ((p >= t) & (y == 1)).sum() == 4 and ((p >= t) & (y == 0)).sum() == 1
+    assert sensitivity_threshold(y, p, 1.0) == pytest.approx(0.325)
+    for bad in ("sensitivity:0", "sensitivity:1.5", "specificity:0.9", "sensitivity:x"):
+        with pytest.raises(MedadvError, match="is not youden or sensitivity:S"):
+            parse_threshold_rule(bad)
+    labels = np.array([[1, 0, MISSING], [0, 0, 0], [0, 0, 1], [0, 0, 0]] + [[0, 0, 0]] * 500)
+    w = positive_weights(labels)
+    assert w[0] == pytest.approx(503 / 1) if 503 < MAX_POS_WEIGHT else w[0] == MAX_POS_WEIGHT
+    assert w[1] == 1.0 and w[2] == MAX_POS_WEIGHT  # no positive: nothing to weight; 502 per positive: capped
+    logits, targets = torch.zeros(2, 3), torch.tensor([[1.0, 0.0, float("nan")], [0.0, 1.0, 1.0]])
+    plain = READER.loss(logits, targets)
+    weighted = READER.loss(logits, targets, torch.tensor([3.0, 1.0, 1.0]))
+    # one positive of finding 0 (weight 3) among 5 known terms of log 2 each: (3 + 4) log 2 / 5
+    assert plain == pytest.approx(np.log(2)) and weighted == pytest.approx(7 * np.log(2) / 5)
+
+
+@pytest.fixture(scope="module")
+def own_reader(data_root, tmp_path_factory):
+    """A 2-finding reader trained from the command line on the user's own columns, class-weighted, with a
+    sensitivity rule (ResNet-18 at 32 px, 2 epochs: seconds)."""
+    from typer.testing import CliRunner
+
+    from medadv.cli import app
+
+    out = tmp_path_factory.mktemp("own") / "model"
+    r = CliRunner().invoke(app, ["train", "--task", "chest-findings", "--out", str(out), "--arch", "resnet18",
+                                 "--size", "32", "--epochs", "2", "--batch-size", "64", "--findings", "Effusion,Infiltration",
+                                 "--class-weights", "--threshold-rule", "sensitivity:0.9", "--data-root", str(data_root), "--quiet"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_a_reader_on_its_own_columns_is_trained_evaluated_and_attacked_on_them(own_reader, data_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from medadv.cli import app
+    from medadv.models import load_checkpoint
+
+    model, meta = load_checkpoint(own_reader)
+    assert model.spec.class_names == ("Effusion", "Infiltration") and meta["data"]["findings"] == ["Effusion", "Infiltration"]
+    assert meta["training"]["threshold_rule"] == "sensitivity:0.9 per finding"
+    w = meta["training"]["positive_weight"]
+    val = load_split("chest-findings", "val", data_root=data_root).labels
+    for f, name in ((2, "Effusion"), (3, "Infiltration")):  # the weight is negatives per positive in the train split
+        tr = load_split("chest-findings", "train", data_root=data_root).labels[:, f]
+        assert w[name] == pytest.approx((tr == 0).sum() / (tr == 1).sum(), rel=1e-5)
+    # the sensitivity rule holds on the validation split the thresholds were chosen on
+    from medadv.data.model_split import model_split
+
+    v = model_split(meta, "val", data_root=data_root, image_size=32)  # as training read it: resized to 32 px
+    assert v.labels.shape == (200, 2) and (v.labels[:, 0] == val[:, 2]).all()
+    p = model.probabilities(v.tensor()).numpy()
+    for f in range(2):
+        pos = v.labels[:, f] == 1
+        assert (p[pos, f] >= model.operating_point[f]).mean() >= 0.9
+    out = tmp_path / "att"
+    r = CliRunner().invoke(app, ["attack", "--model", str(own_reader), "--attack", "pgd", "--target", "finding:Effusion=0",
+                                 "--eps", "8/255", "--limit", "48", "--out", str(out), "--data-root", str(data_root)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert [f["finding"] for f in res["findings"]["per_finding"]] == ["Effusion", "Infiltration"]
+    assert "collateral" in res["findings"] and res["findings"]["collateral"]["by_finding"].keys() == {"Infiltration"}
+    # the uncertain policy and findings of a classifier are refused at the door, before training
+    r = CliRunner().invoke(app, ["train", "--task", "chest-xray", "--out", str(tmp_path / "x"), "--findings", "Effusion",
+                                 "--data-root", str(data_root)])
+    assert r.exit_code != 0 and "--findings applies to multi-label tasks" in f"{r.output}{r.exception}"
+    assert not (tmp_path / "x").exists()
+
+
+def test_bernoulli_kl_is_the_divergence_of_each_finding():
+    from medadv.defenses.training import bernoulli_kl
+
+    c, a = torch.tensor([[0.3, -2.0]]), torch.tensor([[1.0, -2.0]])
+    p, q = torch.sigmoid(c), torch.sigmoid(a)
+    want = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).sum(1)
+    assert torch.allclose(bernoulli_kl(c, a), want) and bernoulli_kl(c, c).abs().max() < 1e-7
+    assert bernoulli_kl(c, a)[0] > 0
+
+
+@pytest.mark.parametrize("method", ["pgd", "trades"])
+def test_adversarial_training_of_a_reader_uses_its_masked_bce_and_selects_on_robust_macro_auc(data_root, tmp_path, method):
+    from medadv.defenses.training import robust_training
+    from medadv.models import load_checkpoint
+    from medadv.models.train import TrainConfig, train
+
+    cfg = TrainConfig(task="chest-findings", arch="resnet18", size=32, epochs=1, batch_size=32, max_train=96,
+                      adversarial=method, adv_eps=2 / 255, adv_steps=2, robust_val_images=32, seed=0)
+    train(cfg, tmp_path / "m", data_root=data_root, robust=robust_training(cfg))
+    model, meta = load_checkpoint(tmp_path / "m")
+    assert meta["training"]["selection"] == "robust validation macro AUC"
+    [row] = meta["training"]["history"]
+    assert row["robust_val_images"] == 32 and 0 <= row["val_robust_accuracy"] <= 1 and row["val_robust_auc"] is not None
+    assert meta["defense"]["method"] == method and len(model.operating_point) == 14
+
+
+def test_the_masking_checks_judge_a_reader_by_its_finding_decisions(reader, data_root):
+    from medadv.defenses.masking import check_gradient_masking
+
+    _, model, _ = reader
+    test = load_split("chest-findings", "test", data_root=data_root, size=64)
+    x, y = test.tensor()[:24], torch.from_numpy(test.labels[:24])
+    report = {c.name: c for c in check_gradient_masking(model, x, y, steps=5, black_box_queries=20).checks}
+    assert report["gradients"].status == "pass" and report["unbounded"].status == "pass"
+    assert "images with every finding right" in report["unbounded"].detail
+    # a finding no image crosses even at eps 1 (Hernia: no validation positive, so its threshold stays at
+    # 0.5 above a near-constant output) is named and left out, not counted as a robust image
+    stuck = report["unbounded"].values["stuck_findings"]
+    assert set(stuck) <= set(NIH_FINDINGS) and 2 * len(stuck) <= 14
+    assert all(name in report["unbounded"].detail for name in stuck)
+    accs = report["eps_monotone"].values["accuracy"]
+    assert accs[0] > accs[-1]  # a larger eps leaves fewer of the right finding decisions right
+
+    class Quantized(torch.nn.Module):  # a gradient-masking "defense": rounds its input, so no gradient flows
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.kind, self.operating_point = inner, inner.kind, inner.operating_point
+
+        def forward(self, x):
+            return self.inner(x * 0 + (x * 255).round().detach() / 255)  # a graph, but a zero gradient
+
+    masked = {c.name: c for c in check_gradient_masking(Quantized(model), x, y, steps=5, black_box_queries=0).checks}
+    assert masked["gradients"].status == "warn" and masked["unbounded"].status == "warn"
+
+
+def test_a_readers_curves_hide_every_finding_and_break_on_its_any_finding_sensitivity():
+    from medadv.evaluate.battery import _broken, _curve_threat, _for_kind
+
+    class Reader:
+        class spec:
+            kind, class_names = "multilabel", NIH_FINDINGS
+
+    threat = _for_kind(_curve_threat(2 / 255, 20, 255), Reader())
+    assert threat.target == "hide" and threat.kind == "multilabel" and threat.classes == 14
+    assert _broken({"accuracy": 0.3, "any_finding_sensitivity": 0.0})
+    assert not _broken({"accuracy": 0.0, "any_finding_sensitivity": 0.2})  # exact match near 0 says nothing
+    assert _broken({"accuracy": 0.0}) and not _broken({"accuracy": 0.5})

@@ -74,8 +74,9 @@ class ThreatModel:
         if self.steps < 1:
             raise MedadvError(f"steps must be >= 1; got {self.steps}.", "pass --steps 1 or more.")
         target = parse_target(self.target)  # one line on an unknown target
-        if isinstance(self.classes, bool) or not isinstance(self.classes, int) or self.classes < 2:
-            raise MedadvError(f"a threat model needs the victim's number of classes (>= 2); got {self.classes}.",
+        least = 1 if self.kind == "multilabel" else 2  # a reader may read a single finding
+        if isinstance(self.classes, bool) or not isinstance(self.classes, int) or self.classes < least:
+            raise MedadvError(f"a threat model needs the victim's number of classes (>= {least}); got {self.classes}.",
                               "set classes from the model's spec.")
         self.task_kind.check_target(target, self.classes)  # an unknown kind, or a target it cannot mean
         if self.levels not in (None, 255, 65535):

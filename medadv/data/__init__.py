@@ -28,11 +28,11 @@ from medadv.data.decoded import cached_decode
 from medadv.data.folder import FITS, Layout, load_images_full, read_labels, resize
 from medadv.data.imageset import ImageSet, apply_window, to_storage
 from medadv.data.splits import VAL_FRACTION, patient_split, val_from_train
-from medadv.data.tasks import EXCLUDED, FULL_RESOLUTION_FROM, TASKS, Task, get_task
+from medadv.data.tasks import EXCLUDED, FULL_RESOLUTION_FROM, TASKS, Task, get_task, with_findings
 from medadv.errors import MedadvError
 
-__all__ = ["ImageSet", "Task", "TASKS", "apply_window", "get_task", "load_split", "resolve_data_root",
-           "resolve_source", "to_storage"]
+__all__ = ["ImageSet", "Task", "TASKS", "apply_window", "get_task", "load_split", "parse_findings",
+           "resolve_data_root", "resolve_source", "to_storage", "with_findings"]
 
 RESPLIT = "resplit:"
 
@@ -229,6 +229,33 @@ def _kept(labels: np.ndarray) -> np.ndarray:
     """Per image: part of the task (a binary task excludes other classes; a multi-label task keeps every
     image, its unknown labels marked per finding)."""
     return labels != EXCLUDED if labels.ndim == 1 else np.ones(len(labels), dtype=bool)
+
+
+def parse_findings(text: str | None, task: str | Task, source: str | None = None, *,
+                   data_root: str | os.PathLike[str] | None = None) -> tuple[str, ...] | None:
+    """``--findings`` as names: comma-separated column names, or ``all`` for every labels.csv column that
+    is not reserved (path, split, patient_id, ...; :data:`medadv.data.tasks.RESERVED_COLUMNS`), in the
+    file's order. None (the task's own findings) when ``text`` is None."""
+    import csv
+
+    from medadv.data.tasks import RESERVED_COLUMNS
+
+    if text is None:
+        return None
+    if text.strip().lower() != "all":
+        return tuple(n.strip() for n in text.split(","))
+    task = get_task(task) if isinstance(task, str) else task
+    path = parse_source(task, source, resolve_data_root(data_root)).path
+    if path is None or not (path / "labels.csv").is_file():
+        raise MedadvError("--findings all reads the columns of a folder's labels.csv; this source has none.",
+                          "name the findings, e.g. --findings Effusion,Pneumothorax, or pass a folder --source.")
+    with open(path / "labels.csv", newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), [])
+    names = tuple(c.strip() for c in header if c.strip().lower() not in RESERVED_COLUMNS)
+    if not names:
+        raise MedadvError(f"{path / 'labels.csv'} has no finding columns (only {', '.join(header)}).",
+                          "add one 0/1 column per finding.")
+    return names
 
 
 def findings_of(task: Task) -> tuple[str, ...] | None:

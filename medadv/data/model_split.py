@@ -6,7 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from medadv.data import ImageSet, load_split
+from medadv.data import ImageSet, Task, get_task, load_split, with_findings
+
+
+def model_task(meta: dict[str, Any]) -> Task:
+    """The task a checkpoint was trained for, as it read it: a reader's own finding columns and
+    uncertain-label policy (its ``data`` record, else its spec's class names), so a reader trained with
+    ``--findings`` is evaluated and attacked on those columns, not on the task's default ones."""
+    task = get_task(meta["task"])
+    if task.kind != "multilabel":
+        return task
+    data, spec = meta.get("data") or {}, meta.get("spec") or {}
+    findings = data.get("findings") or spec.get("class_names")
+    return with_findings(task, tuple(findings) if findings else None, data.get("uncertain"))
 
 
 def model_split(meta: dict[str, Any], split: str, *, data_root: str | Path | None = None, source: str | None = None,
@@ -27,5 +39,5 @@ def model_split(meta: dict[str, Any], split: str, *, data_root: str | Path | Non
         image_size = data_meta.get("image_size")
     if image_size is None and fit_to_model:
         options["fit_size"] = (meta.get("spec") or {}).get("input_size") or data_meta.get("image_size")
-    return load_split(meta["task"], split, data_root=data_root, source=source, size=image_size,
+    return load_split(model_task(meta), split, data_root=data_root, source=source, size=image_size,
                       split_seed=data_meta.get("split_seed", 0), **options)

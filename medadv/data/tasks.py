@@ -102,6 +102,62 @@ TASKS: dict[str, Task] = {
 }
 
 
+# labels.csv columns that are never findings (``--findings all`` takes every other column)
+# (case-insensitive; CheXpert's "No Finding" is the absence of the others, not a finding of its own)
+RESERVED_COLUMNS = ("path", "label", "split", "patient_id", "class_name", "mask", "study_id", "view", "sex", "age",
+                    "frontal/lateral", "ap/pa", "no finding", "no_finding")
+MAX_FINDINGS = 256
+
+
+def with_findings(task: Task, findings: tuple[str, ...] | None = None, uncertain: str | None = None) -> Task:
+    """``task`` reading the finding columns ``findings`` (a multi-label task's own when None) and treating a
+    -1 label by ``uncertain`` (its own when None). The names must be distinct, non-empty and not reserved
+    columns; for the task's MedMNIST source they must be among its own findings (the npz's columns are
+    picked by name). A binary or multi-class task takes neither."""
+    from dataclasses import replace
+
+    if findings is None and uncertain is None:
+        return task
+    if task.kind != "multilabel":
+        flag = "--findings" if findings is not None else "--uncertain"
+        raise MedadvError(f"{flag} applies to multi-label tasks; {task.name} is {task.kind}.",
+                          f"leave {flag} out, or pick a multi-label task such as chest-findings.")
+    if uncertain is not None:
+        from medadv.data.folder import UNCERTAIN_POLICIES
+
+        if uncertain not in UNCERTAIN_POLICIES:
+            raise MedadvError(f"uncertain-label policy '{uncertain}' is not one of {', '.join(UNCERTAIN_POLICIES)}.",
+                              "pass --uncertain ignore, zeros or ones.")
+        task = replace(task, uncertain=uncertain)
+    if findings is None or tuple(findings) == task.class_names:
+        return task
+    names = tuple(findings)
+    if not names or len(names) > MAX_FINDINGS:
+        raise MedadvError(f"--findings names {len(names)} findings; a reader needs 1 to {MAX_FINDINGS}.",
+                          "pass the finding columns comma-separated, e.g. --findings Effusion,Pneumothorax.")
+    blank = [n for n in names if not n or n != n.strip()]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    reserved = [n for n in names if n.lower() in RESERVED_COLUMNS]
+    if blank or dup or reserved:
+        what = ("a blank name" if blank else f"{', '.join(dup)} twice" if dup else
+                f"the reserved column{'s' if len(reserved) > 1 else ''} {', '.join(reserved)}")
+        raise MedadvError(f"--findings names {what}.", "name each finding column once, e.g. --findings Effusion,Mass.")
+    own = {n: i for i, n in enumerate(task.class_names)}
+    base = task.binarize
+    if all(n in own for n in names):
+        columns = [own[n] for n in names]
+
+        def pick(raw: np.ndarray) -> np.ndarray:
+            return base(raw)[:, columns]  # an npz's columns by name, in the order asked
+    else:
+        absent = [n for n in names if n not in own]
+
+        def pick(raw: np.ndarray) -> np.ndarray:
+            raise MedadvError(f"the {task.name} npz has no finding {', '.join(absent)} (its findings: "
+                              f"{', '.join(task.class_names)}).", "read a folder whose labels.csv has those columns.")
+    return replace(task, class_names=names, binarize=pick)
+
+
 def get_task(name: str) -> Task:
     try:
         return TASKS[name]

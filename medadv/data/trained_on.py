@@ -75,8 +75,8 @@ def _subset(n_train: int, meta: dict[str, Any]) -> np.ndarray | None:
 def _rebuilt(meta: dict[str, Any], data_root: str | Path | None) -> tuple[dict | None, str]:
     """The record of a checkpoint that predates it, rebuilt from its source, split seed and subset
     (folders from labels.csv and the files' bytes, no image decoded; npz files from their arrays)."""
-    from medadv.data import folder_members, folder_source, get_task
-    from medadv.data.model_split import model_split
+    from medadv.data import folder_members, folder_source
+    from medadv.data.model_split import model_split, model_task
 
     data = meta.get("data") or {}
     if not data.get("source"):
@@ -88,7 +88,7 @@ def _rebuilt(meta: dict[str, Any], data_root: str | Path | None) -> tuple[dict |
             parts = {}
             for s in ("train", "val"):
                 rows, _, _ = folder_members(folder[0], s, resplit=folder[1], split_seed=data.get("split_seed", 0),
-                                            task=get_task(meta["task"]))
+                                            task=model_task(meta))
                 pick = _subset(len(rows), meta) if s == "train" else None
                 rows = rows if pick is None else [rows[i] for i in pick]
                 parts[s] = _part([_h("file:" + sha256_file(r.path)) for r in rows], [r.patient_id for r in rows],

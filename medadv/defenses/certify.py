@@ -104,7 +104,9 @@ def _split_of(meta: dict[str, Any], split: str, data_root: str | Path | None) ->
     data = meta.get("data", {})
     source = data.get("source")
     size = data.get("image_size") if source and source.startswith("medmnist:") else None
-    return load_split(meta["task"], split, data_root=data_root, source=source, size=size,
+    from medadv.data.model_split import model_task
+
+    return load_split(model_task(meta), split, data_root=data_root, source=source, size=size,
                       split_seed=data.get("split_seed", 0))
 
 

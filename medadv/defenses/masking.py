@@ -50,18 +50,64 @@ class MaskingReport:
         return {"flagged": self.flagged, "checks": [asdict(c) for c in self.checks]}
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshold: float) -> float:
+def _right(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshold) -> torch.Tensor:
+    """A classifier: per image, is its class at the operating point right (N bools)? A reader: per known
+    finding label, is the finding on the right side of its threshold (N×F bools, False where unknown)?"""
+    from medadv.attacks.base import _kind_of
+    from medadv.metrics import MISSING
+
     with torch.no_grad():
-        p = F.softmax(model(x), dim=1)[:, 1]
-    return float(((p >= threshold).long() == y).float().mean())
+        logits = model(x)
+    if y.ndim == 2:
+        return (_kind_of(model).decide(logits, threshold) == y) & (y != MISSING)
+    return (F.softmax(logits, dim=1)[:, 1] >= threshold).long() == y
 
 
-def _pgd_accuracy(model, x, y, eps: float, steps: int, seed: int, threshold: float) -> float:
-    from medadv.attacks import PGD, ThreatModel
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshold) -> float:
+    """The share of right decisions: images for a classifier, known finding labels for a reader."""
+    from medadv.metrics import MISSING
+
+    right = _right(model, x, y, threshold)
+    if y.ndim == 2:
+        known = y != MISSING
+        return float(right[known].float().mean()) if known.any() else 0.0
+    return float(right.float().mean())
+
+
+def _threat(model: nn.Module, y: torch.Tensor, eps: float, steps: int, **kw):
+    from medadv.attacks import ThreatModel
+    from medadv.attacks.base import _kind_of
+
+    kind = _kind_of(model).name if y.ndim == 2 else "binary"
+    return ThreatModel(norm="linf", eps=eps, steps=steps, target="none", levels=None, kind=kind,
+                       **({"classes": y.shape[1]} if y.ndim == 2 else {}), **kw)
+
+
+def _reader_unbounded(model, x, y, steps: int, seed: int, threshold) -> tuple[float, list[int]]:
+    """A reader under margin PGD at eps 1: the share of images whose every known decision is still right,
+    counted over the findings some image crossed, and the findings (column indices) none crossed."""
+    from medadv.attacks import PGD
+    from medadv.attacks.steps import pgd_step
+    from medadv.metrics import MISSING
+
+    threat = _threat(model, y, 1.0, steps, step_size=pgd_step(1.0, steps), random_start=True)
+    x_adv = PGD(threat, seed=seed, loss="margin")(model, x, y).x_adv
+    known = y != MISSING
+    right = _right(model, x_adv, y, threshold)
+    stuck = [f for f in range(y.shape[1]) if known[:, f].any() and bool((right[:, f] | ~known[:, f]).all())]
+    counted = known.clone()
+    counted[:, stuck] = False
+    has = counted.any(1)
+    if not has.any():
+        return 1.0, stuck
+    return float((right | ~counted)[has].all(1).float().mean()), stuck
+
+
+def _pgd_accuracy(model, x, y, eps: float, steps: int, seed: int, threshold) -> float:
+    from medadv.attacks import PGD
     from medadv.attacks.steps import pgd_step
 
-    threat = ThreatModel(norm="linf", eps=eps, steps=steps, step_size=pgd_step(eps, steps),
-                         random_start=True, target="none", levels=None)
+    threat = _threat(model, y, eps, steps, step_size=pgd_step(eps, steps), random_start=True)
     x_adv = PGD(threat, seed=seed)(model, x, y).x_adv
     return _accuracy(model, x_adv, y, threshold)
 
@@ -70,7 +116,9 @@ def check_gradient_masking(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
                            eps_grid: tuple[float, ...] = (1 / 255, 4 / 255, 16 / 255), steps: int = 10,
                            seed: int = 0, unbounded_tolerance: float = 0.05, tolerance: float = 0.02,
                            black_box_queries: int = 100) -> MaskingReport:
-    """Run the checks on images x (N×C×H×W in [0, 1]) with labels y (N); returns a :class:`MaskingReport`.
+    """Run the checks on images x (N×C×H×W in [0, 1]) with labels y (N; a multi-label reader's N×F, where
+    "accuracy" is the share of finding decisions still right of those right before the attack); returns a
+    :class:`MaskingReport`.
 
     Images the model already gets wrong are left out (they say nothing about the attack). ``tolerance``:
     how much accuracy may rise (sampling noise of random starts) before a monotonicity check warns.
@@ -79,12 +127,25 @@ def check_gradient_masking(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     if x.ndim != 4 or len(x) != len(y) or len(x) == 0:
         raise MedadvError(f"masking checks need N×C×H×W images and N labels; got {tuple(x.shape)} and {tuple(y.shape)}.",
                           "pass a batch of images with one label each.")
-    threshold = float(getattr(model, "threshold", 0.5))
+    reader = y.ndim == 2
+    if reader:
+        from medadv.attacks.base import operating_point
+
+        threshold = operating_point(model)
+    else:
+        threshold = float(getattr(model, "threshold", 0.5))
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            correct = (F.softmax(model(x), dim=1)[:, 1] >= threshold).long() == y
+        correct = _right(model, x, y, threshold)
+        if reader:
+            # a reader's unit is the finding decision: the ones wrong before the attack become unknown (left
+            # out), and images with no right decision are dropped. One flip per image would make an
+            # "every finding right" accuracy 0 almost at once and the checks blind.
+            from medadv.metrics import MISSING
+
+            y = torch.where(correct, y, torch.full_like(y, MISSING))
+            correct = correct.any(1)
         if not correct.any():
             raise MedadvError("the model gets none of these images right, so nothing can be attacked.",
                               "run the masking checks on images the model classifies correctly.")
@@ -92,7 +153,12 @@ def check_gradient_masking(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
         checks = []
 
         xg = x.detach().clone().requires_grad_(True)
-        loss = F.cross_entropy(model(xg), y, reduction="sum")
+        if reader:  # the reader's untargeted objective: every known finding away from the truth
+            from medadv.attacks.base import _kind_of
+
+            loss = _kind_of(model).objective(model(xg), y, False, "ce", threshold)
+        else:
+            loss = F.cross_entropy(model(xg), y, reduction="sum")
         (grad,) = torch.autograd.grad(loss, xg, allow_unused=True)
         grad = torch.zeros_like(x) if grad is None else grad  # no path to the input at all: fully masked
         norms = grad.flatten(1).norm(dim=1)
@@ -103,10 +169,28 @@ def check_gradient_masking(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
                             f"{100 * zero:.0f}% of input gradients are zero, {nan} NaN",
                             {"zero_fraction": zero, "nan_images": nan}))
 
-        acc_unbounded = _pgd_accuracy(model, x, y, 1.0, max(steps, 10), seed, threshold)
-        checks.append(Check("unbounded", "pass" if acc_unbounded <= unbounded_tolerance else "warn",
-                            f"PGD at eps 1 (the whole pixel range) leaves {100 * acc_unbounded:.1f}% accuracy "
-                            f"(expected about 0%)", {"accuracy": acc_unbounded}))
+        # a reader: the images with no finding flipped (every finding at once may be out of the network's
+        # reach even unbounded, one flip per image is not). The margin loss, not BCE: ascending BCE spends
+        # the sign step on findings already flipped (its gradient grows with the error); the margin stops at
+        # each finding's threshold and moves the rest.
+        if reader:
+            acc_unbounded, stuck = _reader_unbounded(model, x, y, max(steps, 10), seed, threshold)
+            names = list(getattr(getattr(model, "spec", None), "class_names", ()) or range(y.shape[1]))
+            # a finding no image crossed at eps 1 is either beyond the network's reach (a near-constant
+            # output under its threshold, e.g. a finding without validation positives) or masked: named,
+            # left out of the per-image count, and a warning once it is most of the findings
+            stuck_text = (f"; never flipped on any of the {len(x)} images, left out: "
+                          f"{', '.join(str(names[f]) for f in stuck)}" if stuck else "")
+            ok = acc_unbounded <= unbounded_tolerance and 2 * len(stuck) <= y.shape[1]
+            checks.append(Check("unbounded", "pass" if ok else "warn",
+                                f"PGD at eps 1 (the whole pixel range) leaves {100 * acc_unbounded:.1f}% of the "
+                                f"images with every finding right (expected about 0%){stuck_text}",
+                                {"accuracy": acc_unbounded, "stuck_findings": [str(names[f]) for f in stuck]}))
+        else:
+            acc_unbounded = _pgd_accuracy(model, x, y, 1.0, max(steps, 10), seed, threshold)
+            checks.append(Check("unbounded", "pass" if acc_unbounded <= unbounded_tolerance else "warn",
+                                f"PGD at eps 1 (the whole pixel range) leaves {100 * acc_unbounded:.1f}% accuracy "
+                                f"(expected about 0%)", {"accuracy": acc_unbounded}))
 
         accs = [_pgd_accuracy(model, x, y, e, steps, seed, threshold) for e in eps_grid]
         rises = any(b > a + tolerance for a, b in zip(accs, accs[1:]))
@@ -120,9 +204,9 @@ def check_gradient_masking(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
                             {"steps": [max(1, steps // 5), steps], "accuracy": [few, many]}))
 
         if black_box_queries > 0:
-            from medadv.attacks import ProbabilityOracle, Square, ThreatModel
+            from medadv.attacks import ProbabilityOracle, Square
 
-            threat = ThreatModel(norm="linf", eps=eps, steps=1, target="none", levels=None)
+            threat = _threat(model, y, eps, 1)
             x_bb = Square(threat, seed=seed, max_queries=black_box_queries, threshold=threshold)(
                 ProbabilityOracle.from_model(model), x, y).x_adv
             black = _accuracy(model, x_bb, y, threshold)

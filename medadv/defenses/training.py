@@ -47,6 +47,7 @@ class Settings:
     steps: int
     trades_beta: float
     step_size: float | None = None
+    kind: Any = None  # the task kind (medadv.kinds) for a reader; None: a classifier (softmax, CE)
 
 
 # (model, x, soft_target, y, generator, settings) -> scalar loss: one adversarial method's training step
@@ -127,20 +128,47 @@ def _threat(eps: float, steps: int, step_size: float):
                        target="none", levels=None)
 
 
+def _reader(kind: Any) -> bool:
+    return kind is not None and kind.name == "multilabel"
+
+
+def _training_loss_gradient(model: nn.Module, kind: Any, outputs: int):
+    """The gradient (to ascend) of the kind's own training loss at labels ``goal`` (a reader's N×F labels,
+    unknown ones MISSING and left out): Madry's inner maximization of the loss the model is trained on."""
+    def gradient(x_adv: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        x_adv = x_adv.detach().requires_grad_(True)
+        loss = kind.loss(model(x_adv), kind.soft_targets(goal, outputs)) * len(x_adv)  # per-image scale
+        return torch.autograd.grad(loss, x_adv)[0]
+
+    return gradient
+
+
 def pgd_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
-                 generator: torch.Generator, step_size: float | None = None) -> torch.Tensor:
-    """Untargeted L-inf PGD (CE, random start) against ``model``; returns x' (detached, in [0, 1])."""
+                 generator: torch.Generator, step_size: float | None = None, kind: Any = None) -> torch.Tensor:
+    """Untargeted L-inf PGD (random start) against ``model``, ascending CE (a classifier) or the reader's
+    masked BCE (``kind`` multilabel; ``y`` N×F with MISSING unknown); returns x' (detached, in [0, 1])."""
     from medadv.attacks.gradient import ascend, autograd_gradient, frozen
     from medadv.attacks.steps import pgd_step
 
     threat = _threat(eps, steps, step_size or pgd_step(eps, steps))
     with frozen(model):
-        x_adv, _ = ascend(x.detach(), y, autograd_gradient(model, targeted=False), threat, generator)
+        gradient = _training_loss_gradient(model, kind, y.shape[-1]) if _reader(kind) else \
+            autograd_gradient(model, targeted=False)
+        x_adv, _ = ascend(x.detach(), y, gradient, threat, generator)
     return x_adv.detach()
 
 
+def bernoulli_kl(clean_logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.Tensor:
+    """Sum over findings of KL(Bernoulli(σ(clean)) ‖ Bernoulli(σ(adv))), per image (N), in nats:
+    TRADES's divergence for a reader's independent sigmoid outputs (softmax's KL for a classifier)."""
+    p = torch.sigmoid(clean_logits)
+    log_p, log_1p = F.logsigmoid(clean_logits), F.logsigmoid(-clean_logits)
+    log_q, log_1q = F.logsigmoid(adv_logits), F.logsigmoid(-adv_logits)
+    return (p * (log_p - log_q) + (1 - p) * (log_1p - log_1q)).sum(1)
+
+
 def trades_examples(model: nn.Module, x: torch.Tensor, eps: float, steps: int, generator: torch.Generator,
-                    step_size: float | None = None) -> torch.Tensor:
+                    step_size: float | None = None, kind: Any = None) -> torch.Tensor:
     """x' maximizing KL(p(x) ‖ p(x')) in the L-inf eps-ball, from x + 0.001·N(0, 1) (Zhang et al.'s start)."""
     from medadv.attacks.gradient import ascend, frozen
     from medadv.attacks.steps import pgd_step
@@ -148,11 +176,15 @@ def trades_examples(model: nn.Module, x: torch.Tensor, eps: float, steps: int, g
     threat = _threat(eps, steps, step_size or pgd_step(eps, steps))
     with frozen(model):
         with torch.no_grad():
-            p_clean = F.softmax(model(x), dim=1)
+            clean_logits = model(x)
+            p_clean = F.softmax(clean_logits, dim=1)
 
         def kl_gradient(x_adv: torch.Tensor, _goal: torch.Tensor) -> torch.Tensor:
             x_adv = x_adv.detach().requires_grad_(True)
-            kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_clean, reduction="sum")
+            if _reader(kind):
+                kl = bernoulli_kl(clean_logits, model(x_adv)).sum()
+            else:
+                kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_clean, reduction="sum")
             return torch.autograd.grad(kl, x_adv)[0]
 
         start = 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -166,24 +198,28 @@ def trades_examples(model: nn.Module, x: torch.Tensor, eps: float, steps: int, g
     return x_adv.detach()
 
 
-def fast_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
+def fast_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, generator: torch.Generator,
+                  kind: Any = None) -> torch.Tensor:
     """Wong et al.'s FGSM with random start: uniform δ in the ball, one signed step of 1.25·eps, clip."""
     from medadv.attacks.gradient import ascend, autograd_gradient, frozen
 
     threat = _threat(eps, 1, 1.25 * eps)
     with frozen(model):
-        x_adv, _ = ascend(x.detach(), y, autograd_gradient(model, targeted=False), threat, generator)
+        gradient = _training_loss_gradient(model, kind, y.shape[-1]) if _reader(kind) else \
+            autograd_gradient(model, targeted=False)
+        x_adv, _ = ascend(x.detach(), y, gradient, threat, generator)
     return x_adv.detach()
 
 
 def make_step_loss(method: str | None, *, eps: float = 4 / 255, steps: int = 7, trades_beta: float = 6.0,
-                   noise_sigma: float = 0.0, step_size: float | None = None) -> StepLoss | None:
-    """The training-step loss of a robust recipe, or None for plain training (no method, no noise)."""
+                   noise_sigma: float = 0.0, step_size: float | None = None, kind: Any = None) -> StepLoss | None:
+    """The training-step loss of a robust recipe, or None for plain training (no method, no noise).
+    ``kind``: a reader's task kind (its masked BCE replaces the classifier's CE throughout)."""
     check_settings(method, eps, steps, trades_beta, noise_sigma)
     if method is None and noise_sigma == 0:
         return None
 
-    settings = Settings(eps, steps, trades_beta, step_size)
+    settings = Settings(eps, steps, trades_beta, step_size, kind if _reader(kind) else None)
     method_loss = TRAINING_DEFENSES[method].loss if method is not None else None
 
     def step_loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor, y: torch.Tensor,
@@ -195,28 +231,36 @@ def make_step_loss(method: str | None, *, eps: float = 4 / 255, steps: int = 7, 
                 x = x.clamp(0, 1)  # the attacks' box is [0, 1]
         if method_loss is not None:
             return method_loss(model, x, target, y, generator, settings)
-        return F.cross_entropy(model(x), target)
+        return _loss(settings, model(x), target)
 
     return step_loss
 
 
+def _loss(s: Settings, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The training loss: a reader's masked BCE, else (a classifier) cross-entropy on soft targets."""
+    return s.kind.loss(logits, target) if s.kind is not None else F.cross_entropy(logits, target)
+
+
 def _pgd_loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor, y: torch.Tensor,
               generator: torch.Generator, s: Settings) -> torch.Tensor:
-    return F.cross_entropy(model(pgd_examples(model, x, y, s.eps, s.steps, generator, s.step_size)), target)
+    return _loss(s, model(pgd_examples(model, x, y, s.eps, s.steps, generator, s.step_size, s.kind)), target)
 
 
 def _trades_loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor, y: torch.Tensor,
                  generator: torch.Generator, s: Settings) -> torch.Tensor:
-    x_adv = trades_examples(model, x, s.eps, s.steps, generator, s.step_size)
+    x_adv = trades_examples(model, x, s.eps, s.steps, generator, s.step_size, s.kind)
     logits = model(torch.cat([x, x_adv]))
     clean, adv = logits[: len(x)], logits[len(x):]
-    kl = F.kl_div(F.log_softmax(adv, dim=1), F.softmax(clean, dim=1), reduction="batchmean")
-    return F.cross_entropy(clean, target) + s.trades_beta * kl
+    if s.kind is not None:
+        kl = bernoulli_kl(clean, adv).mean()
+    else:
+        kl = F.kl_div(F.log_softmax(adv, dim=1), F.softmax(clean, dim=1), reduction="batchmean")
+    return _loss(s, clean, target) + s.trades_beta * kl
 
 
 def _fast_loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor, y: torch.Tensor,
                generator: torch.Generator, s: Settings) -> torch.Tensor:
-    return F.cross_entropy(model(fast_examples(model, x, y, s.eps, generator)), target)
+    return _loss(s, model(fast_examples(model, x, y, s.eps, generator, s.kind)), target)
 
 
 # registration order is the defenses study's row order
@@ -228,18 +272,21 @@ METHODS = methods()  # the built-in adversarial methods (the live list is method
 
 
 def robust_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, seed: int,
-                       batch_size: int = 256) -> torch.Tensor:
+                       batch_size: int = 256, kind: Any = None) -> torch.Tensor:
     """P(disease) on untargeted PGD examples (validation; model selection on robust accuracy, Rice et al.
-    2020). x: N×C×H×W in [0, 1] on the model's device; returns N floats on the CPU."""
+    2020). x: N×C×H×W in [0, 1] on the model's device; returns N floats on the CPU (a reader, ``kind``
+    multilabel: N×F finding probabilities on PGD examples against its BCE)."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
+    reader = _reader(kind)
     out = []
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        x_adv = pgd_examples(model, xb, yb, eps, steps, generator)
+        x_adv = pgd_examples(model, xb, yb, eps, steps, generator, kind=kind if reader else None)
         with torch.no_grad():
             was = model.training
             model.eval()
-            out.append(F.softmax(model(x_adv), dim=1)[:, 1].float().cpu())
+            logits = model(x_adv)
+            out.append((torch.sigmoid(logits) if reader else F.softmax(logits, dim=1)[:, 1]).float().cpu())
             model.train(was)
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -257,6 +304,13 @@ def robust_training(cfg) -> RobustTraining | None:
     """The training defense a :class:`~medadv.models.train.TrainConfig` asks for (None for plain training)."""
     if not cfg.defended:
         return None
+    from functools import partial
+
+    from medadv.data import get_task
+    from medadv.kinds import get_kind
+
+    kind = get_kind(get_task(cfg.task).kind)
+    kind = kind if _reader(kind) else None  # a classifier keeps the CE path exactly as it was
     step = make_step_loss(cfg.adversarial, eps=cfg.adv_eps, steps=cfg.adv_steps, trades_beta=cfg.trades_beta,
-                          noise_sigma=cfg.noise_sigma)
-    return RobustTraining(step, robust_predictions)
+                          noise_sigma=cfg.noise_sigma, kind=kind)
+    return RobustTraining(step, partial(robust_predictions, kind=kind) if kind is not None else robust_predictions)

@@ -184,16 +184,29 @@ def _curve_threat(eps: float, steps: int, levels: int) -> ThreatModel:
 
 
 def _point(eps: float, run: AttackRun | None, data: ImageSet, victim: MedicalClassifier, p: np.ndarray) -> dict:
-    # "auc" on a curve: the binary AUC, or a multi-class model's macro one-vs-rest AUC
+    # "auc" on a curve: the binary AUC, or a multi-class model's (a reader's) macro AUC; a reader's point
+    # adds the sensitivity of its "any finding" decision, which its curves (hide every finding) drive down
     if run is None:
         m = kind_metrics(victim, data.labels, p)
-        return {"eps": eps, "accuracy": m["accuracy"], "auc": m.get("auc", m.get("macro_auc")),
-                "mean_confidence": m["mean_confidence"],
-                "flips": {"healthy_to_disease": 0, "disease_to_healthy": 0, "total": 0}, "linf_max": 0.0}
-    a = run.results["adversarial"]
-    return {"eps": eps, "accuracy": a["accuracy"], "auc": a.get("auc", a.get("macro_auc")),
-            "mean_confidence": a["mean_confidence"],
-            "flips": run.results["flips"], "linf_max": run.results["perturbation"]["linf_max"]}
+        point = {"eps": eps, "accuracy": m["accuracy"], "auc": m.get("auc", m.get("macro_auc")),
+                 "mean_confidence": m["mean_confidence"],
+                 "flips": {"healthy_to_disease": 0, "disease_to_healthy": 0, "total": 0}, "linf_max": 0.0}
+    else:
+        m = run.results["adversarial"]
+        point = {"eps": eps, "accuracy": m["accuracy"], "auc": m.get("auc", m.get("macro_auc")),
+                 "mean_confidence": m["mean_confidence"],
+                 "flips": run.results["flips"], "linf_max": run.results["perturbation"]["linf_max"]}
+    if "any_finding" in m:
+        point["any_finding_sensitivity"] = m["any_finding"]["sensitivity"]
+    return point
+
+
+def _broken(point: dict) -> bool:
+    """The breaking criterion: accuracy <= 1%; a reader's: its "any finding" sensitivity <= 1% (the abnormal
+    images read "no finding"; its exact-match accuracy is often near 0 before any attack)."""
+    if "any_finding_sensitivity" in point:
+        return point["any_finding_sensitivity"] is not None and point["any_finding_sensitivity"] <= 0.01
+    return point["accuracy"] <= 0.01
 
 
 def pick_examples(run: AttackRun, data: ImageSet, per_class: int) -> list[dict[str, Any]]:
@@ -306,7 +319,8 @@ def run_battery(victim: MedicalClassifier, test: ImageSet, *, surrogate: Medical
     for kind in kinds:
         crafter = surrogate if kind == "black" else None
         for eps in monitor.track(cfg.curve_eps, f"robustness curve ({kind} box)"):
-            run = None if eps == 0 else run_attack("pgd", victim, curve_data, _curve_threat(eps, cfg.curve_steps, levels),
+            run = None if eps == 0 else run_attack("pgd", victim, curve_data,
+                                                   _for_kind(_curve_threat(eps, cfg.curve_steps, levels), victim),
                                                    seed=seed, surrogate=crafter, params=curve_params)
             curves[kind].append(_point(eps, run, curve_data, victim, p_curve))
     results["curves"] = curves
@@ -318,18 +332,21 @@ def run_battery(victim: MedicalClassifier, test: ImageSet, *, surrogate: Medical
 
 
 def _breaking_eps(victim, data, white_curve, cfg, levels, seed, params, differentiable, monitor) -> dict:
-    """The smallest eps (on the curve, then on a coarser extension) that brings white-box accuracy <= 1%."""
+    """The smallest eps (on the curve, then on a coarser extension) that brings white-box accuracy <= 1% (a
+    reader: its "any finding" sensitivity, see :func:`_broken`)."""
+    reader = getattr(victim.spec, "kind", "binary") == "multilabel"
+    extra = {"criterion": "any-finding sensitivity <= 1% (every abnormal image reads 'no finding')"} if reader else {}
     for point in white_curve:
-        if point["eps"] > 0 and point["accuracy"] <= 0.01:
-            return {"eps": point["eps"], "accuracy": point["accuracy"], "searched_to": point["eps"]}
+        if point["eps"] > 0 and _broken(point):
+            return {"eps": point["eps"], "accuracy": point["accuracy"], "searched_to": point["eps"], **extra}
     if not differentiable:
         return {"eps": None, "accuracy": None, "searched_to": None, "note": "no gradients: not searched"}
     last = None
     for eps in monitor.track(cfg.break_search, "smallest eps to <= 1% accuracy"):
-        run = run_attack("pgd", victim, data, _curve_threat(eps, cfg.curve_steps, levels), seed=seed,
-                         params=params)
+        run = run_attack("pgd", victim, data, _for_kind(_curve_threat(eps, cfg.curve_steps, levels), victim),
+                         seed=seed, params=params)
         last = (eps, run.results["adversarial"]["accuracy"])
         white_curve.append(_point(eps, run, data, victim, run.p_clean))
-        if last[1] <= 0.01:
-            return {"eps": eps, "accuracy": last[1], "searched_to": eps}
-    return {"eps": None, "accuracy": last[1] if last else None, "searched_to": last[0] if last else None}
+        if _broken(white_curve[-1]):
+            return {"eps": eps, "accuracy": last[1], "searched_to": eps, **extra}
+    return {"eps": None, "accuracy": last[1] if last else None, "searched_to": last[0] if last else None, **extra}

@@ -16,7 +16,8 @@ class ServeBatchJob:
     ``POST /v1/analyses`` would, receipts in ``ledger``'s service store, written to ``out`` (results.json and
     receipts/). ``policy``: require-provenance (no diagnosis for images that do not verify) or flag;
     ``submitter``: who the receipts name; ``max_upload_mb`` in MiB; ``screen_threshold``: the
-    feature-squeezing score (max L1, 0-2) above which an image is flagged; ``resume`` reuses this
+    feature-squeezing score (max L1, 0-2; for a multi-label reader 0-F, F its findings) above which an
+    image is flagged; ``resume`` reuses this
     submitter's receipts for files already analysed with the same settings."""
 
     images: list[Path]
@@ -35,7 +36,10 @@ class ServeBatchJob:
 
 @dataclass
 class ServeBatchResult:
-    """What ``out/results.json`` holds (``settings``, ``summary``, ``files``) on every rank; rank 0 wrote it."""
+    """What ``out/results.json`` holds (``settings``, ``summary``, ``files``) on every rank; rank 0 wrote it.
+    For a multi-label reader each analysed row's ``diagnosis`` lists every finding, and ``summary`` adds
+    ``any_finding`` and ``findings`` (images per finding called present); ``positive`` then counts the images
+    with any finding present."""
 
     record: dict[str, Any]
     out: Path

@@ -40,6 +40,10 @@ class TrainJob:
     sync_batchnorm: bool = False
     resplit_by_patient: bool = False
     class_names: str | tuple[str, ...] | None = None
+    findings: str | tuple[str, ...] | None = None  # multi-label: comma-separated, or "all" columns of labels.csv
+    uncertain: str | None = None  # multi-label: what -1 means (ignore, zeros, ones); None: the task's
+    class_weights: bool = False
+    threshold_rule: str = "youden"
     data_root: Path | None = None
     seed: int = 0
     device: str = "cpu"
@@ -68,8 +72,12 @@ class TrainResult:
     def threshold_rule(self) -> str:
         """How the operating point was chosen, in words."""
         rule = self.meta["training"].get("threshold_rule", "youden")
-        return {"youden": "threshold by Youden's J", "youden per finding": "a threshold per finding by Youden's J"}.get(
-            rule, "decision: the most probable class")
+        if rule == "argmax":
+            return "decision: the most probable class"
+        per = " per finding" if rule.endswith(" per finding") else ""
+        rule = rule.removesuffix(" per finding")
+        how = "by Youden's J" if rule == "youden" else f"at sensitivity >= {rule.partition(':')[2]} on validation"
+        return f"a threshold{per} {how}" if per else f"threshold {how}"
 
 
 def _class_names(job: TrainJob, source: str | None) -> tuple[str, ...] | None:
@@ -93,7 +101,8 @@ def train(job: TrainJob, *, monitor: Monitor = SILENT, warn: Warn = ignore) -> T
     """Train ``job`` and write the checkpoint (rank 0 of a torchrun job writes; every rank trains).
 
     A killed run resumes from its last finished epoch when started again with the same job."""
-    from medadv.data import RESPLIT, get_task, resolve_data_root, resolve_source, split_leakage
+    from medadv.data import (RESPLIT, get_task, parse_findings, resolve_data_root, resolve_source, split_leakage,
+                             with_findings)
     from medadv.data.leakage import warning as leakage_warning
     from medadv.defenses.training import robust_training
     from medadv.dist import current
@@ -104,14 +113,24 @@ def train(job: TrainJob, *, monitor: Monitor = SILENT, warn: Warn = ignore) -> T
     source = resolve_source(get_task(job.task), job.source, resolve_data_root(job.data_root), job.size)
     if job.resplit_by_patient and not source.startswith(RESPLIT):  # the checkpoint's source says resplit
         source = RESPLIT + source
-    names = _class_names(job, source)
+    findings = job.findings
+    if isinstance(findings, str):
+        findings = parse_findings(findings, job.task, source, data_root=job.data_root)
+    if findings is not None or job.uncertain is not None:
+        if job.class_names:
+            raise MedadvError("--class-names names a classifier's classes; a reader's are its --findings.",
+                              "pass the finding columns with --findings.")
+        with_findings(get_task(job.task), tuple(findings) if findings else None, job.uncertain)  # checked at the door
+    names = None if findings is not None else _class_names(job, source)
     cfg = TrainConfig(task=job.task, arch=job.arch, size=job.size, epochs=job.epochs, batch_size=job.batch_size,
                       seed=job.seed, recipe=job.recipe, pretrained=job.pretrained, source=source,
                       split_seed=job.split_seed, augment=job.augment, max_train=job.max_train,
                       data_size=job.data_size, adversarial=job.adversarial, adv_eps=job.adv_eps,
                       adv_steps=job.adv_steps, trades_beta=job.trades_beta, noise_sigma=job.noise_sigma,
-                      sync_batchnorm=job.sync_batchnorm)
-    leak = leakage_warning(split_leakage(job.task, source, data_root=job.data_root, split_seed=job.split_seed))
+                      sync_batchnorm=job.sync_batchnorm, findings=tuple(findings) if findings else None,
+                      uncertain=job.uncertain, class_weights=job.class_weights, threshold_rule=job.threshold_rule)
+    leak = leakage_warning(split_leakage(with_findings(get_task(job.task), cfg.findings, cfg.uncertain), source,
+                                         data_root=job.data_root, split_seed=job.split_seed))
     if leak and current().is_main:  # said before the training time is spent: the validation figures would be optimistic
         warn(leak)
     # the job hands the adversarial loss to the trainer (models sits below defenses)

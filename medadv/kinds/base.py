@@ -84,6 +84,11 @@ class TaskKind(ABC):
         """Mean training loss of N×outputs logits against :meth:`soft_targets` (mixed or not)."""
         return F.cross_entropy(logits, targets)
 
+    def hard_labels(self, targets: torch.Tensor) -> torch.Tensor:
+        """The labels an attack inside a training step moves away from, from the (possibly mixed) soft
+        targets: a classifier's dominant class."""
+        return targets.argmax(1)
+
     @abstractmethod
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """N×outputs logits -> the scores medadv carries (float, on the logits' device)."""
@@ -93,8 +98,9 @@ class TaskKind(ABC):
         """Decisions (N class indices, int64) from :meth:`scores` at the operating point."""
 
     @abstractmethod
-    def operating_point(self, labels: np.ndarray, scores: np.ndarray) -> float:
-        """The threshold chosen on validation data (the kind's rule; recorded in the checkpoint)."""
+    def operating_point(self, labels: np.ndarray, scores: np.ndarray, rule: str = "youden") -> float:
+        """The threshold chosen on validation data by ``rule`` (``youden``, or ``sensitivity:S`` where the
+        kind has thresholds; recorded in the checkpoint)."""
 
     @abstractmethod
     def metrics(self, labels: np.ndarray, scores: np.ndarray, threshold: float, *,

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from medadv.kinds.base import TaskKind
-from medadv.metrics import clinical_metrics, youden_threshold
+from medadv.metrics import clinical_metrics, rule_threshold, youden_threshold
 
 
 class Binary(TaskKind):
@@ -25,8 +25,8 @@ class Binary(TaskKind):
     def predict(self, scores, threshold: float) -> np.ndarray:
         return (np.asarray(scores) >= threshold).astype(np.int64)
 
-    def operating_point(self, labels: np.ndarray, scores: np.ndarray) -> float:
-        return youden_threshold(labels, scores)
+    def operating_point(self, labels: np.ndarray, scores: np.ndarray, rule: str = "youden") -> float:
+        return youden_threshold(labels, scores) if rule == "youden" else rule_threshold(labels, scores, rule)
 
     def metrics(self, labels, scores, threshold, *, class_names=None, graded=False, positive_from=None) -> dict[str, Any]:
         return clinical_metrics(labels, scores, threshold)

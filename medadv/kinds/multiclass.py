@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medadv.errors import MedadvError
 from medadv.kinds.base import TaskKind
 from medadv.metrics import multiclass_metrics
 
@@ -31,7 +32,10 @@ class MultiClass(TaskKind):
     def predict(self, scores, threshold: float) -> np.ndarray:
         return np.asarray(scores).argmax(1).astype(np.int64)
 
-    def operating_point(self, labels: np.ndarray, scores: np.ndarray) -> float:
+    def operating_point(self, labels: np.ndarray, scores: np.ndarray, rule: str = "youden") -> float:
+        if rule != "youden":
+            raise MedadvError(f"a multi-class model decides by its most probable class; --threshold-rule {rule} "
+                              "has no threshold to set.", "leave --threshold-rule out.")
         return 0.5
 
     def metrics(self, labels, scores, threshold, *, class_names=None, graded=False, positive_from=None) -> dict[str, Any]:

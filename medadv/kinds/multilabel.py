@@ -56,11 +56,18 @@ class MultiLabel(TaskKind):
         t = labels.float()
         return t.masked_fill(labels == MISSING, float("nan"))
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Binary cross-entropy per finding, averaged over the known labels of the batch."""
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Binary cross-entropy per finding, averaged over the known labels of the batch. ``pos_weight``
+        (F values): each finding's positive term weighted, e.g. by its negatives per positive in the
+        training split (:func:`positive_weights`), so rare findings are not learned as always absent."""
         known = ~torch.isnan(targets)
-        per = F.binary_cross_entropy_with_logits(logits, targets.nan_to_num(0.0), reduction="none")
+        per = F.binary_cross_entropy_with_logits(logits, targets.nan_to_num(0.0), reduction="none",
+                                                 pos_weight=None if pos_weight is None else pos_weight.to(logits))
         return (per * known).sum() / known.sum().clamp_min(1)
+
+    def hard_labels(self, targets: torch.Tensor) -> torch.Tensor:
+        """The labels an attack in a training step moves away from: the N×F targets, unknown kept as MISSING."""
+        return targets.round().nan_to_num(float(MISSING)).long()
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits)
@@ -69,8 +76,9 @@ class MultiLabel(TaskKind):
         s = np.asarray(scores)
         return (s >= np.asarray(threshold, dtype=s.dtype if s.dtype.kind == "f" else np.float64)).astype(np.int64)
 
-    def operating_point(self, labels: np.ndarray, scores: np.ndarray) -> tuple[float, ...]:  # type: ignore[override]
-        return youden_thresholds(labels, scores)
+    def operating_point(self, labels: np.ndarray, scores: np.ndarray,  # type: ignore[override]
+                        rule: str = "youden") -> tuple[float, ...]:
+        return youden_thresholds(labels, scores, rule)
 
     def point_of(self, spec: Any) -> tuple[float, ...]:
         thresholds = tuple(getattr(spec, "thresholds", ()) or ())
@@ -255,9 +263,20 @@ class MultiLabel(TaskKind):
         return out
 
 
+MAX_POS_WEIGHT = 100.0  # a finding with 1 positive in 10,000 images is weighted 100, not 10,000
+
+
+def positive_weights(labels: np.ndarray) -> np.ndarray:
+    """Per finding: negatives per positive among the known training labels, clipped to [1, MAX_POS_WEIGHT]
+    (1 where a finding has no positive: there is nothing to up-weight)."""
+    y = np.asarray(labels)
+    pos, neg = (y == 1).sum(0), (y == 0).sum(0)
+    return np.where(pos > 0, np.clip(neg / np.maximum(pos, 1), 1.0, MAX_POS_WEIGHT), 1.0).astype(np.float32)
+
+
 def finding_margin(logits: torch.Tensor, point: Point) -> torch.Tensor:
     """s = logit - logit(threshold) per finding: >= 0 where the finding is called present."""
     return logits - _logit_thresholds(point, logits)
 
 
-__all__ = ["MISSING", "MultiLabel", "finding_margin"]
+__all__ = ["MISSING", "MultiLabel", "finding_margin", "positive_weights"]

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from medadv.data import ImageSet, get_task, load_split, resolve_data_root, resolve_source
+from medadv.data import ImageSet, get_task, load_split, resolve_data_root, resolve_source, with_findings
 from medadv.errors import MedadvError
-from medadv.metrics import clinical_metrics
+from medadv.metrics import clinical_metrics, parse_threshold_rule
 from medadv.io import atomic_dir, to_json
 from medadv.kinds import get_kind
 from medadv.models.checkpoint import save_checkpoint
@@ -73,6 +73,12 @@ class TrainConfig:
     robust_val_images: int = 256  # validation images attacked per epoch for robust model selection
     # under torchrun: BatchNorm statistics over the global batch (all ranks), not each rank's part
     sync_batchnorm: bool = False
+    # multi-label readers: the finding columns read (None: the task's), what a -1 label means (None: the
+    # task's policy), class-weighted BCE (negatives per positive per finding) and the threshold rule
+    findings: tuple[str, ...] | None = None
+    uncertain: str | None = None
+    class_weights: bool = False
+    threshold_rule: str = "youden"  # or sensitivity:S (the most specific threshold reaching sensitivity S)
 
     @property
     def defended(self) -> bool:
@@ -102,6 +108,11 @@ def _hashed_config(cfg: TrainConfig) -> dict[str, Any]:
             d.pop(k)
     if not cfg.sync_batchnorm:  # likewise: runs from before the field keep their hash
         d.pop("sync_batchnorm")
+    for k, default in (("findings", None), ("uncertain", None), ("class_weights", False), ("threshold_rule", "youden")):
+        if d[k] == default:  # likewise for the multi-label fields
+            d.pop(k)
+    if d.get("findings") is not None and tuple(d["findings"]) == get_task(cfg.task).class_names:
+        d.pop("findings")  # the task's own findings, named: the same run
     return d
 
 
@@ -208,11 +219,23 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
         raise MedadvError(f"data size {cfg.data_size} is not a MedMNIST resolution.",
                           f"pass --data-size one of {', '.join(map(str, SIZES))}, or leave it out.")
     step_loss = None
-    task = get_task(cfg.task)
+    if cfg.findings is not None:
+        cfg.findings = tuple(cfg.findings)
+    task = with_findings(get_task(cfg.task), cfg.findings, cfg.uncertain)
+    if cfg.class_weights and task.kind != "multilabel":
+        raise MedadvError(f"--class-weights weights each finding's BCE; {task.name} is {task.kind}.",
+                          "leave --class-weights out, or train a multi-label task.")
+    if cfg.class_weights and cfg.defended:
+        raise MedadvError("--class-weights is not applied to the adversarial training loss.",
+                          "train the robust reader without --class-weights.")
+    if task.kind == "multiclass" and cfg.threshold_rule != "youden":
+        raise MedadvError(f"a multi-class model decides by its most probable class; --threshold-rule "
+                          f"{cfg.threshold_rule} has no threshold to set.", "leave --threshold-rule out.")
+    parse_threshold_rule(cfg.threshold_rule)  # a bad rule is refused before any training
     if cfg.defended:
-        if task.kind != "binary":
-            raise MedadvError(f"robust training is implemented for binary tasks; {task.name} is {task.kind}.",
-                              "train it without --adversarial / --noise-sigma.")
+        if task.kind not in ("binary", "multilabel"):
+            raise MedadvError(f"robust training is implemented for binary tasks and multi-label readers; "
+                              f"{task.name} is {task.kind}.", "train it without --adversarial / --noise-sigma.")
         if robust is None:
             raise MedadvError("a robust training run needs the training defense's step loss.",
                               "pass robust=medadv.defenses.training.robust_training(cfg) (the jobs and CLI do).")
@@ -250,6 +273,13 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
     classes = task.classes
     monitor.log(f"{task.name}: {train_set.counts()} train, {val_set.counts()} val from {cfg.source}; recipe {recipe.name}")
 
+    pos_weight = None
+    if cfg.class_weights:
+        from medadv.kinds.multilabel import positive_weights
+
+        pos_weight = torch.from_numpy(positive_weights(train_set.labels))
+        monitor.log("class-weighted BCE, positive weight per finding: "
+                    + ", ".join(f"{n} {w:.1f}" for n, w in zip(task.class_names, pos_weight.tolist())))
     model = build_classifier(cfg, train_set.channels, task.class_names, monitor, kind=task.kind).to(device)
     # NHWC weights make oneDNN pick its faster kernels: 1.4x per EfficientNet-Lite0 step at 128 px on
     # 2 cores (0.41 vs 0.59 s per batch of 32); the checkpoint is written back in the default layout
@@ -288,7 +318,8 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
     for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         loss = _train_epoch(replica or model, optimizer, recipe, train_set, cfg, task.modality, epoch,
-                            (epoch - 1) * steps_per_epoch, total_steps, monitor, step_loss, shard, kind, classes)
+                            (epoch - 1) * steps_per_epoch, total_steps, monitor, step_loss, shard, kind, classes,
+                            pos_weight)
         shard.broadcast_buffers(model)  # running statistics: rank 0's, so every rank holds the same model
         row: dict[str, Any] | None = None
         if shard.is_main:  # validation on rank 0 alone (eval mode: no collective), then broadcast
@@ -303,7 +334,10 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
             row["seconds"] = round(time.perf_counter() - t0, 2)
         row = shard.broadcast(row)
         auc = row["val_auc"] if "val_auc" in row else row["val_score"]
-        score = row["val_robust_accuracy"] if robust_val is not None else auc
+        # robust selection: accuracy for a classifier; a reader's label-wise accuracy mostly counts the
+        # absent findings, so it is selected on its robust macro AUC
+        score = auc if robust_val is None else (row["val_robust_auc"] or 0.0) if kind.name == "multilabel" \
+            else row["val_robust_accuracy"]
         progress["history"].append(row)
         if score > progress.get("best_score", progress["best_auc"]):
             progress.update(best_auc=auc, best_epoch=epoch, best_score=score)
@@ -329,7 +363,7 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
     threshold_and_metrics = None
     if shard.is_main:  # every rank holds the same weights: rank 0 measures, and all return its figures
         p_val = model.probabilities(val_set.tensor()).numpy()
-        threshold = kind.operating_point(val_set.labels, p_val)
+        threshold = kind.operating_point(val_set.labels, p_val, cfg.threshold_rule)
         threshold_and_metrics = (threshold, kind.metrics(val_set.labels, p_val, threshold, class_names=task.class_names,
                                                          graded=task.graded, positive_from=task.positive_from))
     point, val_metrics = shard.broadcast(threshold_and_metrics)
@@ -341,14 +375,18 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
         "task": task.name,
         "seed": cfg.seed,
         "training": {**asdict(cfg), "recipe": recipe.to_json(),
-                     "threshold_rule": {"binary": "youden", "multilabel": "youden per finding"}.get(kind.name, "argmax"),
+                     "threshold_rule": _rule_name(kind.name, cfg.threshold_rule),
+                     **({"positive_weight": dict(zip(task.class_names, map(float, pos_weight.tolist())))}
+                        if pos_weight is not None else {}),
                      "best_epoch": progress["best_epoch"], "best_val_auc": progress["best_auc"],
-                     "selection": "robust validation accuracy" if robust_val is not None else kind.selection_name(task.graded),
+                     "selection": kind.selection_name(task.graded) if robust_val is None else
+                     "robust validation macro AUC" if kind.name == "multilabel" else "robust validation accuracy",
                      "history": progress["history"], "config_hash": key,
                      # how this (last) run was started; not part of config_hash, so a run resumes with any N
                      "world_size": shard.world_size, "per_rank_batch": cfg.batch_size // shard.world_size},
         "validation": val_metrics,
-        "data": {"source": cfg.source, "image_size": cfg.data_size or cfg.size, "train": {**train_set.counts(), "checksum": train_set.checksum},
+        "data": {**({"findings": list(task.class_names), "uncertain": task.uncertain} if kind.name == "multilabel" else {}),
+                 "source": cfg.source, "image_size": cfg.data_size or cfg.size, "train": {**train_set.counts(), "checksum": train_set.checksum},
                  "val": {**val_set.counts(), "checksum": val_set.checksum}, "split_seed": cfg.split_seed},
         "environment": environment(),
     }
@@ -359,6 +397,13 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
         shutil.rmtree(partial, ignore_errors=True)
     shard.barrier()  # the checkpoint is complete before any rank returns
     return model, meta
+
+
+def _rule_name(kind: str, rule: str) -> str:
+    """The checkpoint's words for how its operating point was chosen."""
+    if kind == "multiclass":
+        return "argmax"
+    return rule + (" per finding" if kind == "multilabel" else "")
 
 
 def _replicate(model: MedicalClassifier, cfg: TrainConfig, shard, device: str) -> _Replicated | None:
@@ -398,13 +443,19 @@ def _robust_validation(model: MedicalClassifier, data: ImageSet, cfg: TrainConfi
     x = data.tensor().to(model.device)
     y = torch.from_numpy(data.labels).to(model.device)
     p = robust.predictions(model, x, y, cfg.adv_eps, cfg.adv_steps, seed=cfg.seed * 100_003 + epoch).numpy()
+    if data.labels.ndim == 2:  # a reader: label-wise accuracy at 0.5 over known labels, and macro AUC
+        from medadv.metrics import multilabel_metrics
+
+        m = multilabel_metrics(data.labels, p, (0.5,) * data.labels.shape[1])
+        return {"val_robust_accuracy": m["label_accuracy"], "val_robust_auc": m["macro_auc"],
+                "robust_val_images": len(data)}
     m = clinical_metrics(data.labels, p, 0.5)
     return {"val_robust_accuracy": m["accuracy"], "val_robust_auc": m["auc"], "robust_val_images": len(data)}
 
 
 def _train_epoch(model: nn.Module, optimizer, recipe: Recipe, data: ImageSet, cfg: TrainConfig,
                  modality: str, epoch: int, step0: int, total_steps: int, monitor: Monitor,
-                 step_loss=None, shard=None, kind=None, classes: int = 2) -> float:
+                 step_loss=None, shard=None, kind=None, classes: int = 2, pos_weight=None) -> float:
     """One epoch; returns the mean training loss over every image of the epoch (all ranks together).
 
     ``model`` is the classifier, or under torchrun its :class:`_Replicated` DDP view: every rank then walks
@@ -444,9 +495,9 @@ def _train_epoch(model: nn.Module, optimizer, recipe: Recipe, data: ImageSet, cf
         optimizer.zero_grad(set_to_none=True)
         with _autocast(x.device):
             if step_loss is None:
-                loss = kind.loss(model(x), target)
+                loss = kind.loss(model(x), target) if pos_weight is None else kind.loss(model(x), target, pos_weight)
             else:
-                loss = step_loss(model, x, target, target.argmax(1), generator)  # mixup: the dominant class
+                loss = step_loss(model, x, target, kind.hard_labels(target), generator)  # mixup: the dominant class
         loss = loss.float()
         if not torch.isfinite(loss):
             raise MedadvError(f"training diverged (loss {loss.item()}) in epoch {epoch}.",

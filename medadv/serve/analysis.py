@@ -46,7 +46,7 @@ class Limits:
 class ScreenConfig:
     bits: int = 5  # bit-depth reduction (Xu et al., 2018: 5 bits for natural images)
     median: int = 3  # median filter size (3x3: the defaults of medadv.defenses.detect.FeatureSqueezing)
-    threshold: float = 0.5  # on max L1 distance between probability vectors, in [0, 2]
+    threshold: float = 0.5  # on max L1 distance between probability vectors: [0, 2]; a reader's [0, findings]
 
 
 @dataclass

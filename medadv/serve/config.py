@@ -14,6 +14,7 @@ from medadv.errors import MedadvError
 from medadv.serve.analysis import Limits, ScreenConfig
 
 POLICIES = ("require-provenance", "flag")
+MAX_SCREEN_THRESHOLD = 1000.0  # a reader has at most 1000 findings (ModelSpec), so its L1 score at most 1000
 
 
 @dataclass
@@ -52,9 +53,11 @@ def service_config(model: Path | str, ledger: str, *, policy: str = "require-pro
     if not 0 < max_upload_mb <= 1024 or max_pixels < 1:
         raise MedadvError("--max-upload-mb must be in (0, 1024] and --max-pixels positive.",
                           "pass e.g. --max-upload-mb 20 --max-pixels 16777216.")
-    if not -1.0 <= screen_threshold <= 2.0:  # the score is an L1 distance between probability vectors
-        raise MedadvError(f"--screen-threshold {screen_threshold} is not between -1 and 2.",
-                          "pass e.g. --screen-threshold 0.5.")
+    # the score is an L1 distance between probability vectors: at most 2 for a softmax model, F for a reader
+    # with F findings; the model's own bound is checked when it is loaded (medadv.serve.model.load_model)
+    if not -1.0 <= screen_threshold <= MAX_SCREEN_THRESHOLD:
+        raise MedadvError(f"--screen-threshold {screen_threshold} is not between -1 and 2 (a multi-label reader's: "
+                          "its number of findings).", "pass e.g. --screen-threshold 0.5.")
     config = ServiceConfig(model=Path(model), ledger=ledger, policy=policy,
                            trust_root=str(trust_root) if trust_root else None,
                            service_key=str(service_key) if service_key else None, max_batch=max_batch,

@@ -22,7 +22,10 @@ end rank 0 writes ``out`` atomically and the other ranks wait at a barrier.
 * ``results.json``: ``{"type": "medadv-serve-batch/1", "settings", "summary", "files": [...], "run"}``, one
   row per file in sorted order. An analysed file's row is what the API answers (id, time, image,
   provenance, screening, diagnosis, policy, withheld, digests, ledger_position) plus ``index``, ``file``,
-  ``status: "analysed"``, ``resumed`` and ``receipt_file``. A file that fails (unreadable, too large, not
+  ``status: "analysed"``, ``resumed`` and ``receipt_file``. For a multi-label reader the diagnosis is the
+  API's too: every finding's name, probability, threshold and decision, ``any_finding`` and ``present``;
+  ``summary`` then adds ``any_finding`` and ``findings`` (images per finding called present), and its
+  ``positive`` counts the images with any finding present. A file that fails (unreadable, too large, not
   an image, corrupt) gets ``status: "error"`` with the one-line ``error``, its ``fix`` and the
   ``http_status`` the API would have answered; it is never receipted (nothing goes to the store for it:
   the API records nothing for a refused upload either).
@@ -330,6 +333,13 @@ def _head_seq(store: Any) -> int:
         return int(conn.execute(select(func.max(analyses.c.seq))).scalar() or 0)
 
 
+def _positive(d: dict[str, Any] | None) -> bool:
+    """A diagnosis that calls the image positive: P(disease) at the threshold, or for a reader any finding."""
+    if not d:
+        return False
+    return bool(d["any_finding"] if "findings" in d else d["positive"])
+
+
 def _record(config: ServiceConfig, loaded: Any, key: Any, pub: Any, store: Any, submitter: str,
             rows: list[dict[str, Any]], first_seq: int | None, last_seq: int | None, world: int, seconds: float,
             env: dict[str, Any]) -> dict[str, Any]:
@@ -344,17 +354,26 @@ def _record(config: ServiceConfig, loaded: Any, key: Any, pub: Any, store: Any, 
         "provenance": {s: sum(r["provenance"]["status"] == s for r in done)
                        for s in ("verified", "modified", "unknown-device", "unsigned")},
         "flagged": sum(bool(r["screening"] and r["screening"]["flagged"]) for r in done),
-        "positive": sum(bool(r["diagnosis"] and r["diagnosis"]["positive"]) for r in done),
+        "positive": sum(_positive(r["diagnosis"]) for r in done),
     }
-    return {
-        "type": FORMAT,
-        "settings": {"model": str(config.model), "model_digest": loaded.digest, "task": loaded.info["task"],
+    if loaded.multilabel:  # a reader: images with any finding, and per finding the images it is present in
+        diagnosed = [r["diagnosis"] for r in done if r["diagnosis"]]
+        summary["any_finding"] = summary["positive"]
+        summary["findings"] = {name: sum(name in (d.get("present") or []) for d in diagnosed)
+                               for name in loaded.classifier.spec.class_names}
+    settings: dict[str, Any] = {"model": str(config.model), "model_digest": loaded.digest, "task": loaded.info["task"],
                      "policy": config.policy, "ledger": store.display, "submitter": submitter,
                      "service_key_id": key.key_id, "public_key": str(pub),
                      "limits": {"max_bytes": config.limits.max_bytes, "max_pixels": config.limits.max_pixels,
                                 "max_side": config.limits.max_side},
                      "screen": {"bits": config.screen.bits, "median": config.screen.median,
-                                "threshold": config.screen.threshold}},
+                                "threshold": config.screen.threshold}}
+    if loaded.multilabel:
+        settings.update(kind="multilabel", findings=list(loaded.classifier.spec.class_names),
+                        thresholds=loaded.info["thresholds"])
+    return {
+        "type": FORMAT,
+        "settings": settings,
         "summary": summary,
         "files": rows,
         # what differs from run to run: leave "run" out when comparing two records

@@ -1,5 +1,6 @@
-"""The web page at ``/``: upload an image, see its provenance, screening and diagnosis beside it; readers see
-past analyses and download receipts. The page holds no data: its script calls the ``/v1`` API with the
+"""The web page at ``/``: upload an image, see its provenance, screening and diagnosis beside it (for a
+multi-label reader, a table of every finding's probability, threshold and decision); readers see past
+analyses and download receipts. The page holds no data: its script calls the ``/v1`` API with the
 token typed into it (kept in the tab's sessionStorage only). ``/#token=T&analysis=ID`` shows one analysis.
 
 The template lives here as a string (Jinja2, autoescaped), so it ships with the Python package.
@@ -28,8 +29,9 @@ PAGE = r"""<!doctype html>
 </style></head>
 <body>
 <h1>medadv analysis service</h1>
-<p class="sub">Task <b>{{ info.task }}</b> &middot; model {{ info.arch }} &middot; operating threshold
- {{ "%.3f"|format(info.threshold) }} &middot; policy <b>{{ policy }}</b> &middot; model digest <code>{{ info.digest[:16] }}</code>
+<p class="sub">Task <b>{{ info.task }}</b> &middot; model {{ info.arch }} &middot; {% if info.thresholds %}multi-label
+ reader: {{ info.thresholds|length }} findings, each at its own threshold{% else %}operating threshold
+ {{ "%.3f"|format(info.threshold) }}{% endif %} &middot; policy <b>{{ policy }}</b> &middot; model digest <code>{{ info.digest[:16] }}</code>
  {% if info.defense %}&middot; behind {{ info.defense.defenses|map(attribute="name")|join(", ") }}{% endif %}</p>
 <section><label>Bearer token <input id="token" type="password" size="60" autocomplete="off"></label>
  <button id="save">Use token</button></section>
@@ -49,12 +51,23 @@ $("save").onclick = () => { sessionStorage.setItem("medadv-token", $("token").va
 const auth = () => ({"Authorization": "Bearer " + ($("token").value.trim())});
 function text(s){ const d=document.createElement("span"); d.textContent = s; return d.innerHTML; }
 function badge(cls, label){ return `<span class="badge ${text(cls)}">${text(label)}</span>`; }
+function findings(d){  // a multi-label reader: every finding, its probability, threshold and decision
+  const rows = d.findings.map(f => `<tr><td>${text(f.name)}</td><td>${f.probability.toFixed(3)}</td>
+    <td>${f.threshold.toFixed(3)}</td><td>${badge(f.decision==="present"?"positive":"negative", f.decision)}</td></tr>`).join("");
+  return `<p>Diagnosis: ${badge(d.any_finding?"positive":"negative", d.any_finding?"finding present":"no finding")}
+    ${text(d.present.join(", "))}</p><table class="findings"><thead><tr><th>finding</th><th>probability</th>
+    <th>threshold</th><th>decision</th></tr></thead><tbody>${rows}</tbody></table>`;
+}
+function verdict(d){  // the list's diagnosis cell
+  if (d.findings) return badge(d.any_finding?"positive":"negative", d.any_finding ? d.present.join(", ") : "no finding");
+  return badge(d.positive?"positive":"negative", d.label);
+}
 function show(a){
   const p=a.provenance, s=a.screening, d=a.diagnosis;
   let h = `<p>Provenance: ${badge(p.status, p.status)}<br><small>${text(p.detail)}</small></p>`;
   h += s ? `<p>Screening (feature squeezing): ${badge(s.flagged?"flagged":"clear", s.flagged?"flagged":"clear")}
-           score ${s.score.toFixed(3)} (threshold ${s.threshold})</p>` : `<p>Screening: ${badge("withheld","not run")}</p>`;
-  h += d ? `<p>Diagnosis: ${badge(d.positive?"positive":"negative", d.label)} P(disease) = ${d.p_disease.toFixed(3)}
+           score ${s.score.toFixed(3)} (threshold ${s.threshold}${s.range ? `; range 0 to ${s.range[1]}` : ""})</p>` : `<p>Screening: ${badge("withheld","not run")}</p>`;
+  h += d && d.findings ? findings(d) : d ? `<p>Diagnosis: ${badge(d.positive?"positive":"negative", d.label)} P(disease) = ${d.p_disease.toFixed(3)}
            at threshold ${d.threshold.toFixed(3)}</p>` : `<p>Diagnosis: ${badge("withheld","withheld")} <small>${text(a.withheld||"")}</small></p>`;
   if (a.disagreement_map) h += `<p>Where squeezing moves the prediction:<br><img alt="disagreement map"
            width="140" height="140" style="image-rendering:pixelated;border:1px solid #ccc" src="${a.disagreement_map}"></p>`;
@@ -86,7 +99,7 @@ async function refresh(){
     $("list").innerHTML = body.analyses.reverse().map(a => `<tr><td>${a.ledger_position}</td><td>${text(a.time)}</td>
       <td>${text((a.image||{}).name||"")}</td><td>${badge(a.provenance.status, a.provenance.status)}</td>
       <td>${a.screening ? badge(a.screening.flagged?"flagged":"clear", a.screening.score.toFixed(3)) : "-"}</td>
-      <td>${a.diagnosis ? badge(a.diagnosis.positive?"positive":"negative", a.diagnosis.label) : "withheld"}</td>
+      <td>${a.diagnosis ? verdict(a.diagnosis) : "withheld"}</td>
       <td><a href="#" onclick="receipt('${text(a.id)}');return false">download</a></td></tr>`).join("");
   } catch(e){ /* submitters cannot list: the table stays empty */ }
 }

@@ -12,6 +12,18 @@ key; ``entry_hash`` is ``sha256(ENTRY_DOMAIN + canonical_json(entry))`` where th
 analysis id, time, submitter, digests, result, seq and prev_hash: the same hash the service's analyses
 table chains on. So :func:`verify_receipt` needs only the receipt and the service's public key, and any
 edited field (result, digests, time, position, key id or signature) fails.
+
+``result.diagnosis`` is what the served model's task kind answers (:func:`medadv.serve.model.diagnosis`):
+
+* binary (and multi-class, unchanged): ``{"p_disease", "threshold", "positive", "label", "model_digest"}``;
+* a multi-label reader: ``{"kind": "multilabel", "findings": [{"name", "probability", "threshold",
+  "decision": "present" | "absent"}, ...] (one per finding, the model's order), "any_finding", "present"
+  (names), "model_digest"}``, and ``result.screening`` adds ``probabilities`` ("sigmoid per finding") and
+  ``range`` ([0, F]).
+
+The signature and the entry hash cover the whole result, so every finding's probability, threshold and
+decision is signed: changing, adding or removing any one of them fails verification
+(tests/test_serve_multilabel.py).
 """
 
 from __future__ import annotations
