@@ -486,7 +486,8 @@ class StudyResults(Record):
 
 STUDY_TASK: dict[str, str] = {
     "task": "the task", "title": "its heading in the report",
-    "victim": "checkpoint, architecture, input size, pretraining, threshold, training record (recipe, epochs, best "
+    "victim": "checkpoint, architecture, input size, pretraining, threshold (a reader: `thresholds`, one per finding "
+              "in `class_names` order), training record (recipe, epochs, best "
               "epoch, validation AUC), data source and checksums",
     "surrogate": "the same for the surrogate (null in an audit without one)",
     "table1": "clean test metrics at the operating threshold (the paper's Table 1) with `data_checksum`",

@@ -432,3 +432,26 @@ def test_a_readers_curves_hide_every_finding_and_break_on_its_any_finding_sensit
     assert _broken({"accuracy": 0.3, "any_finding_sensitivity": 0.0})
     assert not _broken({"accuracy": 0.0, "any_finding_sensitivity": 0.2})  # exact match near 0 says nothing
     assert _broken({"accuracy": 0.0}) and not _broken({"accuracy": 0.5})
+
+
+def test_feature_squeezing_scores_a_reader_on_its_findings_and_its_adaptive_attack_runs(reader, data_root):
+    from medadv.defenses.detect import FeatureSqueezing, adaptive_attack
+
+    _, model, _ = reader
+    test = load_split("chest-findings", "test", data_root=data_root, size=64)
+    x, y = test.tensor()[:16], torch.from_numpy(test.labels[:16])
+    model.eval()
+    det = FeatureSqueezing(model)
+    s = det.scores(x)
+    # the per-finding sigmoids' L1 change: one number per image, bounded by the 14 findings, not by 2
+    with torch.no_grad():
+        p = torch.sigmoid(model(x))
+        by_hand = torch.stack([(p - torch.sigmoid(model(sq.transform(x)))).abs().sum(1) for sq in det.squeezers], 1).max(1).values
+    assert s.shape == (16,) and torch.allclose(s, by_hand, atol=1e-5) and float(s.max()) <= 14
+    det.calibrate(x, 0.25)
+    threat = ThreatModel(eps=4 / 255, steps=3, target="none", kind="multilabel", classes=14)
+    x_adv = adaptive_attack(det, x, y, threat)
+    assert x_adv.shape == x.shape and float((x_adv - x).abs().max()) <= 4 / 255 + 1e-6
+    with torch.no_grad():
+        after, before = (model.kind.decide(model(v), model.operating_point) for v in (x_adv, x))
+    assert (after != before).any()

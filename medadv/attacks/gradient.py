@@ -36,17 +36,17 @@ def objective(logits: torch.Tensor, goal: torch.Tensor, targeted: bool, loss: st
 @contextlib.contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode and no parameter gradients for the duration of an attack; restored afterwards."""
-    was_training = model.training
+    from medadv.models.interface import eval_mode
+
     flags = [p.requires_grad for p in model.parameters()]
-    model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        yield model
+        with eval_mode(model):  # every submodule's own mode restored (a wrapper's flag is not pushed down)
+            yield model
     finally:
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
-        model.train(was_training)
 
 
 def autograd_gradient(model: nn.Module, targeted: bool, loss: str = "ce", threat: ThreatModel | None = None

@@ -70,14 +70,12 @@ class Detector(nn.Module):
     @torch.no_grad()
     def scores(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """N scores on the CPU, computed in eval mode in batches."""
-        was = self.training
-        self.eval()
+        from medadv.models.interface import eval_mode
+
         device = self._device()
-        try:
+        with eval_mode(self):  # each submodule's own mode back afterwards (see eval_mode)
             out = [self.score(x[i:i + batch_size].to(device)).detach().float().cpu()
                    for i in range(0, len(x), batch_size)]
-        finally:
-            self.train(was)
         return torch.cat(out) if out else torch.zeros(0)
 
     def calibrate(self, x_clean: torch.Tensor, false_positive_rate: float = 0.05) -> float:
@@ -175,8 +173,13 @@ class FeatureSqueezing(Detector):
         self.adaptive = adaptive
 
     def _score_from(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        p = F.softmax(logits, dim=1)
-        dists = [(p - F.softmax(self.model(apply_preprocessor(s, x, self.adaptive)), dim=1)).abs().sum(1)
+        from medadv.attacks.base import _kind_of
+
+        # the kind's probabilities: a classifier's softmax (L1 in 0 to 2), a reader's per-finding sigmoids
+        # (L1 in 0 to F: each finding's probability may move by up to 1)
+        prob = _kind_of(self.model).probabilities
+        p = prob(logits)
+        dists = [(p - prob(self.model(apply_preprocessor(s, x, self.adaptive)))).abs().sum(1)
                  for s in self.squeezers]
         return torch.stack(dists, dim=1).max(dim=1).values
 
@@ -211,9 +214,10 @@ def adaptive_attack(detector: Detector, x: torch.Tensor, y: torch.Tensor, threat
     """Untargeted L-inf/L2 PGD on CE(model, y) - weight·relu(score - threshold) against any :class:`Detector`
     (BPDA where the detector needs it, e.g. through feature squeezing's squeezers).
 
-    x: N×C×H×W in [0, 1]; y: N labels; ``threat``: a :class:`~medadv.attacks.ThreatModel` (its eps, steps,
+    x: N×C×H×W in [0, 1]; y: N labels (a reader's N×F); ``threat``: a :class:`~medadv.attacks.ThreatModel` (its eps, steps,
     step size, norm and grid are used; its target is not: the attack is untargeted). Returns x' on the grid.
     """
+    from medadv.attacks.base import _kind_of, operating_point
     from medadv.attacks.gradient import ascend, frozen
 
     if detector.threshold is None:
@@ -225,7 +229,10 @@ def adaptive_attack(detector: Detector, x: torch.Tensor, y: torch.Tensor, threat
     def gradient(x_adv: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
         x_adv = x_adv.detach().requires_grad_(True)
         logits, score = attacked.logits_and_score(x_adv)
-        ce = F.cross_entropy(logits, goal, reduction="sum")
+        if goal.ndim == 2:  # a reader (N×F labels): its untargeted objective, every finding off the truth
+            ce = _kind_of(attacked.model).objective(logits, goal, False, "ce", operating_point(attacked.model))
+        else:
+            ce = F.cross_entropy(logits, goal, reduction="sum")
         excess = F.relu(score - threshold).sum()
         return torch.autograd.grad(ce - weight * excess, x_adv)[0]
 

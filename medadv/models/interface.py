@@ -9,6 +9,8 @@ front of the network acts on them), in eval mode, with the mode restored even on
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -60,6 +62,20 @@ def memory_batch(model: object, batch_size: int, *, gradients: bool = True) -> i
     return max(1, min(batch_size, budget // per_image))
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode for the duration; afterwards every submodule gets back its own mode. Not
+    ``module.train(was)``: that pushes the outer flag down, and a wrapper built in train mode (nn.Module's
+    default) around a model in eval mode would leave the model's batch norm on batch statistics."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 class ModelBase(nn.Module):
     """The shared implementation of :class:`Model`. Subclasses provide ``spec`` and ``forward``; a wrapper
     around another model (``self.model``) inherits its differentiability."""
@@ -97,14 +113,10 @@ class ModelBase(nn.Module):
         """The kind's scores through this object's ``forward``, in eval mode, in batches of at most
         ``batch_size`` (capped by :func:`memory_batch`): binary P(disease), N floats; multi-class the N×K
         class probabilities."""
-        was_training = self.training
-        self.eval()
         device, kind = self.device, self.kind
         batch_size = memory_batch(self, batch_size, gradients=False)
-        try:
+        with eval_mode(self):
             out = [kind.scores(self(x[i:i + batch_size].to(device))).float().cpu() for i in range(0, len(x), batch_size)]
-        finally:
-            self.train(was_training)
         if out:
             return torch.cat(out)
         return torch.zeros((0,) if getattr(self.spec, "kind", "binary") == "binary" else (0, len(self.spec.class_names)))

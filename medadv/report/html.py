@@ -74,6 +74,8 @@ def findings_table(task: dict[str, Any]) -> dict[str, Any] | None:
     if "per_finding" not in clean or not rows:
         return None
     names = [f["finding"] for f in clean["per_finding"]]
+    spec_names = (task.get("victim") or {}).get("class_names") or []
+    own = dict(zip(spec_names, (task.get("victim") or {}).get("thresholds") or []))
     made_wrong = np.full((len(names), len(rows)), np.nan)
     auc: dict[str, list[float | None]] = {}
     for j, (key, r) in enumerate(rows.items()):
@@ -84,6 +86,7 @@ def findings_table(task: dict[str, Any]) -> dict[str, Any] | None:
     return {"names": names, "rows": [row_title(k, r) for k, r in rows.items()], "keys": list(rows),
             "clean_auc": [f["auc"] for f in clean["per_finding"]], "positives": [f["positives"] for f in clean["per_finding"]],
             "n_known": [f["n_known"] for f in clean["per_finding"]],
+            "thresholds": [own.get(n) for n in names],  # each finding's operating point, P(finding) >= it
             "attacked_auc": auc, "made_wrong": made_wrong,
             "n_images": {row_title(k, r): r["n_images"] for k, r in rows.items()},
             "collateral": {row_title(k, r): r["findings"]["collateral"] for k, r in rows.items()
