@@ -77,6 +77,8 @@ class TaskKind(ABC):
     spatial: bool = False
     # how many class names a checkpoint of this kind may have (None: the spec check's own rule)
     class_names_range: tuple[int, int] | None = None
+    # a fixed decision rule recorded as the checkpoint's threshold rule (None: chosen on validation)
+    fixed_rule: str | None = None
 
     def outputs(self, classes: int) -> int:
         """Logits the network's head produces for ``classes`` classes."""

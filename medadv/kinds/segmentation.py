@@ -118,6 +118,7 @@ class Segmentation(TaskKind):
     selection_rule = "validation mean Dice"
     spatial = True
     class_names_range = (2, 2)
+    fixed_rule = f"per pixel: foreground where P(foreground) >= {THRESHOLD}"
 
     # -- training ---------------------------------------------------------------------------------------
 

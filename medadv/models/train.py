@@ -386,7 +386,7 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
         "task": task.name,
         "seed": cfg.seed,
         "training": {**asdict(cfg), "recipe": recipe.to_json(),
-                     "threshold_rule": _rule_name(kind.name, cfg.threshold_rule),
+                     "threshold_rule": kind.fixed_rule or _rule_name(kind.name, cfg.threshold_rule),
                      **({"positive_weight": dict(zip(task.class_names, map(float, pos_weight.tolist())))}
                         if pos_weight is not None else {}),
                      "best_epoch": progress["best_epoch"], "best_val_auc": progress["best_auc"],
