@@ -69,7 +69,7 @@ def outcome(victim: MedicalClassifier, threat: ThreatModel, labels: np.ndarray, 
     return {
         "adversarial": kind_metrics(victim, labels, p_adv),
         "flips": flips(pred_clean, pred_adv, threat.classes),
-        **({"findings": details} if details is not None else {}),
+        **({kind.details_key: details} if details is not None else {}),
         # an image the victim already got wrong is no success of the attack's: the rate is over correct ones
         "success_rate": float(success[correct].mean()) if correct.any() else None,
         "success": {"correct_before": int(correct.sum()), "succeeded": int(success[correct].sum()),

@@ -79,6 +79,10 @@ class TaskKind(ABC):
     class_names_range: tuple[int, int] | None = None
     # a fixed decision rule recorded as the checkpoint's threshold rule (None: chosen on validation)
     fixed_rule: str | None = None
+    # the attack target when none is given ("": the threat model's default, the opposite class)
+    default_target: str = ""
+    # the results record's key for :meth:`attack_details` (multi-label: per finding)
+    details_key: str = "findings"
 
     def outputs(self, classes: int) -> int:
         """Logits the network's head produces for ``classes`` classes."""

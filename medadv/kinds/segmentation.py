@@ -118,6 +118,8 @@ class Segmentation(TaskKind):
     selection_rule = "validation mean Dice"
     spatial = True
     class_names_range = (2, 2)
+    default_target = "none"
+    details_key = "segmentation"
     fixed_rule = f"per pixel: foreground where P(foreground) >= {THRESHOLD}"
 
     # -- training ---------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def judge_written(victim: MedicalClassifier, data: ImageSet, run: AttackRun, pat
     if not lossy:
         run.results["judged_on"] = "the attacked images in memory (the written files re-read give the same decisions)"
         return
-    keys = ("adversarial", "flips", "success_rate", "success", "success_rate_on_correct", "findings")
+    keys = ("adversarial", "flips", "success_rate", "success", "success_rate_on_correct", "findings", "segmentation")
     run.results["in_memory"] = {
         "note": "secondary: the attacked images at the model's input size before write-back; no file holds them",
         **{k: run.results.get(k) for k in keys}}
