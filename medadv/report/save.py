@@ -128,9 +128,24 @@ def save_attack(out: Path, data: ImageSet, run: AttackRun, victim: MedicalClassi
 
             save_file({k: v.detach().cpu().contiguous() for k, v in run.universal.items()},
                       str(tmp / "universal.safetensors"))
+        if run.results.get("segmentation"):  # a mask's damage in pictures: overlays.png and report.html
+            _segmentation_pictures(tmp, data, run, victim)
         run.results.setdefault("environment", environment())
         # written from the typed record (medadv.results): a record the schema does not allow fails here, inside
         # the temporary folder (nothing is left); a valid one is written unchanged, in the same key order
         record = AttackResults.from_json(run.results, what=f"the results record for {out}")
         (tmp / "results.json").write_text(to_json(record.to_json()))
     return out
+
+
+def _segmentation_pictures(folder: Path, data: ImageSet, run: AttackRun, victim: MedicalClassifier) -> None:
+    """``overlays.png`` (clean and attacked predicted masks on the image, the amplified perturbation) and
+    ``report.html`` (Dice before and after) of a segmentation attack, from the figures results.json holds."""
+    from medadv.report.overlays import attack_page, attack_pictures
+
+    k = min(4, len(data))
+    png = attack_pictures(run.results, data.pixels[:k].astype(np.float32) / data.levels,
+                          run.adversarial[:k].astype(np.float32) / data.levels, data.labels[:k],
+                          victim.predict(run.p_clean[:k]), victim.predict(run.p_adv[:k]), count=k)
+    (folder / "overlays.png").write_bytes(png)
+    (folder / "report.html").write_text(attack_page(run.results, "overlays.png"))
