@@ -94,10 +94,10 @@ def overlap(pred: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarray, hd9
     with warnings.catch_warnings():  # MONAI warns (and returns nan/inf) for empty masks: null here
         warnings.simplefilter("ignore")
         hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(p, r)
-    hd = hd.double()[:, 0].numpy()
-    empty = (p.flatten(1).sum(1) == 0) | (r.flatten(1).sum(1) == 0)
-    hd[empty.numpy() | ~np.isfinite(hd)] = np.nan
-    return out | {"hd95": hd}
+    distance = hd.double()[:, 0].numpy()
+    empty = ((p.flatten(1).sum(1) == 0) | (r.flatten(1).sum(1) == 0)).numpy()
+    distance[empty | ~np.isfinite(distance)] = np.nan
+    return out | {"hd95": distance}
 
 
 def _mean(values: np.ndarray) -> float | None:
