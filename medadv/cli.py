@@ -234,7 +234,7 @@ def evaluate(
                       provenance=Provenance(require_provenance, provenance_flag_only, trust_root), data_root=data_root)
     result = run_evaluate(job, monitor=RichMonitor(quiet), warn=_warn)
     metrics = result.metrics
-    counts = f", {metrics['n_disease']} disease" if "n_disease" in metrics else \
+    counts = f", {metrics['n_disease']} disease" if "n_disease" in metrics else "" if "dice" in metrics else \
         ": " + ", ".join(f"{v} {k}" for k, v in metrics.get("counts", {}).items())
     out_table(f"{result.task} / {split} ({metrics['n']} images{counts})", metrics)
 
