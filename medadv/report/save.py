@@ -65,8 +65,8 @@ def judge_written(victim: MedicalClassifier, data: ImageSet, run: AttackRun, pat
     pixels, levels, window = _reload(paths, run.results["data"])
     p = _probabilities(victim, pixels, levels, 256, window)
     agree = victim.predict(p) == victim.predict(run.p_adv)
-    if agree.ndim == 2:  # a multi-label reader: an image agrees when every finding's decision does
-        agree = agree.all(1)
+    if agree.ndim >= 2:  # a reader (every finding) or a mask (every pixel): an image agrees when all its decisions do
+        agree = agree.reshape(len(agree), -1).all(1)
     written = written_linf(data, paths)
     change = float(np.abs(p - run.p_adv).max()) if len(p) else 0.0
     lossy = written["resampled_images"] > 0 or not agree.all()
