@@ -148,9 +148,9 @@ def version() -> None:
 # ---------------------------------------------------------------------------------------------- train
 @app.command()
 def train(
-    task: Annotated[str, typer.Option(help="Task: fundus-dr, fundus-grade, chest-xray, chest-pneumothorax, chest-findings (multi-label), derm-melanoma.")],
+    task: Annotated[str, typer.Option(help="Task: fundus-dr, fundus-grade, chest-xray, chest-pneumothorax, chest-findings (multi-label), derm-melanoma, lung-seg (segmentation).")],
     out: Annotated[Path, typer.Option(help="Checkpoint folder to write (model.safetensors + medadv.json).")],
-    arch: Annotated[str, typer.Option(help="resnet18, resnet50, densenet121, efficientnet-lite0/1/2.")] = "resnet18",
+    arch: Annotated[str, typer.Option(help="resnet18, resnet50, densenet121, efficientnet-lite0/1/2; unet for segmentation.")] = "resnet18",
     size: Annotated[int, typer.Option(help="Network input size in px (the data is pre-resized to it).")] = 28,
     data_size: Annotated[int | None, typer.Option(help="MedMNIST file resolution to read (28, 64, 128, 224; default: the smallest >= --size), upsampled to --size.")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
@@ -234,7 +234,7 @@ def evaluate(
                       provenance=Provenance(require_provenance, provenance_flag_only, trust_root), data_root=data_root)
     result = run_evaluate(job, monitor=RichMonitor(quiet), warn=_warn)
     metrics = result.metrics
-    counts = f", {metrics['n_disease']} disease" if "n_disease" in metrics else \
+    counts = f", {metrics['n_disease']} disease" if "n_disease" in metrics else "" if "dice" in metrics else \
         ": " + ", ".join(f"{v} {k}" for k, v in metrics.get("counts", {}).items())
     out_table(f"{result.task} / {split} ({metrics['n']} images{counts})", metrics)
 
@@ -286,7 +286,7 @@ def attack(
     steps: Annotated[int | None, typer.Option(help="Iterations.")] = None,
     step_size: Annotated[str | None, typer.Option(help="Step size in [0, 1] units (default eps/4 L-inf, eps/5 L2).")] = None,
     norm: Annotated[str | None, typer.Option(help="linf or l2.")] = None,
-    target: Annotated[str | None, typer.Option(help="opposite (the paper), disease, healthy, none (untargeted), or class:K (toward class K, e.g. a DR grade; for a graded model disease is the most severe grade and opposite the farthest one). A multi-label reader: hide (every finding below its threshold: 'no finding'), finding:NAME=1 or =0 (add or remove one finding, keeping the others; e.g. finding:Pneumothorax=1), opposite (every finding flipped) or none.")] = None,
+    target: Annotated[str | None, typer.Option(help="opposite (the paper), disease, healthy, none (untargeted), or class:K (toward class K, e.g. a DR grade; for a graded model disease is the most severe grade and opposite the farthest one). A segmentation model: none (destroy the mask), erase-left or erase-right (the true mask without the patient's left or right lung). A multi-label reader: hide (every finding below its threshold: 'no finding'), finding:NAME=1 or =0 (add or remove one finding, keeping the others; e.g. finding:Pneumothorax=1), opposite (every finding flipped) or none.")] = None,
     no_random_start: Annotated[bool, typer.Option("--no-random-start", help="Start from the clean image.")] = False,
     mask: Annotated[Path | None, typer.Option(help="PNG mask at the stored image size; nonzero pixels may change.")] = None,
     grid: Annotated[str, typer.Option(help="Storage grid of the output: 'data' (the images' own 8/16-bit), or 'none' (continuous; nothing is saved).")] = "data",
@@ -345,14 +345,18 @@ def attack_summary(results: dict) -> None:
     table.add_column("", no_wrap=True)
     # the columns are the task kind's: the paper's clinical metrics for binary, kappa and macro AUC for graders
     multilabel = "per_finding" in results["clean"]
-    if multilabel:  # a reader: exact match, AUCs and the "any finding" decision
-        keys: tuple[str, ...] = ("accuracy", "macro_auc", "micro_auc", "any_sensitivity", "any_specificity", "mean_confidence")
+    segmentation = "dice" in results["clean"]
+    if segmentation:  # a mask: overlap with the true mask, per-pixel accuracy
+        keys: tuple[str, ...] = ("dice", "iou", "hd95", "accuracy", "mean_confidence")
+    elif multilabel:  # a reader: exact match, AUCs and the "any finding" decision
+        keys = ("accuracy", "macro_auc", "micro_auc", "any_sensitivity", "any_specificity", "mean_confidence")
     elif "classes" not in results["clean"]:
         keys = ("accuracy", "auc", "sensitivity", "specificity", "mean_confidence")
     else:
         keys = ("accuracy", "balanced_accuracy", "macro_auc", "quadratic_kappa", "mean_confidence")
     table.add_column("images", justify="right")
-    names = {"quadratic_kappa": "kappa (quadratic)", "accuracy": "exact match" if multilabel else "accuracy",
+    names = {"quadratic_kappa": "kappa (quadratic)", "accuracy": "exact match" if multilabel else
+             "pixel accuracy" if segmentation else "accuracy", "dice": "Dice", "iou": "IoU", "hd95": "HD95 (px)",
              "any_sensitivity": "any finding sens.", "any_specificity": "any finding spec."}
     for col in keys:
         table.add_column(names.get(col, col.replace("_", " ")), justify="right")
@@ -370,6 +374,17 @@ def attack_summary(results: dict) -> None:
         table.add_row(label, str(m["n"]), *("n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in keys))
     out.print(table)
     f, p = results["flips"], results["perturbation"]
+    seg = results.get("segmentation")
+    if seg:  # a mask's damage: the success rule and the predicted area's change, on the images counted
+        succ = results.get("success") or {}
+        out.print(f"segmentation on {seg['n']} images: Dice {seg['dice_clean']:.3f} -> {seg['dice_adversarial']:.3f}, "
+                  f"IoU {seg['iou_clean']:.3f} -> {seg['iou_adversarial']:.3f}; predicted area change "
+                  + ("n/a" if seg["area_change_percent"] is None else f"{seg['area_change_percent']:+.1f}%")
+                  + ("" if "target_iou_adversarial" not in seg else
+                     f"; IoU with the {seg['target']} target {seg['target_iou_clean']:.3f} -> {seg['target_iou_adversarial']:.3f}")
+                  + f"; success {succ.get('succeeded')} of {succ.get('correct_before')} eligible ({succ.get('definition')}); "
+                  f"L-inf max {p['linf_max']:.4f}", highlight=False, soft_wrap=True)
+        return
     if multilabel:
         graded = f"{f['findings_changed']} finding decisions ({f['up']} added, {f['down']} removed), images "
     else:
@@ -696,6 +711,11 @@ def metric_rows(metrics: dict) -> list[tuple[str, float | None]]:
                   + (", too few to estimate" if r["auc"] is None else "") + ")", r["auc"]) for r in metrics["per_finding"]]
         rows.append(("mean confidence", metrics.get("mean_confidence")))
         return rows
+    if "dice" in metrics:  # segmentation: mean overlap with the true masks over the images
+        return [("Dice (mean)", metrics.get("dice")), ("IoU (mean)", metrics.get("iou")),
+                (f"HD95 px (mean; {metrics.get('hd95_undefined', 0)} undefined)", metrics.get("hd95")),
+                ("pixel accuracy", metrics.get("accuracy")), ("mean confidence", metrics.get("mean_confidence")),
+                ("threshold", metrics.get("threshold"))]
     if "classes" not in metrics:  # binary: the paper's Table 1
         return [(k.replace("_", " "), metrics.get(k))
                 for k in ("accuracy", "auc", "sensitivity", "specificity", "mean_confidence", "threshold")]

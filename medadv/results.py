@@ -268,8 +268,22 @@ MULTILABEL_METRICS: dict[str, str] = {
 }
 """Multi-label metrics (:func:`medadv.metrics.multilabel_metrics`), each finding at its own threshold."""
 
+SEGMENTATION_METRICS: dict[str, str] = {
+    "n": "images measured", "threshold": "a pixel is foreground where P(foreground) >= this (0.5)",
+    "dice": "mean over images of the Dice coefficient with the true mask (MONAI DiceMetric)",
+    "iou": "mean over images of the IoU with the true mask (MONAI MeanIoU)",
+    "hd95": "mean over images of the 95th-percentile Hausdorff distance, in pixels of the stored image (MONAI "
+            "HausdorffDistanceMetric; images with an empty mask left out)",
+    "hd95_undefined": "images left out of hd95 (an empty predicted or true mask)",
+    "accuracy": "pixel accuracy: fraction of pixels decided right", "mean_confidence": "mean probability of each pixel's decided side",
+    "mean_area": "mean predicted foreground pixels per image",
+    "per_image": "per image: dice, iou, hd95 (null where undefined)",
+}
+"""Segmentation metrics (:meth:`medadv.kinds.segmentation.Segmentation.metrics`), per pixel at P >= 0.5."""
+
 FLIPS = {"healthy_to_disease": "decisions moved from class 0 (healthy) to disease (any other class): a provider's fraud",
-         "disease_to_healthy": "from disease to healthy: an insurer's", "total": "every changed decision",
+         "disease_to_healthy": "from disease to healthy: an insurer's", "total": "every changed decision (segmentation: "
+         "these three count pixels over all images: background -> foreground, foreground -> background, every changed pixel)",
          "up": "multi-class: moved toward the last (most severe) class; multi-label: findings absent -> present",
          "down": "multi-class: moved toward class 0; multi-label: findings present -> absent",
          "findings_changed": "multi-label only: image-finding decisions that changed side (healthy_to_disease, "
@@ -408,13 +422,18 @@ class AttackResults(Record):
     n_images: int = doc("images attacked")
     clean: dict[str, Any] = doc("the victim's metrics on the attacked images before the attack (the task kind's keys: "
                                 "[binary](#binary-metrics), [multi-class](#multi-class-metrics), "
-                                "[multi-label](#multi-label-metrics))")
+                                "[multi-label](#multi-label-metrics), [segmentation](#segmentation-metrics))")
     adversarial: dict[str, Any] = doc("the same metrics on the same images after the attack")
     flips: dict[str, int] = doc("decisions changed at the operating point: [keys](#flips)")
     findings: dict[str, Any] | None = doc(
         "multi-label readers: per finding (up, down, right_before, made_wrong), n_eligible, findings_made_wrong, "
         "findings_right_before; a finding target adds `collateral` (other findings that changed side on the images "
         "it counts), hide adds `still_present`", default=None, omit=True)
+    segmentation: dict[str, Any] | None = doc(
+        "segmentation models: Dice, IoU and HD95 (pixels) clean vs attacked against the true masks (`dice_clean`, "
+        "`dice_adversarial`, ...), `area_change_percent` (predicted foreground area, attacked vs clean prediction, "
+        "with its definition), `success_level` (the stated Dice and IoU levels), per-image values; an erase target "
+        "adds `target_iou_clean` and `target_iou_adversarial` (IoU with the target mask)", default=None, omit=True)
     success_rate: float | None = doc(
         "among the images the victim classified correctly before the attack, the fraction whose adversarial decision "
         "reached the goal (targeted) or left the true label (untargeted); null if none was correct")

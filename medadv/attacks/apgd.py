@@ -102,8 +102,8 @@ class APGD(Attack):
         """Adversarial images (continuous, inside the ball) and which of them succeed once stored."""
         threat, thr = self.threat, operating_point(model)
         with torch.no_grad():
-            clean_logits = check_logits(model(x), len(x), None)
-        if clean_logits.shape[1] != threat.classes:
+            clean_logits = check_logits(model(x), len(x), None, spatial=threat.task_kind.spatial)
+        if clean_logits.shape[1] != threat.classes and not threat.task_kind.spatial:
             threat = self.threat = threat.with_(classes=clean_logits.shape[1])  # targets mean K-class goals
         mask_full = threat.mask_for(x)
         x_out = x.clone()
@@ -152,7 +152,7 @@ class APGD(Attack):
 
         def loss_grad(xa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             xa = xa.detach().requires_grad_(True)
-            logits = check_logits(model(xa), len(xa), None)
+            logits = check_logits(model(xa), len(xa), None, spatial=threat.task_kind.spatial)
             loss = threat.task_kind.per_image_loss(logits, y, goal, self.loss, thr)
             (grad,) = torch.autograd.grad(loss.sum(), xa)
             if mask is not None:

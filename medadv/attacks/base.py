@@ -32,8 +32,14 @@ class AttackResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def check_logits(logits: torch.Tensor, n: int, classes: int | None = None) -> torch.Tensor:
-    """``logits`` if it is N×``classes`` (``classes=None``: N×K for any K >= 2), else a MedadvError."""
+def check_logits(logits: torch.Tensor, n: int, classes: int | None = None, spatial: bool = False) -> torch.Tensor:
+    """``logits`` if it is N×``classes`` (``classes=None``: N×K for any K >= 2), else a MedadvError.
+    ``spatial`` (a segmentation model's kind): N×C×H×W logits, one map per output channel."""
+    if spatial:
+        if logits.ndim != 4 or logits.shape[0] != n:
+            raise MedadvError(f"the model returned shape {tuple(logits.shape)} for {n} images; a segmentation model "
+                              "returns N×C×H×W logits.", "wrap the network so it returns one logit map per channel.")
+        return logits
     ok = logits.ndim == 2 and logits.shape[0] == n and (logits.shape[1] == classes if classes else logits.shape[1] >= 2)
     if not ok:
         want = f"N×{classes}" if classes else "N×K (K >= 2)"
@@ -155,7 +161,13 @@ class Attack(ABC):
             return self.at_eps(eps)(victim, x, y)
         self.threat.check_input(x)
         multilabel = self.threat.kind == "multilabel"
-        want = (len(x), self.threat.classes) if multilabel else (len(x),)
+        want = self.threat.task_kind.label_shape(x, self.threat.classes)  # a segmentation model's: N×H×W masks
+        if want is None:
+            want = (len(x), self.threat.classes) if multilabel else (len(x),)
+        elif tuple(y.shape) != want:
+            raise MedadvError(f"{len(x)} images of {x.shape[-2]}×{x.shape[-1]} px but labels of shape {tuple(y.shape)}; "
+                              f"this {self.threat.task_kind.title} needs {'×'.join(map(str, want))}.",
+                              "give one mask per image at the image's size.")
         if tuple(y.shape) != want:
             raise MedadvError(f"{len(x)} images but labels of shape {tuple(y.shape)}; this {self.threat.task_kind.title} "
                               f"needs {'×'.join(map(str, want))}.",

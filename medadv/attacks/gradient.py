@@ -59,10 +59,11 @@ def autograd_gradient(model: nn.Module, targeted: bool, loss: str = "ce", threat
     """
 
     point = operating_point(model)
+    spatial = threat is not None and threat.task_kind.spatial  # a segmentation model's N×C×H×W logits
 
     def gradient(x_adv: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
         x_adv = x_adv.detach().requires_grad_(True)  # a view: no copy of the batch
-        logits = check_logits(model(x_adv), len(x_adv))
+        logits = check_logits(model(x_adv), len(x_adv), spatial=spatial)
         (grad,) = torch.autograd.grad(objective(logits, goal, targeted, loss, threat, point), x_adv)
         return grad
 

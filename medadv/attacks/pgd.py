@@ -48,7 +48,7 @@ def decided(model: nn.Module, x: torch.Tensor, threat: ThreatModel) -> torch.Ten
     """The model's decisions on x at its operating point, as the threat model's task kind reads them
     (binary: P(disease) >= threshold; K classes: argmax; multi-label: each finding at its threshold)."""
     with torch.no_grad():
-        logits = check_logits(model(x), len(x), None)
+        logits = check_logits(model(x), len(x), None, spatial=threat.task_kind.spatial)
     return threat.decide(logits, operating_point(model))
 
 

@@ -167,7 +167,7 @@ def split_leakage(task: str | Task, source: str | None = None, *, data_root: str
             return leakage.unchecked("re-split by patient: no patient is in two splits")
         patients, how, _ = _npz_patients(path, patient_pattern)
         return leakage.split_overlap(patients, how) if patients else leakage.unchecked("no patient ids")
-    rows = read_labels(path, allow_outside_paths, findings_of(task), task.uncertain)
+    rows = read_labels(path, allow_outside_paths, findings_of(task), task.uncertain, masks=task.masks)
     if resplit or all(r.split is None for r in rows):
         return leakage.unchecked("split by medadv at patient level: no patient is in two splits")
     if not any(r.patient_id for r in rows):
@@ -356,7 +356,8 @@ def folder_members(folder: Path, split: str, *, resplit: bool = False, split_see
     """The labels.csv rows of one split of a folder, as :func:`load_split` picks them, without decoding
     an image; and the leakage record of the folder's splits. ``task``: a multi-label task reads its
     finding columns (None: the ``label`` column)."""
-    rows = read_labels(folder, allow_outside, findings_of(task) if task else None, task.uncertain if task else "ignore")
+    rows = read_labels(folder, allow_outside, findings_of(task) if task else None, task.uncertain if task else "ignore",
+                       masks=bool(task and task.masks))
     given = [r.split for r in rows]
     has_patients = any(r.patient_id for r in rows)
     if resplit and not has_patients:
@@ -395,19 +396,26 @@ def _from_folder(task: Task, split: str, folder: Path, size: int | None, *, resp
     picked, record, how = folder_members(folder, split, resplit=resplit, split_seed=split_seed,
                                          allow_outside=allow_outside, task=task)
     if not picked:
-        shape = (0,) if findings_of(task) is None else (0, task.classes)
+        shape = (0, 1, 1) if task.masks else (0,) if findings_of(task) is None else (0, task.classes)
         return ImageSet(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(shape, np.int64), [], task.name, split,
                         str(folder), "")
     files = [r.path for r in picked]
     missing = next((f for f in files if not f.is_file()), None)
     if missing is not None:  # named before hashing, as the decoder would name it
         raise MedadvError(f"image {missing} does not exist.", "fix its row in labels.csv or add the file.")
-    checksum = sha256_files([folder / "labels.csv", *files], folder)
+    mask_files = [r.mask for r in picked if r.mask is not None]
+    checksum = sha256_files([folder / "labels.csv", *files, *mask_files], folder)
     loaded = cached_decode(checksum, len(files), {"size": size, "fit": fit, "fit_size": fit_size},
                            lambda: load_images_full(files, size, str(folder), fit, fit_size))
     grids = loaded.stored_levels
+    if task.masks:  # a segmentation task's labels: each image's mask on its loaded grid, N×H×W in {0, 1}
+        from medadv.data.masks import load_masks
+
+        labels = load_masks(mask_files, loaded.shapes, tuple(loaded.pixels.shape[-2:]), fit)
+    else:
+        labels = np.array([r.label for r in picked], dtype=np.int64)
     return ImageSet(
-        pixels=loaded.pixels, labels=np.array([r.label for r in picked], dtype=np.int64),
+        pixels=loaded.pixels, labels=labels,
         ids=[f.relative_to(folder).as_posix() if f.is_relative_to(folder) else f.as_posix() for f in files],
         task=task.name, split=split, source=str(folder),
         checksum=checksum,

@@ -45,6 +45,7 @@ class Row:
     label: int | tuple[int, ...]  # binary: 0/1; multi-label: one 0/1/MISSING per finding
     patient_id: str | None
     split: str | None
+    mask: Path | None = None  # a segmentation task's mask file (labels.csv's mask column)
 
 
 def _finding_label(text: str | None, finding: str, uncertain: str, csv_path: Path, line: int, image: str) -> int:
@@ -79,9 +80,11 @@ def _inside(folder: Path, text: str, csv_path: Path, line: int, allow_outside: b
 
 
 def read_labels(folder: Path, allow_outside: bool = False, findings: tuple[str, ...] | None = None,
-                uncertain: str = "ignore") -> list[Row]:
+                uncertain: str = "ignore", masks: bool = False) -> list[Row]:
     """The rows of ``folder/labels.csv``: binary labels, or with ``findings`` one 0/1/unknown label per
-    finding column (``uncertain``: the policy for -1, a key of :data:`UNCERTAIN_POLICIES`)."""
+    finding column (``uncertain``: the policy for -1, a key of :data:`UNCERTAIN_POLICIES`). ``masks``: a
+    segmentation task's rows, each with its ``mask`` path (:mod:`medadv.data.masks`); a ``label`` column is
+    then optional (0 where absent) and only stratifies the seeded split."""
     csv_path = folder / "labels.csv"
     if uncertain not in UNCERTAIN_POLICIES:
         raise MedadvError(f"uncertain-label policy '{uncertain}' is not one of {', '.join(UNCERTAIN_POLICIES)}.",
@@ -99,6 +102,10 @@ def read_labels(folder: Path, allow_outside: bool = False, findings: tuple[str, 
                     raise MedadvError(f"{csv_path} has no column{'s' if len(absent) > 1 else ''} {', '.join(absent)}; "
                                       f"this multi-label task reads path and {', '.join(findings)}.",
                                       "add the columns (blank where a finding is unknown), or pick the task the file belongs to.")
+            elif masks:
+                if not {"path", "mask"} <= fields:
+                    raise MedadvError(f"{csv_path} has columns {sorted(fields)}; a segmentation task needs 'path' and "
+                                      "'mask'.", "add a header line: path,mask[,label,patient_id,split].")
             elif not {"path", "label"} <= fields:
                 raise MedadvError(f"{csv_path} has columns {sorted(fields)}; it needs 'path' and 'label'.",
                                   "add a header line: path,label[,patient_id,split].")
@@ -114,6 +121,8 @@ def read_labels(folder: Path, allow_outside: bool = False, findings: tuple[str, 
                                                  for f in findings)
         else:
             label = (r.get("label") or "").strip()
+            if masks and "label" not in fields:
+                label = "0"
         if not findings and label not in ("0", "1"):
             image = (r.get("path") or "").strip() or "(no path)"
             shown = ("the label is empty (a missing value; pandas writes NaN so)" if not label
@@ -126,6 +135,10 @@ def read_labels(folder: Path, allow_outside: bool = False, findings: tuple[str, 
         row = Row(_inside(folder, (r.get("path") or "").strip(), csv_path, line, allow_outside),
                   label if isinstance(label, tuple) else int(label),
                   (r.get("patient_id") or "").strip() or None, SPLIT_NAMES.get(split) if split else None)
+        if masks:
+            from medadv.data.masks import mask_path
+
+            row.mask = mask_path(folder, (r.get("mask") or "").strip(), csv_path, line, allow_outside)
         key = row.path.resolve()
         if key in seen:  # the same file twice: one image, so the rows must agree (it is then kept once)
             first, first_line = seen[key]

@@ -18,7 +18,8 @@ class ImageSet:
     ``pixels`` is N×C×H×W, ``uint8`` (8-bit PNG/JPEG/npz) or ``uint16`` (16-bit PNG, DICOM's stored
     values over their full BitsStored range); :meth:`stored` maps it to float32 in [0, 1], the unit every
     attack's eps is in, and :meth:`tensor` to what the model sees (DICOM through its VOI ``window``).
-    ``labels`` is N ``int64`` in {0, 1}: 0 is the task's healthy class, 1 its disease class.
+    ``labels`` is N ``int64`` in {0, 1}: 0 is the task's healthy class, 1 its disease class (multi-label:
+    N×F; segmentation: N×H×W ``uint8`` masks in {0, 1} on the images' own pixel grid).
     """
 
     pixels: np.ndarray
@@ -99,6 +100,9 @@ class ImageSet:
         )
 
     def counts(self) -> dict[str, int]:
+        if self.labels.ndim == 3:  # segmentation masks: images, and foreground pixels of all pixels
+            return {"n": len(self), "foreground_pixels": int(self.labels.sum(dtype=np.int64)),
+                    "pixels": int(self.labels.size)}
         if self.labels.ndim == 2:  # multi-label: images with no finding, with any, and unknown labels
             return {"n": len(self), "no_finding": int((self.labels == 0).all(1).sum()),
                     "any_finding": int((self.labels == 1).any(1).sum()), "missing_labels": int((self.labels < 0).sum())}

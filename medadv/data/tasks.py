@@ -38,6 +38,8 @@ class Task:
     full_resolution: tuple[str, ...] = ()
     # multi-label: what a finding's -1 ("uncertain") means (medadv.data.folder.UNCERTAIN_POLICIES)
     uncertain: str = "ignore"
+    # segmentation: the labels are per-pixel masks, read from labels.csv's mask column (medadv.data.masks)
+    masks: bool = False
 
     @property
     def classes(self) -> int:
@@ -98,6 +100,11 @@ TASKS: dict[str, Task] = {
         Task("derm-melanoma", "Melanoma vs nevus (dermoscopy)", "dermoscopy", ("nevus", "melanoma"),
              ("folder:isic2017", "medmnist:dermamnist"), _melanoma_vs_nevus,
              "ISIC 2017 folder when present, else DermaMNIST classes melanoma (4) vs melanocytic nevi (5)."),
+        Task("lung-seg", "Lung segmentation (chest X-ray, Shenzhen)", "chest-xray", ("background", "lung"),
+             ("folder:shenzhen-cxr-256",), _identity,
+             "Shenzhen chest X-rays (566, 256 px) with lung masks (Stirenko et al. 2018); no split column, so a "
+             "seeded patient-level 70/10/20 split stratified by the tuberculosis label (one image per patient).",
+             kind="segmentation", masks=True),
     )
 }
 

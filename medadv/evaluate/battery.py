@@ -26,10 +26,13 @@ from medadv.progress import SILENT, Monitor
 
 def stratified_subset(data: ImageSet, n: int, seed: int) -> ImageSet:
     """A seeded subset of ``n`` images keeping the class proportions (all images if n >= len); a
-    multi-label set keeps the proportion of images with some finding against those with none."""
+    multi-label set keeps the proportion of images with some finding against those with none; a segmentation
+    set (masks, no class) is a seeded random subset."""
     if n >= len(data):
         return data
     rng = np.random.default_rng(seed)
+    if data.labels.ndim == 3:
+        return data.subset(np.sort(rng.permutation(len(data))[:n]))
     picked = []
     strata = data.labels if data.labels.ndim == 1 else (data.labels == 1).any(1).astype(np.int64)
     for cls in range(max(2, int(strata.max()) + 1)):  # every class of the task kind (binary: 0, 1)

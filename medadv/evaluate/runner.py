@@ -69,7 +69,7 @@ def outcome(victim: MedicalClassifier, threat: ThreatModel, labels: np.ndarray, 
     return {
         "adversarial": kind_metrics(victim, labels, p_adv),
         "flips": flips(pred_clean, pred_adv, threat.classes),
-        **({"findings": details} if details is not None else {}),
+        **({kind.details_key: details} if details is not None else {}),
         # an image the victim already got wrong is no success of the attack's: the rate is over correct ones
         "success_rate": float(success[correct].mean()) if correct.any() else None,
         "success": {"correct_before": int(correct.sum()), "succeeded": int(success[correct].sum()),
@@ -189,6 +189,9 @@ def run_attack(
         if m.spec.data_channels != data.channels:
             raise MedadvError(f"model {m.spec.arch} takes {m.spec.data_channels}-channel images; {data.source} has "
                               f"{data.channels}.", "attack the model with the data it was trained on.")
+    if name in REGISTRY:  # refused at the door when the kind cannot express the attack's objective
+        chosen = REGISTRY[name]
+        threat.task_kind.check_attack(name, chosen.kind.value, chosen.needs_fit)
     if name in ATTACKS and ATTACKS[name][0].access == "score":
         point = victim.operating_point  # success is judged at the victim's operating point
         params.setdefault("threshold", list(point) if isinstance(point, tuple) else point)

@@ -99,12 +99,19 @@ def threat_model(job: AttackJob, levels: Any, spec: Any = None):
         raise MedadvError(f"unknown preset '{job.preset}'.", "use --preset paper or set --eps/--steps yourself.")
     base = PAPER if job.preset == "paper" else ThreatModel(eps=8 / 255, steps=20, target="opposite")
     target = job.target
+    victim: dict[str, Any] = {}
     if spec is not None:
+        from medadv.kinds import get_kind
+
         if target is not None:
             target = str(parse_target(target, tuple(spec.class_names)))
-        base = base.with_(classes=len(spec.class_names), kind=getattr(spec, "kind", "binary"))
+        elif job.preset is None:  # the kind's own default goal (a segmentation model's: destroy the mask)
+            target = get_kind(getattr(spec, "kind", "binary")).default_target or None
+        victim = dict(classes=len(spec.class_names), kind=getattr(spec, "kind", "binary"))
     changes = {k: v for k, v in dict(eps=job.eps, steps=job.steps, norm=job.norm, target=target,
                                      step_size=job.step_size).items() if v is not None}
+    if victim:  # the victim's kind and its target in one change: a class target never meets a mask's kind
+        base = base.with_(**victim, **({"target": changes.pop("target")} if "target" in changes else {}))
     if job.grid not in ("data", "none"):
         raise MedadvError(f"--grid {job.grid!r} is not 'data' or 'none'.", "pass --grid data or --grid none.")
     return base.with_(**changes, random_start=base.random_start and job.random_start,

@@ -74,6 +74,8 @@ class TrainResult:
         rule = self.meta["training"].get("threshold_rule", "youden")
         if rule == "argmax":
             return "decision: the most probable class"
+        if rule.startswith("per pixel"):  # a segmentation model's fixed rule
+            return f"decision {rule}"
         per = " per finding" if rule.endswith(" per finding") else ""
         rule = rule.removesuffix(" per finding")
         how = "by Youden's J" if rule == "youden" else f"at sensitivity >= {rule.partition(':')[2]} on validation"

@@ -17,6 +17,7 @@ from medadv.kinds.base import TaskKind, Target, parse_target
 from medadv.kinds.binary import Binary
 from medadv.kinds.multiclass import MultiClass
 from medadv.kinds.multilabel import MultiLabel
+from medadv.kinds.segmentation import Segmentation
 
 KINDS: dict[str, TaskKind] = {}
 
@@ -40,5 +41,6 @@ def get_kind(name: str) -> TaskKind:
 register_kind(Binary())
 register_kind(MultiClass())
 register_kind(MultiLabel())
+register_kind(Segmentation())
 
 __all__ = ["KINDS", "TaskKind", "Target", "get_kind", "parse_target", "register_kind"]

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from medadv.errors import MedadvError
 
 # hide: a multi-label reader's every finding below its threshold (the image reads "no finding")
-NAMED_TARGETS = ("opposite", "disease", "healthy", "none", "hide")
+# erase-left / erase-right: a segmentation model's mask without one lung (medadv.kinds.segmentation)
+NAMED_TARGETS = ("opposite", "disease", "healthy", "none", "hide", "erase-left", "erase-right")
+SEGMENTATION_TARGETS = ("erase-left", "erase-right")
 
 # An operating point: binary, the threshold on P(disease); multi-class, unused (argmax); multi-label, one
 # threshold per finding.
@@ -71,6 +73,16 @@ class TaskKind(ABC):
 
     name: str
     title: str
+    # outputs per pixel (N×C×H×W logits, N×H×W labels) rather than per image (N×K logits)
+    spatial: bool = False
+    # how many class names a checkpoint of this kind may have (None: the spec check's own rule)
+    class_names_range: tuple[int, int] | None = None
+    # a fixed decision rule recorded as the checkpoint's threshold rule (None: chosen on validation)
+    fixed_rule: str | None = None
+    # the attack target when none is given ("": the threat model's default, the opposite class)
+    default_target: str = ""
+    # the results record's key for :meth:`attack_details` (multi-label: per finding)
+    details_key: str = "findings"
 
     def outputs(self, classes: int) -> int:
         """Logits the network's head produces for ``classes`` classes."""
@@ -166,6 +178,9 @@ class TaskKind(ABC):
 
     def check_target(self, target: Target, classes: int) -> None:
         """Refuse a target this kind cannot mean (one line naming the ones it can)."""
+        if target.name in SEGMENTATION_TARGETS:
+            raise MedadvError(f"target '{target}' is for segmentation models; this model is a {self.title}.",
+                              "use opposite, disease, healthy, none or class:<k>.")
         if target.name in ("hide", "finding"):
             raise MedadvError(f"target '{target}' is for multi-label models; this model is a {self.title}.",
                               "use opposite, disease, healthy, none or class:<k>.")
@@ -253,6 +268,14 @@ class TaskKind(ABC):
         # small one precise where 1 - p would round to 0, so the margin does not saturate
         s = probs[:, 1].clamp_min(tiny).log() - probs[:, 0].clamp_min(tiny).log() - math.log(threshold / (1.0 - threshold))
         return torch.where(want == 1, -s, s)
+
+    def check_attack(self, name: str, access: str, needs_fit: bool) -> None:
+        """Refuse, before it runs, an attack whose objective this kind cannot express (one line naming
+        why); every registered attack can attack a classifier."""
+
+    def label_shape(self, x: torch.Tensor, classes: int) -> tuple[int, ...] | None:
+        """The shape the labels of the images ``x`` must have (None: the attack's own rule: N, or N×F)."""
+        return None
 
     # -- what the runner counts ---------------------------------------------------------------------------
 

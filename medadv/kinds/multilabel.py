@@ -115,6 +115,9 @@ class MultiLabel(TaskKind):
     # -- attacks ----------------------------------------------------------------------------------------
 
     def check_target(self, target: Target, classes: int) -> None:
+        if target.name in ("erase-left", "erase-right"):
+            raise MedadvError(f"target '{target}' is for segmentation models; this model is a {self.title}.",
+                              "use hide, finding:<name>=<0|1>, opposite or none.")
         if target.name in ("healthy", "disease", "class"):
             raise MedadvError(f"target '{target}' means a class; a multi-label reader has findings.",
                               "use hide, finding:<name>=<0|1>, opposite or none.")

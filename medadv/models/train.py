@@ -42,7 +42,7 @@ from medadv.kinds import get_kind
 from medadv.models.checkpoint import save_checkpoint
 from medadv.models.recipes import Augment, Recipe, pick_recipe
 from medadv.models.wrapper import MedicalClassifier, ModelSpec
-from medadv.models.zoo import (build_network, default_normalization, first_conv_channels, get_arch, imagenet_state_dict,
+from medadv.models.zoo import (ARCHITECTURES, build_network, default_normalization, first_conv_channels, get_arch, imagenet_state_dict,
                                load_matching, read_weights, stem_for)
 from medadv.progress import SILENT, Monitor
 from medadv.runinfo import config_hash, environment, seed_everything
@@ -145,6 +145,11 @@ def build_classifier(cfg: TrainConfig, data_channels: int, class_names: tuple[st
     from medadv.kinds import get_kind
 
     arch = get_arch(cfg.arch)
+    if arch.dense != get_kind(kind).spatial:  # a classifier cannot draw masks, nor a UNet classify
+        want = ", ".join(a for a, s in ARCHITECTURES.items() if s.dense == get_kind(kind).spatial)
+        raise MedadvError(f"{arch.name} is a {'per-pixel' if arch.dense else 'classification'} network; a "
+                          f"{get_kind(kind).title} needs a {'per-pixel' if get_kind(kind).spatial else 'classification'} one.",
+                          f"pass --arch one of {want}.")
     pretrained = cfg.pretrained is not None
     net_channels = 3 if pretrained and arch.family == "efficientnet-lite" else data_channels
     user_weights = read_weights(Path(cfg.pretrained)) if pretrained and cfg.pretrained != "imagenet" else None
@@ -259,6 +264,12 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
     cfg.source = resolve_source(task, cfg.source, root, cfg.size)
     recipe = pick_recipe(cfg.recipe, cfg.pretrained is not None)
     seed_everything(cfg.seed)
+    if kind.spatial and cfg.augment:
+        # the classifiers' augmentation rotates and flips the image but not its label, which for a mask would
+        # no longer fit it (and a flip swaps the left and right lungs that erase targets name): none here
+        monitor.log("no augmentation for a segmentation model (the classifiers' rotations and flips would move "
+                    "the image but not its mask)")
+        cfg.augment = False
 
     read = dict(data_root=root, source=cfg.source, size=cfg.size, split_seed=cfg.split_seed, file_size=cfg.data_size)
     train_set = load_split(task, "train", **read)
@@ -375,7 +386,7 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
         "task": task.name,
         "seed": cfg.seed,
         "training": {**asdict(cfg), "recipe": recipe.to_json(),
-                     "threshold_rule": _rule_name(kind.name, cfg.threshold_rule),
+                     "threshold_rule": kind.fixed_rule or _rule_name(kind.name, cfg.threshold_rule),
                      **({"positive_weight": dict(zip(task.class_names, map(float, pos_weight.tolist())))}
                         if pos_weight is not None else {}),
                      "best_epoch": progress["best_epoch"], "best_val_auc": progress["best_auc"],

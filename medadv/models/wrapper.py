@@ -106,10 +106,11 @@ def _check_spec(d: dict[str, Any]) -> None:
     if not isinstance(kind, str) or kind not in KINDS:
         raise bad("kind", f"one of {', '.join(KINDS)}")
     names = d["class_names"]
-    want = {"binary": (2, 2), "multilabel": (1, 1000)}.get(kind, (3, 1000))
+    want = KINDS[kind].class_names_range or {"binary": (2, 2), "multilabel": (1, 1000)}.get(kind, (3, 1000))
     if (not isinstance(names, (list, tuple)) or not want[0] <= len(names) <= want[1]
             or not all(isinstance(x, str) for x in names)):
-        raise bad("class_names", {"binary": "two names", "multilabel": "one name per finding"}.get(kind, "3 or more names"))
+        raise bad("class_names", {"binary": "two names", "multilabel": "one name per finding"}.get(
+            kind, "two names (background, foreground)" if want == (2, 2) else "3 or more names"))
     thresholds = d.get("thresholds", ())
     if kind == "multilabel":
         # a reader's operating points are part of what it is: none may silently become 0.5
@@ -137,7 +138,7 @@ class MedicalClassifier(ModelBase):
     """A medical classifier over stored pixels.
 
     ``forward(x)``: x is N×C×H×W float in [0, 1] with C = ``spec.data_channels`` and any H×W; returns
-    N×K logits (binary: K = 2, class 1 = disease). The network sees ``spec.input_size``² after a bilinear,
+    N×K logits (binary: K = 2, class 1 = disease); a segmentation network, N×C×H×W logit maps at x's H×W. The network sees ``spec.input_size``² after a bilinear,
     antialiased resize, channel repeat/average, and per-channel normalization.
     """
 
@@ -162,7 +163,12 @@ class MedicalClassifier(ModelBase):
         return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(self.preprocess(x))
+        out = self.network(self.preprocess(x))
+        if out.ndim == 4 and out.shape[-2:] != x.shape[-2:]:
+            # a segmentation network's logit maps go back onto the stored pixels' grid (bilinear, the inverse of
+            # the input's resize), so masks, metrics and attacks are all at the stored image's size
+            out = F.interpolate(out, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+        return out
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features, N×D: stored pixels -> preprocess -> the network up to the input of its

