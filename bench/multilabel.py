@@ -38,10 +38,8 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,60 +49,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _common import CLI, machine, uptime  # bench/ is on sys.path when a script here runs
+
 FINDING_TIE_BREAK = "NIH's column order"
 
 
 def frac(text: str) -> float:
     num, _, den = text.partition("/")
     return float(num) / float(den) if den else float(num)
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
-            "amx": "amx_tile" in flags, "gpu": torch.cuda.is_available(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__}
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "load average: " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
-class CLI:
-    """Runs ``medadv`` commands, records each (as typed, with its environment), its wall time and the load."""
-
-    def __init__(self, threads: int) -> None:
-        exe = Path(sys.executable).parent / "medadv"
-        self.prefix = [str(exe)] if exe.is_file() else [sys.executable, "-m", "medadv"]
-        self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        self.threads = threads
-        self.log: list[dict] = []
-
-    def __call__(self, *args: str) -> dict:
-        shown = f"OMP_NUM_THREADS={self.threads} medadv " + " ".join(shlex.quote(a) for a in args)
-        load0 = os.getloadavg()[0]
-        t0 = time.perf_counter()
-        r = subprocess.run(self.prefix + list(args), env=self.env, capture_output=True, text=True)
-        seconds = time.perf_counter() - t0
-        entry = {"command": shown, "seconds": round(seconds, 1), "load_1min_before": round(load0, 2),
-                 "load_1min_after": round(os.getloadavg()[0], 2), "exit": r.returncode}
-        self.log.append(entry)
-        print(f"[{seconds:6.1f} s, load {load0:.2f}] {shown}", file=sys.stderr, flush=True)
-        if r.returncode != 0:
-            raise SystemExit(f"command failed (exit {r.returncode}): {shown}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-        return entry
 
 
 def fresh(path: Path) -> Path:

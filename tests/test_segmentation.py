@@ -209,3 +209,35 @@ def test_attack_job_writes_segmentation_results_and_overlays(lung_unet, data_roo
     assert r["clean"]["n"] == 4 and "dice" in r["clean"] and r["attack"]["threat_model"]["target"] == "erase-left"
     assert (out / "overlays.png").read_bytes()[:4] == b"\x89PNG" and "Dice" in (out / "report.html").read_text()
     assert len(list((out / "adversarial").iterdir())) == 4 and result.results["n_images"] == 4
+
+
+def test_adversarial_training_of_a_segmenter_ascends_its_dice_bce_and_selects_on_robust_dice(data_root, tmp_path):
+    from medadv.defenses.training import make_step_loss, robust_training
+    from medadv.kinds import get_kind
+    from medadv.models import read_metadata
+    from medadv.models.train import TrainConfig, train
+
+    cfg = TrainConfig(task="lung-seg", arch="unet", size=64, epochs=1, batch_size=4, max_train=16, augment=False,
+                      adversarial="pgd", adv_eps=2 / 255, adv_steps=2, robust_val_images=6, seed=0)
+    train(cfg, tmp_path / "m", data_root=data_root, robust=robust_training(cfg))
+    meta = read_metadata(tmp_path / "m")
+    assert meta["training"]["selection"] == "robust validation Dice"
+    assert meta["defense"]["method"] == "pgd" and meta["defense"]["eps"] == pytest.approx(2 / 255)
+    [row] = meta["training"]["history"]
+    assert row["robust_val_images"] == 6 and 0 <= row["val_robust_dice"] <= 1 and row["val_robust_auc"] is None
+    with pytest.raises(MedadvError) as e:  # TRADES's KL is a classifier's: refused before any training
+        make_step_loss("trades", kind=get_kind("segmentation"))
+    assert "TRADES is not implemented for segmentation" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_masking_checks_judge_a_segmenter_by_its_masks(lung_unet, lung_test):
+    from medadv.defenses.masking import check_gradient_masking
+
+    _, model, _ = lung_unet
+    masks = torch.from_numpy(lung_test.labels)
+    checks = {c.name: c for c in check_gradient_masking(model, lung_test.stored(), masks, steps=3).checks}
+    # images still segmented (Dice >= 0.5) are its accuracy; no black-box row (no score-based attack has a
+    # per-pixel objective) rather than one that did not run
+    assert set(checks) == {"gradients", "unbounded", "eps_monotone", "iterations", "randomness"}
+    assert checks["gradients"].status == "pass" and "images still segmented" in checks["unbounded"].detail
+    assert checks["unbounded"].values["accuracy"] <= 0.05  # eps 1 destroys every mask of a model that is attacked

@@ -52,12 +52,18 @@ class MaskingReport:
 
 def _right(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshold) -> torch.Tensor:
     """A classifier: per image, is its class at the operating point right (N bools)? A reader: per known
-    finding label, is the finding on the right side of its threshold (N×F bools, False where unknown)?"""
+    finding label, is the finding on the right side of its threshold (N×F bools, False where unknown)? A
+    segmenter (y N×H×W masks): per image, is its Dice with the mask still at the kind's level (N bools)?"""
     from medadv.attacks.base import _kind_of
     from medadv.metrics import MISSING
 
     with torch.no_grad():
         logits = model(x)
+    if y.ndim == 3:  # a segmenter: per image, is the mask still segmented (Dice >= the kind's success level)?
+        from medadv.kinds.segmentation import UNTARGETED_DICE, overlap
+
+        pred = _kind_of(model).decide(logits, threshold)
+        return torch.from_numpy(overlap(pred, y, hd95=False)["dice"] >= UNTARGETED_DICE).to(y.device)
     if y.ndim == 2:
         return (_kind_of(model).decide(logits, threshold) == y) & (y != MISSING)
     return (F.softmax(logits, dim=1)[:, 1] >= threshold).long() == y
@@ -78,7 +84,7 @@ def _threat(model: nn.Module, y: torch.Tensor, eps: float, steps: int, **kw):
     from medadv.attacks import ThreatModel
     from medadv.attacks.base import _kind_of
 
-    kind = _kind_of(model).name if y.ndim == 2 else "binary"
+    kind = _kind_of(model).name if y.ndim in (2, 3) else "binary"
     return ThreatModel(norm="linf", eps=eps, steps=steps, target="none", levels=None, kind=kind,
                        **({"classes": y.shape[1]} if y.ndim == 2 else {}), **kw)
 
@@ -117,7 +123,8 @@ def check_gradient_masking(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
                            seed: int = 0, unbounded_tolerance: float = 0.05, tolerance: float = 0.02,
                            black_box_queries: int = 100) -> MaskingReport:
     """Run the checks on images x (N×C×H×W in [0, 1]) with labels y (N; a multi-label reader's N×F, where
-    "accuracy" is the share of finding decisions still right of those right before the attack); returns a
+    "accuracy" is the share of finding decisions still right of those right before the attack; a segmenter's
+    N×H×W masks, where it is the share of images still segmented, Dice >= 0.5); returns a
     :class:`MaskingReport`.
 
     Images the model already gets wrong are left out (they say nothing about the attack). ``tolerance``:
@@ -127,7 +134,7 @@ def check_gradient_masking(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     if x.ndim != 4 or len(x) != len(y) or len(x) == 0:
         raise MedadvError(f"masking checks need N×C×H×W images and N labels; got {tuple(x.shape)} and {tuple(y.shape)}.",
                           "pass a batch of images with one label each.")
-    reader = y.ndim == 2
+    reader, segmenter = y.ndim == 2, y.ndim == 3
     if reader:
         from medadv.attacks.base import operating_point
 
@@ -153,7 +160,7 @@ def check_gradient_masking(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
         checks = []
 
         xg = x.detach().clone().requires_grad_(True)
-        if reader:  # the reader's untargeted objective: every known finding away from the truth
+        if reader or segmenter:  # the kind's untargeted objective: every known finding / pixel off the truth
             from medadv.attacks.base import _kind_of
 
             loss = _kind_of(model).objective(model(xg), y, False, "ce", threshold)
@@ -189,7 +196,8 @@ def check_gradient_masking(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
         else:
             acc_unbounded = _pgd_accuracy(model, x, y, 1.0, max(steps, 10), seed, threshold)
             checks.append(Check("unbounded", "pass" if acc_unbounded <= unbounded_tolerance else "warn",
-                                f"PGD at eps 1 (the whole pixel range) leaves {100 * acc_unbounded:.1f}% accuracy "
+                                f"PGD at eps 1 (the whole pixel range) leaves {100 * acc_unbounded:.1f}% "
+                                f"{'of the images still segmented (Dice >= 0.5)' if segmenter else 'accuracy'} "
                                 f"(expected about 0%)", {"accuracy": acc_unbounded}))
 
         accs = [_pgd_accuracy(model, x, y, e, steps, seed, threshold) for e in eps_grid]
@@ -203,7 +211,9 @@ def check_gradient_masking(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
                             f"accuracy {100 * few:.1f}% after {max(1, steps // 5)} steps, {100 * many:.1f}% after {steps}",
                             {"steps": [max(1, steps // 5), steps], "accuracy": [few, many]}))
 
-        if black_box_queries > 0:
+        # no score-based attack has a per-pixel objective (Square is refused for segmenters): a segmenter's
+        # report has no black_box check, rather than one that did not run
+        if black_box_queries > 0 and not segmenter:
             from medadv.attacks import ProbabilityOracle, Square
 
             threat = _threat(model, y, eps, 1)

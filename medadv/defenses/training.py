@@ -132,6 +132,11 @@ def _reader(kind: Any) -> bool:
     return kind is not None and kind.name == "multilabel"
 
 
+def _own_loss(kind: Any) -> bool:
+    """Trained on its kind's own loss (a reader's masked BCE, a segmenter's Dice + BCE), not softmax CE."""
+    return kind is not None and kind.name in ("multilabel", "segmentation")
+
+
 def _training_loss_gradient(model: nn.Module, kind: Any, outputs: int):
     """The gradient (to ascend) of the kind's own training loss at labels ``goal`` (a reader's N×F labels,
     unknown ones MISSING and left out): Madry's inner maximization of the loss the model is trained on."""
@@ -145,14 +150,15 @@ def _training_loss_gradient(model: nn.Module, kind: Any, outputs: int):
 
 def pgd_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
                  generator: torch.Generator, step_size: float | None = None, kind: Any = None) -> torch.Tensor:
-    """Untargeted L-inf PGD (random start) against ``model``, ascending CE (a classifier) or the reader's
-    masked BCE (``kind`` multilabel; ``y`` N×F with MISSING unknown); returns x' (detached, in [0, 1])."""
+    """Untargeted L-inf PGD (random start) against ``model``, ascending CE (a classifier), the reader's
+    masked BCE (``kind`` multilabel; ``y`` N×F with MISSING unknown) or the segmenter's Dice + BCE (``kind``
+    segmentation; ``y`` N×H×W masks); returns x' (detached, in [0, 1])."""
     from medadv.attacks.gradient import ascend, autograd_gradient, frozen
     from medadv.attacks.steps import pgd_step
 
     threat = _threat(eps, steps, step_size or pgd_step(eps, steps))
     with frozen(model):
-        gradient = _training_loss_gradient(model, kind, y.shape[-1]) if _reader(kind) else \
+        gradient = _training_loss_gradient(model, kind, y.shape[-1]) if _own_loss(kind) else \
             autograd_gradient(model, targeted=False)
         x_adv, _ = ascend(x.detach(), y, gradient, threat, generator)
     return x_adv.detach()
@@ -214,12 +220,15 @@ def fast_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
 def make_step_loss(method: str | None, *, eps: float = 4 / 255, steps: int = 7, trades_beta: float = 6.0,
                    noise_sigma: float = 0.0, step_size: float | None = None, kind: Any = None) -> StepLoss | None:
     """The training-step loss of a robust recipe, or None for plain training (no method, no noise).
-    ``kind``: a reader's task kind (its masked BCE replaces the classifier's CE throughout)."""
+    ``kind``: a reader's or segmenter's task kind (its own loss replaces the classifier's CE throughout)."""
     check_settings(method, eps, steps, trades_beta, noise_sigma)
     if method is None and noise_sigma == 0:
         return None
 
-    settings = Settings(eps, steps, trades_beta, step_size, kind if _reader(kind) else None)
+    if method == "trades" and kind is not None and kind.name == "segmentation":
+        raise MedadvError("TRADES is not implemented for segmentation models (its KL term is a classifier's).",
+                          "train the segmenter with --adversarial pgd or fast.")
+    settings = Settings(eps, steps, trades_beta, step_size, kind if _own_loss(kind) else None)
     method_loss = TRAINING_DEFENSES[method].loss if method is not None else None
 
     def step_loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor, y: torch.Tensor,
@@ -275,19 +284,19 @@ def robust_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: 
                        batch_size: int = 256, kind: Any = None) -> torch.Tensor:
     """P(disease) on untargeted PGD examples (validation; model selection on robust accuracy, Rice et al.
     2020). x: N×C×H×W in [0, 1] on the model's device; returns N floats on the CPU (a reader, ``kind``
-    multilabel: N×F finding probabilities on PGD examples against its BCE)."""
+    multilabel: N×F finding probabilities on PGD examples against its BCE; a segmenter: N×H×W P(foreground)
+    on PGD examples against its Dice + BCE)."""
+    from medadv.models.interface import eval_mode
+
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    reader = _reader(kind)
+    own = _own_loss(kind)
     out = []
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        x_adv = pgd_examples(model, xb, yb, eps, steps, generator, kind=kind if reader else None)
-        with torch.no_grad():
-            was = model.training
-            model.eval()
+        x_adv = pgd_examples(model, xb, yb, eps, steps, generator, kind=kind if own else None)
+        with torch.no_grad(), eval_mode(model):
             logits = model(x_adv)
-            out.append((torch.sigmoid(logits) if reader else F.softmax(logits, dim=1)[:, 1]).float().cpu())
-            model.train(was)
+            out.append((kind.probabilities(logits) if own else F.softmax(logits, dim=1)[:, 1]).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -310,7 +319,7 @@ def robust_training(cfg) -> RobustTraining | None:
     from medadv.kinds import get_kind
 
     kind = get_kind(get_task(cfg.task).kind)
-    kind = kind if _reader(kind) else None  # a classifier keeps the CE path exactly as it was
+    kind = kind if _own_loss(kind) else None  # a classifier keeps the CE path exactly as it was
     step = make_step_loss(cfg.adversarial, eps=cfg.adv_eps, steps=cfg.adv_steps, trades_beta=cfg.trades_beta,
                           noise_sigma=cfg.noise_sigma, kind=kind)
     return RobustTraining(step, partial(robust_predictions, kind=kind) if kind is not None else robust_predictions)

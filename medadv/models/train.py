@@ -238,8 +238,9 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
                           f"{cfg.threshold_rule} has no threshold to set.", "leave --threshold-rule out.")
     parse_threshold_rule(cfg.threshold_rule)  # a bad rule is refused before any training
     if cfg.defended:
-        if task.kind not in ("binary", "multilabel"):
-            raise MedadvError(f"robust training is implemented for binary tasks and multi-label readers; "
+        if task.kind not in ("binary", "multilabel", "segmentation"):
+            raise MedadvError(f"robust training is implemented for binary tasks, multi-label readers and "
+                              f"segmentation; "
                               f"{task.name} is {task.kind}.", "train it without --adversarial / --noise-sigma.")
         if robust is None:
             raise MedadvError("a robust training run needs the training defense's step loss.",
@@ -348,7 +349,7 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
         # robust selection: accuracy for a classifier; a reader's label-wise accuracy mostly counts the
         # absent findings, so it is selected on its robust macro AUC
         score = auc if robust_val is None else (row["val_robust_auc"] or 0.0) if kind.name == "multilabel" \
-            else row["val_robust_accuracy"]
+            else (row["val_robust_dice"] or 0.0) if kind.name == "segmentation" else row["val_robust_accuracy"]
         progress["history"].append(row)
         if score > progress.get("best_score", progress["best_auc"]):
             progress.update(best_auc=auc, best_epoch=epoch, best_score=score)
@@ -357,8 +358,10 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
         if epoch < cfg.epochs and shard.is_main:
             _save_partial(partial, model, best_state, optimizer, progress)
         shard.barrier()  # the others wait until rank 0 has written
-        robust_note = (f", robust val accuracy {row['val_robust_accuracy']:.4f} AUC {row['val_robust_auc'] or 0:.4f}"
-                       if robust_val is not None else "")
+        robust_note = "" if robust_val is None else (
+            f", robust val Dice {row['val_robust_dice'] or 0:.4f} ({row['robust_val_images']} images)"
+            if "val_robust_dice" in row else
+            f", robust val accuracy {row['val_robust_accuracy']:.4f} AUC {row['val_robust_auc'] or 0:.4f}")
         figure = "val " + kind.selection_name(task.graded).removeprefix("validation ")
         monitor.log(f"epoch {epoch}/{cfg.epochs}: loss {loss:.4f}, {figure} {auc:.4f}{robust_note} "
                     f"({progress['history'][-1]['seconds']:.1f} s)")
@@ -391,7 +394,8 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
                         if pos_weight is not None else {}),
                      "best_epoch": progress["best_epoch"], "best_val_auc": progress["best_auc"],
                      "selection": kind.selection_name(task.graded) if robust_val is None else
-                     "robust validation macro AUC" if kind.name == "multilabel" else "robust validation accuracy",
+                     "robust validation macro AUC" if kind.name == "multilabel" else "robust validation Dice"
+                     if kind.name == "segmentation" else "robust validation accuracy",
                      "history": progress["history"], "config_hash": key,
                      # how this (last) run was started; not part of config_hash, so a run resumes with any N
                      "world_size": shard.world_size, "per_rank_batch": cfg.batch_size // shard.world_size},
@@ -459,6 +463,10 @@ def _robust_validation(model: MedicalClassifier, data: ImageSet, cfg: TrainConfi
 
         m = multilabel_metrics(data.labels, p, (0.5,) * data.labels.shape[1])
         return {"val_robust_accuracy": m["label_accuracy"], "val_robust_auc": m["macro_auc"],
+                "robust_val_images": len(data)}
+    if data.labels.ndim == 3:  # a segmenter: mean Dice and pixel accuracy of the masks under attack
+        m = get_kind("segmentation").metrics(data.labels, p, 0.5)
+        return {"val_robust_accuracy": m["accuracy"], "val_robust_dice": m["dice"], "val_robust_auc": None,
                 "robust_val_images": len(data)}
     m = clinical_metrics(data.labels, p, 0.5)
     return {"val_robust_accuracy": m["accuracy"], "val_robust_auc": m["auc"], "robust_val_images": len(data)}
