@@ -1168,7 +1168,7 @@ def serve(
     rate: Annotated[float, typer.Option("--rate", help="Requests per second per token (token bucket).")] = 20.0,
     burst: Annotated[int, typer.Option("--burst", help="Token bucket size per token.")] = 40,
     screen_threshold: Annotated[float, typer.Option(
-        "--screen-threshold", help="Feature-squeezing score (max L1, 0-2) above which an image is flagged.")] = 0.5,
+        "--screen-threshold", help="Feature-squeezing score (max L1 change of the probabilities: 0-2, a multi-label reader's 0 to its finding count) above which an image is flagged.")] = 0.5,
     threads: Annotated[int | None, typer.Option(
         "--threads", help="torch threads for the model (default: torch's; 1 is fastest on a busy machine).")] = None,
     workers: Annotated[int, typer.Option(
@@ -1219,7 +1219,7 @@ def serve_batch(
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest file, MB.")] = 20.0,
     max_pixels: Annotated[int, typer.Option("--max-pixels", help="Most pixels per image.")] = 4096 * 4096,
     screen_threshold: Annotated[float, typer.Option(
-        "--screen-threshold", help="Feature-squeezing score (max L1, 0-2) above which an image is flagged.")] = 0.5,
+        "--screen-threshold", help="Feature-squeezing score (max L1 change of the probabilities: 0-2, a multi-label reader's 0 to its finding count) above which an image is flagged.")] = 0.5,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse this submitter's receipts for files already analysed with the same settings.")] = True,
     as_json: JsonOpt = False,
     quiet: Quiet = False,

@@ -79,6 +79,20 @@ def _inside(folder: Path, text: str, csv_path: Path, line: int, allow_outside: b
     return path
 
 
+def mask_path(folder: Path, text: str, csv_path: Path, line: int, allow_outside: bool = False) -> Path:
+    """The mask file a row names, refused when it is empty or leaves ``folder`` (unless ``allow_outside``)."""
+    if not text:
+        raise MedadvError(f"{csv_path} line {line}: the mask path is empty.", "give every row a mask path.")
+    raw = Path(text)
+    path = raw if raw.is_absolute() else folder / raw
+    if allow_outside:
+        return path
+    if raw.is_absolute() or not path.resolve().is_relative_to(folder.resolve()):
+        raise MedadvError(f"{csv_path} line {line}: mask path '{text}' leaves the dataset folder {folder}.",
+                          "make the mask path relative to the dataset folder and inside it, or pass --allow-outside-paths.")
+    return path
+
+
 def read_labels(folder: Path, allow_outside: bool = False, findings: tuple[str, ...] | None = None,
                 uncertain: str = "ignore", masks: bool = False) -> list[Row]:
     """The rows of ``folder/labels.csv``: binary labels, or with ``findings`` one 0/1/unknown label per
@@ -136,8 +150,6 @@ def read_labels(folder: Path, allow_outside: bool = False, findings: tuple[str, 
                   label if isinstance(label, tuple) else int(label),
                   (r.get("patient_id") or "").strip() or None, SPLIT_NAMES.get(split) if split else None)
         if masks:
-            from medadv.data.masks import mask_path
-
             row.mask = mask_path(folder, (r.get("mask") or "").strip(), csv_path, line, allow_outside)
         key = row.path.resolve()
         if key in seen:  # the same file twice: one image, so the rows must agree (it is then kept once)

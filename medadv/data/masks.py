@@ -22,20 +22,6 @@ from medadv.data.folder import Layout, resize
 from medadv.errors import MedadvError
 
 
-def mask_path(folder: Path, text: str, csv_path: Path, line: int, allow_outside: bool = False) -> Path:
-    """The mask file a row names, refused when it is empty or leaves ``folder`` (unless ``allow_outside``)."""
-    if not text:
-        raise MedadvError(f"{csv_path} line {line}: the mask path is empty.", "give every row a mask path.")
-    raw = Path(text)
-    path = raw if raw.is_absolute() else folder / raw
-    if allow_outside:
-        return path
-    if raw.is_absolute() or not path.resolve().is_relative_to(folder.resolve()):
-        raise MedadvError(f"{csv_path} line {line}: mask path '{text}' leaves the dataset folder {folder}.",
-                          "make the mask path relative to the dataset folder and inside it, or pass --allow-outside-paths.")
-    return path
-
-
 def read_mask(path: Path) -> np.ndarray:
     """One mask file as H×W ``uint8`` in {0, 1} at its stored size."""
     from PIL import Image, UnidentifiedImageError
