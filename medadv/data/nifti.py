@@ -231,3 +231,19 @@ def written_record(data, paths: list[Path]) -> dict[str, Any]:
             "units": "linf_max: [0, 1] of the stored range; linf_max_stored: the NIfTI's stored integers (npz: grey "
                      "levels); linf_max_real: × |scl_slope| (e.g. HU)",
             "linf_max_real": float(worst * slope), "geometry_kept": kept}
+
+
+def budget_record(data, eps: float | None, norm: str) -> dict[str, Any]:
+    """The attack's budget on volumes: the stored shape, and an L-inf eps (a fraction of the stored range)
+    in stored units (``eps · levels``; its whole part is the largest change a voxel can get) and in real
+    units (NIfTI: × |scl_slope|, e.g. HU for CT; npz: grey levels, the same)."""
+    nifti = data.meta.get("nifti")
+    slope = max(abs(v) for v in nifti["scl_slope"]) if nifti else 1.0
+    linf = eps is not None and norm == "linf"
+    return {"shape": list(data.size), "levels": data.levels,
+            "eps_stored": round(eps * data.levels, 6) if linf else None,
+            "max_change_stored": int(np.floor(eps * data.levels + 1e-6)) if linf else None,
+            "eps_real": round(float(np.floor(eps * data.levels + 1e-6)) * slope, 6) if linf else None,
+            "units": ("eps_stored: the NIfTI's stored integers; eps_real: the largest whole change × |scl_slope| "
+                      f"(real units, e.g. HU), dtype {nifti['dtype']}" if nifti else
+                      "eps_stored and eps_real: grey levels of the 8-bit npz grid")}
