@@ -292,19 +292,6 @@ def _fit_square(images: np.ndarray, size: int | None, fit: str) -> np.ndarray:
     return to_storage(x, 255)
 
 
-def _fit_cube(volumes: np.ndarray, size: int | None) -> np.ndarray:
-    """N×1×D×H×W uint8 volumes at ``size``³ (trilinear, back on the 8-bit grid); as stored when None or
-    already that size."""
-    if size is None or volumes.shape[-3:] == (size,) * 3:
-        return volumes
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.from_numpy(volumes).float().div_(255)
-    x = F.interpolate(x, size=(size,) * 3, mode="trilinear", align_corners=False)
-    return to_storage(x, 255)
-
-
 def _from_npz(task: Task, split: str, path: Path, size: int | None, *, resplit: bool, split_seed: int,
               pattern: str | None, fit: str, fit_size: int | None = None) -> ImageSet:
     if not path.is_file():
@@ -345,7 +332,9 @@ def _from_npz(task: Task, split: str, path: Path, size: int | None, *, resplit: 
         pids = None if not patients else [patients[split][i] for i in pick]
     if size is None and fit_size is not None and images.shape[-2] != images.shape[-1] and not task.volumes:
         size = fit_size  # non-square arrays are fitted to the model's input, never squashed by it
-    fitted = _fit_cube(images[pick], size) if task.volumes else _fit_square(images[pick], size, fit)
+    # volumes are kept as stored: the model wrapper resizes them to its input (trilinear, inside the gradient
+    # path), so an attack perturbs the file's own voxels
+    fitted = images[pick] if task.volumes else _fit_square(images[pick], size, fit)
     images, labels = fitted, labels[pick]
     return ImageSet(
         pixels=np.ascontiguousarray(images), labels=labels, ids=ids, task=task.name, split=split, source=str(path),
