@@ -67,7 +67,7 @@ def read_volume(path: Path) -> Volume:
     if not is_nifti(path):
         raise MedadvError(f"{path} is not a NIfTI file (.nii or .nii.gz).", "list NIfTI volumes in labels.csv.")
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))  # a Nifti1Image (nibabel types it as its base class)
     except Exception as exc:  # nibabel raises many types for a damaged or foreign file
         raise MedadvError(f"cannot read {path} as NIfTI ({type(exc).__name__}: {str(exc)[:100]}).",
                           "give a valid .nii or .nii.gz file.") from exc
