@@ -341,7 +341,9 @@ def attack(
 def attack_summary(results: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{results['attack']['name']} ({results['attack']['access']}) on {results['n_images']} images")
+    vol = results.get("volumes")
+    unit = "volumes" if vol else "images"  # every count says what it counts
+    table = Table(title=f"{results['attack']['name']} ({results['attack']['access']}) on {results['n_images']} {unit}")
     table.add_column("", no_wrap=True)
     # the columns are the task kind's: the paper's clinical metrics for binary, kappa and macro AUC for graders
     multilabel = "per_finding" in results["clean"]
@@ -354,7 +356,7 @@ def attack_summary(results: dict) -> None:
         keys = ("accuracy", "auc", "sensitivity", "specificity", "mean_confidence")
     else:
         keys = ("accuracy", "balanced_accuracy", "macro_auc", "quadratic_kappa", "mean_confidence")
-    table.add_column("images", justify="right")
+    table.add_column(unit, justify="right")
     names = {"quadratic_kappa": "kappa (quadratic)", "accuracy": "exact match" if multilabel else
              "pixel accuracy" if segmentation else "accuracy", "dice": "Dice", "iou": "IoU", "hd95": "HD95 (px)",
              "any_sensitivity": "any finding sens.", "any_specificity": "any finding spec."}
@@ -408,6 +410,15 @@ def attack_summary(results: dict) -> None:
     if results.get("queries"):
         line += f"; queries median {results['queries']['median']:.0f}"
     out.print(line, highlight=False)
+    if vol:  # the budget in the volumes' own units, the memory and what the figures are of
+        shape = "×".join(map(str, vol["shape"]))
+        budget = ("" if vol.get("eps_stored") is None else
+                  f"eps {vol['eps_stored']:g} stored units (a voxel moves at most {vol['max_change_stored']}, "
+                  f"{vol['eps_real']:g} in real units); ")
+        montages = (vol.get("montages") or {}).get("written", 0)
+        out.print(f"{results['n_images']} volumes of {shape} voxels: {budget}peak memory "
+                  f"{results.get('peak_memory_mb')} MiB (process peak RSS); {montages} slice montages; "
+                  f"judged on {results['judged_on']}", highlight=False, soft_wrap=True)
     if memory:
         out.print(f"judged on {results['judged_on']}; *the in-memory images were resampled on write-back, so no "
                   "file holds them.", highlight=False)
