@@ -148,9 +148,9 @@ def version() -> None:
 # ---------------------------------------------------------------------------------------------- train
 @app.command()
 def train(
-    task: Annotated[str, typer.Option(help="Task: fundus-dr, fundus-grade, chest-xray, chest-pneumothorax, chest-findings (multi-label), derm-melanoma, lung-seg (segmentation).")],
+    task: Annotated[str, typer.Option(help="Task: fundus-dr, fundus-grade, chest-xray, chest-pneumothorax, chest-findings (multi-label), derm-melanoma, lung-seg (segmentation), adrenal3d, adrenal3d-64 (3D volumes).")],
     out: Annotated[Path, typer.Option(help="Checkpoint folder to write (model.safetensors + medadv.json).")],
-    arch: Annotated[str, typer.Option(help="resnet18, resnet50, densenet121, efficientnet-lite0/1/2; unet for segmentation.")] = "resnet18",
+    arch: Annotated[str, typer.Option(help="resnet18, resnet50, densenet121, efficientnet-lite0/1/2; unet for segmentation; resnet18-3d, densenet121-3d for 3D volumes.")] = "resnet18",
     size: Annotated[int, typer.Option(help="Network input size in px (the data is pre-resized to it).")] = 28,
     data_size: Annotated[int | None, typer.Option(help="MedMNIST file resolution to read (28, 64, 128, 224; default: the smallest >= --size), upsampled to --size.")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
@@ -199,7 +199,7 @@ def train(
     if not result.is_main:
         return
     val = result.validation
-    out_table(f"Validation, {val.get('n', '?')} images (model selected on {result.selection}; {result.threshold_rule})", val)
+    out_table(f"Validation, {val.get('n', '?')} {_unit(task)} (model selected on {result.selection}; {result.threshold_rule})", val)
     err.print(f"checkpoint written to {out}", highlight=False)
 
 
@@ -236,7 +236,7 @@ def evaluate(
     metrics = result.metrics
     counts = f", {metrics['n_disease']} disease" if "n_disease" in metrics else "" if "dice" in metrics else \
         ": " + ", ".join(f"{v} {k}" for k, v in metrics.get("counts", {}).items())
-    out_table(f"{result.task} / {split} ({metrics['n']} images{counts})", metrics)
+    out_table(f"{result.task} / {split} ({metrics['n']} {_unit(result.task)}{counts})", metrics)
 
 
 AllowOverlap = Annotated[bool, typer.Option(
@@ -336,6 +336,13 @@ def attack(
         return
     attack_summary(result.results)
     err.print(f"results written to {result.results_file}", highlight=False)
+
+
+def _unit(task: str) -> str:
+    """What a task's counts count: volumes for a 3D task, else images."""
+    from medadv.data.tasks import TASKS
+
+    return "volumes" if task in TASKS and TASKS[task].volumes else "images"
 
 
 def attack_summary(results: dict) -> None:
