@@ -148,9 +148,9 @@ def version() -> None:
 # ---------------------------------------------------------------------------------------------- train
 @app.command()
 def train(
-    task: Annotated[str, typer.Option(help="Task: fundus-dr, fundus-grade, chest-xray, chest-pneumothorax, chest-findings (multi-label), derm-melanoma, lung-seg (segmentation).")],
+    task: Annotated[str, typer.Option(help="Task: fundus-dr, fundus-grade, chest-xray, chest-pneumothorax, chest-findings (multi-label), derm-melanoma, lung-seg (segmentation), adrenal3d, adrenal3d-64 (3D volumes).")],
     out: Annotated[Path, typer.Option(help="Checkpoint folder to write (model.safetensors + medadv.json).")],
-    arch: Annotated[str, typer.Option(help="resnet18, resnet50, densenet121, efficientnet-lite0/1/2; unet for segmentation.")] = "resnet18",
+    arch: Annotated[str, typer.Option(help="resnet18, resnet50, densenet121, efficientnet-lite0/1/2; unet for segmentation; resnet18-3d, densenet121-3d for 3D volumes.")] = "resnet18",
     size: Annotated[int, typer.Option(help="Network input size in px (the data is pre-resized to it).")] = 28,
     data_size: Annotated[int | None, typer.Option(help="MedMNIST file resolution to read (28, 64, 128, 224; default: the smallest >= --size), upsampled to --size.")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
@@ -199,7 +199,7 @@ def train(
     if not result.is_main:
         return
     val = result.validation
-    out_table(f"Validation, {val.get('n', '?')} images (model selected on {result.selection}; {result.threshold_rule})", val)
+    out_table(f"Validation, {val.get('n', '?')} {_unit(task)} (model selected on {result.selection}; {result.threshold_rule})", val)
     err.print(f"checkpoint written to {out}", highlight=False)
 
 
@@ -236,7 +236,7 @@ def evaluate(
     metrics = result.metrics
     counts = f", {metrics['n_disease']} disease" if "n_disease" in metrics else "" if "dice" in metrics else \
         ": " + ", ".join(f"{v} {k}" for k, v in metrics.get("counts", {}).items())
-    out_table(f"{result.task} / {split} ({metrics['n']} images{counts})", metrics)
+    out_table(f"{result.task} / {split} ({metrics['n']} {_unit(result.task)}{counts})", metrics)
 
 
 AllowOverlap = Annotated[bool, typer.Option(
@@ -338,10 +338,19 @@ def attack(
     err.print(f"results written to {result.results_file}", highlight=False)
 
 
+def _unit(task: str) -> str:
+    """What a task's counts count: volumes for a 3D task, else images."""
+    from medadv.data.tasks import TASKS
+
+    return "volumes" if task in TASKS and TASKS[task].volumes else "images"
+
+
 def attack_summary(results: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{results['attack']['name']} ({results['attack']['access']}) on {results['n_images']} images")
+    vol = results.get("volumes")
+    unit = "volumes" if vol else "images"  # every count says what it counts
+    table = Table(title=f"{results['attack']['name']} ({results['attack']['access']}) on {results['n_images']} {unit}")
     table.add_column("", no_wrap=True)
     # the columns are the task kind's: the paper's clinical metrics for binary, kappa and macro AUC for graders
     multilabel = "per_finding" in results["clean"]
@@ -354,7 +363,7 @@ def attack_summary(results: dict) -> None:
         keys = ("accuracy", "auc", "sensitivity", "specificity", "mean_confidence")
     else:
         keys = ("accuracy", "balanced_accuracy", "macro_auc", "quadratic_kappa", "mean_confidence")
-    table.add_column("images", justify="right")
+    table.add_column(unit, justify="right")
     names = {"quadratic_kappa": "kappa (quadratic)", "accuracy": "exact match" if multilabel else
              "pixel accuracy" if segmentation else "accuracy", "dice": "Dice", "iou": "IoU", "hd95": "HD95 (px)",
              "any_sensitivity": "any finding sens.", "any_specificity": "any finding spec."}
@@ -408,6 +417,15 @@ def attack_summary(results: dict) -> None:
     if results.get("queries"):
         line += f"; queries median {results['queries']['median']:.0f}"
     out.print(line, highlight=False)
+    if vol:  # the budget in the volumes' own units, the memory and what the figures are of
+        shape = "×".join(map(str, vol["shape"]))
+        budget = ("" if vol.get("eps_stored") is None else
+                  f"eps {vol['eps_stored']:g} stored units (a voxel moves at most {vol['max_change_stored']}, "
+                  f"{vol['eps_real']:g} in real units); ")
+        montages = (vol.get("montages") or {}).get("written", 0)
+        out.print(f"{results['n_images']} volumes of {shape} voxels: {budget}peak memory "
+                  f"{results.get('peak_memory_mb')} MiB (process peak RSS); {montages} slice montages; "
+                  f"judged on {results['judged_on']}", highlight=False, soft_wrap=True)
     if memory:
         out.print(f"judged on {results['judged_on']}; *the in-memory images were resampled on write-back, so no "
                   "file holds them.", highlight=False)

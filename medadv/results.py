@@ -354,6 +354,10 @@ class Written(Record):
     linf_max_stored: float = doc("stored values (DICOM, after rescale) or grey levels (PNG)")
     resampled_images: int = doc("files written at another size than attacked (resampled back)")
     units: str = doc("the units, in words")
+    linf_max_real: float | None = doc("volumes: the change in real units (NIfTI: stored units × |scl_slope|, e.g. HU)",
+                                      default=None, omit=True)
+    geometry_kept: int | None = doc("volumes: files whose dtype, scaling, affine and sform/qform codes are their "
+                                    "source's (npz sources: uint8 at the stored shape)", default=None, omit=True)
 
 
 @dataclass(kw_only=True)
@@ -455,6 +459,13 @@ class AttackResults(Record):
     in_memory: dict[str, Any] | None = doc("lossy write-back only: the in-memory figures (`adversarial`, `flips`, `success_rate`, "
                                            "`success`, `success_rate_on_correct`) kept aside, with a `note`", default=None, omit=True)
     environment: dict[str, Any] | None = doc("package versions, platform, device, threads, time", default=None, omit=True)
+    peak_memory_mb: float | None = doc("3D volumes: the process's peak resident memory after the attack (MiB, "
+                                       "getrusage ru_maxrss; the whole process, not the attack alone)",
+                                       default=None, omit=True)
+    volumes: dict[str, Any] | None = doc(
+        "3D volumes: `shape` [D, H, W] as stored, the budget in stored units (`eps_stored`) and real units "
+        "(`eps_real`, NIfTI: × |scl_slope|, e.g. HU) with their `units`, and `montages` (slice figures written)",
+        default=None, omit=True)
 
     def check(self, what: str) -> None:
         _check_schema(self.schema, SCHEMA, what)

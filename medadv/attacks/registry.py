@@ -191,6 +191,20 @@ def spec(name: str) -> AttackSpec:
         raise MedadvError(f"unknown attack '{name}'.", f"choose one of {', '.join(REGISTRY)}.") from None
 
 
+# The attacks whose every operation is elementwise or a whole-tensor norm, so they run on N×C×D×H×W volumes
+# as on images (the gradient sign or L2 step, the projection and the storage-grid rounding, per voxel). The
+# others assume 2D: Square's and the patch's square regions, HSJA's and UAP's per-image reshapes,
+# AutoAttack's Square pass, NES's 2D sampling; they are refused on volumes at the door.
+VOLUME_ATTACKS = ("pgd", "pgd-l2", "fgsm", "apgd")
+
+
+def check_volumes(name: str) -> None:
+    """Refuse, before anything runs, an attack that cannot handle 3D volumes (one line)."""
+    if name not in VOLUME_ATTACKS:
+        raise MedadvError(f"the {name} attack works on 2D images only; this model reads 3D volumes.",
+                          f"pass --attack one of {', '.join(VOLUME_ATTACKS)}.")
+
+
 def takes(param: str) -> tuple[str, ...]:
     """The registered attacks that have the option ``param`` (for a CLI error's fix)."""
     return tuple(n for n, s in REGISTRY.items() if s.takes(param))

@@ -132,6 +132,8 @@ class ThreatModel:
         """The mask broadcast to x's shape (checked), or None."""
         if self.mask is None:
             return None
+        if x.ndim == 5:  # a mask is a 2D picture (PNG); a per-voxel region is not supported
+            raise MedadvError("a mask confines 2D images; this attack is on 3D volumes.", "drop --mask for volumes.")
         m = self.mask.to(device=x.device, dtype=x.dtype)
         if m.ndim == 2:
             m = m[None, None]
@@ -146,8 +148,9 @@ class ThreatModel:
         return m.expand_as(x)
 
     def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise MedadvError(f"images must be N×C×H×W; got shape {tuple(x.shape)}.", "add a batch dimension.")
+        if x.ndim not in (4, 5):
+            raise MedadvError(f"images must be N×C×H×W (volumes N×C×D×H×W); got shape {tuple(x.shape)}.",
+                              "add a batch dimension.")
         if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
             raise MedadvError("images must be finite and in [0, 1].", "scale stored pixels by 1/255 or 1/65535.")
 

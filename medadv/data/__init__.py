@@ -134,7 +134,7 @@ def load_split(
     opts = dict(resplit=resplit_by_patient or src.resplit, split_seed=split_seed, pattern=patient_pattern, fit=fit,
                 fit_size=fit_size)
     if src.path is None:
-        path = medmnist.locate(src.name, file_size or _medmnist_size(size), root, download=download)
+        path = medmnist.locate(src.name, file_size or task.file_size or _medmnist_size(size), root, download=download)
         out = _from_npz(task, split, path, size, **opts)
     elif src.kind == "folder":
         out = _from_folder(task, split, src.path, size, allow_outside=allow_outside_paths, **opts)
@@ -301,7 +301,7 @@ def _from_npz(task: Task, split: str, path: Path, size: int | None, *, resplit: 
         if patients is None:
             raise MedadvError(f"--resplit-by-patient: {path} does not say which patient each image is from.",
                               "add *_patient_ids arrays, or *_image_ids with --patient-pattern.")
-        parts = [medmnist.read_npz(path, s) for s in medmnist.SPLITS]
+        parts = [medmnist.read_npz(path, s, task.volumes) for s in medmnist.SPLITS]
         images = np.concatenate([im for im, _ in parts])
         raw = np.concatenate([r for _, r in parts])
         all_patients = [p for s in medmnist.SPLITS for p in patients[s]]
@@ -318,7 +318,7 @@ def _from_npz(task: Task, split: str, path: Path, size: int | None, *, resplit: 
         names_out = None if all_names is None else [all_names[i] for i in pick]
         pids = [all_patients[i] for i in pick]
     else:
-        images, raw = medmnist.read_npz(path, split)
+        images, raw = medmnist.read_npz(path, split, task.volumes)
         labels = _binary(task, raw, f"{path}: {split}_labels")
         if names[split] is not None and len(names[split]) != len(images):
             raise MedadvError(f"{path}: {len(images)} {split} images but {len(names[split])} {split}_image_ids.",
@@ -330,9 +330,12 @@ def _from_npz(task: Task, split: str, path: Path, size: int | None, *, resplit: 
         split_from = "the npz's own splits"
         names_out = None if names[split] is None else [names[split][i] for i in pick]
         pids = None if not patients else [patients[split][i] for i in pick]
-    if size is None and fit_size is not None and images.shape[-2] != images.shape[-1]:
+    if size is None and fit_size is not None and images.shape[-2] != images.shape[-1] and not task.volumes:
         size = fit_size  # non-square arrays are fitted to the model's input, never squashed by it
-    images, labels = _fit_square(images[pick], size, fit), labels[pick]
+    # volumes are kept as stored: the model wrapper resizes them to its input (trilinear, inside the gradient
+    # path), so an attack perturbs the file's own voxels
+    fitted = images[pick] if task.volumes else _fit_square(images[pick], size, fit)
+    images, labels = fitted, labels[pick]
     return ImageSet(
         pixels=np.ascontiguousarray(images), labels=labels, ids=ids, task=task.name, split=split, source=str(path),
         checksum=sha256_arrays(images, labels, names_out or []), patient_ids=pids, names=names_out,
@@ -395,6 +398,10 @@ def _from_folder(task: Task, split: str, folder: Path, size: int | None, *, resp
                  pattern: str | None, fit: str, allow_outside: bool = False, fit_size: int | None = None) -> ImageSet:
     picked, record, how = folder_members(folder, split, resplit=resplit, split_seed=split_seed,
                                          allow_outside=allow_outside, task=task)
+    if task.volumes and picked:  # a 3D task's folder holds NIfTI volumes (medadv.data.nifti)
+        from medadv.data.nifti import volume_set
+
+        return volume_set(task, split, folder, picked, record, how, size)
     if not picked:
         shape = (0, 1, 1) if task.masks else (0,) if findings_of(task) is None else (0, task.classes)
         return ImageSet(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(shape, np.int64), [], task.name, split,

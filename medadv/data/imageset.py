@@ -43,8 +43,9 @@ class ImageSet:
     stored_levels: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if self.pixels.ndim != 4:
-            raise MedadvError(f"images from {self.source} have shape {self.pixels.shape}; expected N×C×H×W.")
+        if self.pixels.ndim not in (4, 5):
+            raise MedadvError(f"images from {self.source} have shape {self.pixels.shape}; expected N×C×H×W "
+                              "(or N×C×D×H×W volumes).")
         if self.pixels.dtype not in (np.uint8, np.uint16):
             raise MedadvError(f"images from {self.source} are {self.pixels.dtype}; expected uint8 or uint16.")
         if len(self.labels) != len(self.pixels) or len(self.ids) != len(self.pixels):
@@ -65,8 +66,14 @@ class ImageSet:
         return int(self.pixels.shape[1])
 
     @property
-    def size(self) -> tuple[int, int]:
-        return int(self.pixels.shape[2]), int(self.pixels.shape[3])
+    def volumes(self) -> bool:
+        """True for 3D data: ``pixels`` is N×C×D×H×W (voxels), not N×C×H×W."""
+        return self.pixels.ndim == 5
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        """The stored spatial shape: (H, W) for images, (D, H, W) for volumes."""
+        return tuple(int(v) for v in self.pixels.shape[2:])
 
     def stored(self, index: slice | np.ndarray | list[int] | None = None) -> torch.Tensor:
         """Float32 N×C×H×W in [0, 1]: the stored pixels, the space attacks perturb and eps is measured in."""
@@ -110,15 +117,17 @@ class ImageSet:
 
 
 def apply_window(x: torch.Tensor, window: torch.Tensor | None) -> torch.Tensor:
-    """``clip(a * x + b, 0, 1)`` per image (``window`` N×2), differentiable; x unchanged without a window."""
+    """``clip(a * x + b, 0, 1)`` per image (``window`` N×2; x N×C×H×W or N×C×D×H×W), differentiable; x
+    unchanged without a window."""
     if window is None:
         return x
     w = window.to(device=x.device, dtype=x.dtype)
-    return (w[:, :1, None, None] * x + w[:, 1:, None, None]).clamp(0, 1)
+    tail = (1,) * (x.ndim - 2)  # one (a, b) per image, broadcast over every pixel or voxel
+    return (w[:, :1].view(-1, 1, *tail) * x + w[:, 1:].view(-1, 1, *tail)).clamp(0, 1)
 
 
 def to_storage(x: torch.Tensor, levels: int) -> np.ndarray:
-    """Round float images in [0, 1] (N×C×H×W) to the storage grid: uint8 for 255 levels, else uint16."""
+    """Round float images in [0, 1] (N×C×H×W, or N×C×D×H×W volumes) to the storage grid: uint8 for 255 levels, else uint16."""
     dtype = np.uint8 if levels == 255 else np.uint16
     q = torch.round(x.detach().clamp(0, 1) * levels).to(torch.int64).cpu().numpy()
     return q.astype(dtype)

@@ -30,6 +30,8 @@ MD5: dict[str, dict[int, str]] = {
                    128: "db107e5590b27930b62dbaf558aebee3", 224: "45bd33e6f06c3e8cdb481c74a89152aa"},
     "dermamnist": {28: "0744692d530f8e62ec473284d019b0c7", 64: "b70a2f5635c6199aeaa28c31d7202e1f",
                    128: "2defd784463fa5243564e855ed717de1", 224: "8974907d8e169bef5f5b96bc506ae45d"},
+    # 3D (MedMNIST v2 / MedMNIST+): N×D×H×W volumes, 28 and 64 voxels a side only
+    "adrenalmnist3d": {28: "bbd3c5a5576322bc4cdfea780653b1ce", 64: "17721accfe9fb005146a47d33bc54b2f"},
 }
 
 
@@ -50,6 +52,8 @@ def locate(flag: str, size: int, data_root: Path, download: bool = True) -> Path
         return target
     offline = os.environ.get("MEDADV_OFFLINE", "") not in ("", "0")
     reason = "downloads are off (MEDADV_OFFLINE)" if offline or not download else None
+    if reason is None and flag in MD5 and size not in MD5[flag]:
+        reason = f"MedMNIST publishes no {size} px file of '{flag}' (sizes {', '.join(map(str, MD5[flag]))})"
     if reason is None and flag in MD5:
         try:
             import pooch
@@ -70,8 +74,9 @@ def locate(flag: str, size: int, data_root: Path, download: bool = True) -> Path
     )
 
 
-def read_npz(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N×C×H×W uint8) and raw labels (N×K integers) of one split of a MedMNIST .npz."""
+def read_npz(path: Path, split: str, volumes: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N×C×H×W uint8) and raw labels (N×K integers) of one split of a MedMNIST .npz; with
+    ``volumes`` (a 3D file, N×D×H×W), N×1×D×H×W."""
     if split not in SPLITS:
         raise MedadvError(f"unknown split '{split}'.", f"use one of {', '.join(SPLITS)}.")
     try:
@@ -96,7 +101,15 @@ def read_npz(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         ) from exc
     if images.dtype != np.uint8:
         raise MedadvError(f"{path}: {split}_images is {images.dtype}; MedMNIST stores uint8.", "use an official file.")
-    if images.ndim == 3:
+    if volumes:
+        # a 3D file stores N×D×H×W (one channel); N×D×H×W×1 is accepted too
+        if images.ndim == 5 and images.shape[-1] == 1:
+            images = images[..., 0]
+        if images.ndim != 4:
+            raise MedadvError(f"{path}: {split}_images has shape {images.shape}; a 3D task expects N×D×H×W volumes.",
+                              "use an official MedMNIST 3D file (e.g. adrenalmnist3d.npz), or a 2D task for 2D images.")
+        images = images[:, None]
+    elif images.ndim == 3:
         images = images[:, None]
     elif images.ndim == 4 and images.shape[-1] in (1, 3):
         images = images.transpose(0, 3, 1, 2)

@@ -40,6 +40,10 @@ class Task:
     uncertain: str = "ignore"
     # segmentation: the labels are per-pixel masks, read from labels.csv's mask column (medadv.data.masks)
     masks: bool = False
+    # 3D: the images are N×1×D×H×W volumes (MedMNIST 3D npz files, or a folder of NIfTI files)
+    volumes: bool = False
+    # the MedMNIST file resolution this task reads (None: the smallest one >= the network's input)
+    file_size: int | None = None
 
     @property
     def classes(self) -> int:
@@ -105,6 +109,15 @@ TASKS: dict[str, Task] = {
              "Shenzhen chest X-rays (566, 256 px) with lung masks (Stirenko et al. 2018); no split column, so a "
              "seeded patient-level 70/10/20 split stratified by the tuberculosis label (one image per patient).",
              kind="segmentation", masks=True),
+        Task("adrenal3d", "Adrenal mass (3D CT shape masks, 28³)", "ct-volume", ("normal", "adrenal mass"),
+             ("medmnist:adrenalmnist3d",), _identity,
+             "AdrenalMNIST3D (MedMNIST v2): 28³ binary shape masks of adrenal glands from abdominal CT, stored 0/255 "
+             "(not CT intensities); label 1 adrenal mass. A folder of NIfTI volumes with labels.csv reads too.",
+             volumes=True, file_size=28),
+        Task("adrenal3d-64", "Adrenal mass (3D CT shape masks, 64³)", "ct-volume", ("normal", "adrenal mass"),
+             ("medmnist:adrenalmnist3d",), _identity,
+             "AdrenalMNIST3D at 64³ (MedMNIST+ adrenalmnist3d_64.npz): the same volumes as adrenal3d.",
+             volumes=True, file_size=64),
     )
 }
 

@@ -189,6 +189,10 @@ def run_attack(
         if m.spec.data_channels != data.channels:
             raise MedadvError(f"model {m.spec.arch} takes {m.spec.data_channels}-channel images; {data.source} has "
                               f"{data.channels}.", "attack the model with the data it was trained on.")
+    if data.volumes:
+        from medadv.attacks.registry import check_volumes
+
+        check_volumes(name)
     if name in REGISTRY:  # refused at the door when the kind cannot express the attack's objective
         chosen = REGISTRY[name]
         threat.task_kind.check_attack(name, chosen.kind.value, chosen.needs_fit)

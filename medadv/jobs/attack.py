@@ -178,6 +178,13 @@ def attack(job: AttackJob, *, monitor: Monitor = SILENT, warn: Warn = ignore) ->
     if job.task is not None and job.task != meta["task"]:
         raise MedadvError(f"--task {job.task} does not match the model, which was trained for {meta['task']}.",
                           f"pass --task {meta['task']} or another model.")
+    from medadv.data.tasks import TASKS
+
+    volumes = meta["task"] in TASKS and TASKS[meta["task"]].volumes
+    if volumes:  # at the door: an attack that assumes 2D images is refused before any data is read
+        from medadv.attacks.registry import check_volumes
+
+        check_volumes(job.attack)
     crafter = load_defended(job.surrogate, device, adaptive=True)[0] if job.surrogate else None
     options = dict(job.data.to_dict(), fit_to_model=True)
     data = model_split(meta, job.split, data_root=job.data_root, source=job.source, image_size=job.image_size,
@@ -212,6 +219,15 @@ def attack(job: AttackJob, *, monitor: Monitor = SILENT, warn: Warn = ignore) ->
         from medadv.evaluate.clean import evaluate_model
 
         run.results["clean_full_split"] = evaluate_model(victim, full)
+    if data.volumes:  # the budget in stored and real units, and the memory the 3D attack took
+        import resource
+
+        from medadv.data.nifti import budget_record
+
+        tm = run.results["attack"]["threat_model"]
+        run.results["volumes"] = budget_record(data, tm.get("eps"), tm.get("norm"))
+        # ru_maxrss is KiB on Linux: the process's peak, so it bounds the attack's (loading included)
+        run.results["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     run.results["model"] = {"path": str(job.model), "arch": victim.spec.arch, "task": meta["task"],
                             "threshold": victim.threshold, "input_size": victim.spec.input_size}
     if meta.get("defense"):

@@ -57,7 +57,10 @@ def memory_batch(model: object, batch_size: int, *, gradients: bool = True) -> i
     spec = getattr(model, "spec", None)
     if spec is None:
         return batch_size
-    per_image = max(1, int(spec.net_channels) * int(spec.input_size) ** 2)
+    from medadv.models.zoo import spatial_dims_of
+
+    # values per input: C × size² for an image, C × size³ for a volume
+    per_image = max(1, int(spec.net_channels) * int(spec.input_size) ** spatial_dims_of(str(getattr(spec, "arch", ""))))
     budget = GRADIENT_BATCH_VALUES * (1 if gradients else 2)
     return max(1, min(batch_size, budget // per_image))
 

@@ -265,6 +265,15 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
     cfg.source = resolve_source(task, cfg.source, root, cfg.size)
     recipe = pick_recipe(cfg.recipe, cfg.pretrained is not None)
     seed_everything(cfg.seed)
+    arch_dims = get_arch(cfg.arch).spatial_dims
+    if arch_dims != (3 if task.volumes else 2):  # at the door: a 2D network cannot read volumes, nor the reverse
+        want = ", ".join(a for a, s in ARCHITECTURES.items() if s.spatial_dims == (3 if task.volumes else 2) and not s.dense)
+        raise MedadvError(f"{cfg.arch} is a {arch_dims}D network; task {task.name} holds "
+                          f"{'3D volumes' if task.volumes else '2D images'}.", f"pass --arch one of {want}.")
+    if task.volumes and cfg.augment:
+        # the classifiers' augmentation is 2D (rotations, flips and mixup of images): none on volumes
+        monitor.log("no augmentation for volumes (the classifiers' augmentation is 2D)")
+        cfg.augment = False
     if kind.spatial and cfg.augment:
         # the classifiers' augmentation rotates and flips the image but not its label, which for a mask would
         # no longer fit it (and a flip swaps the left and right lungs that erase targets name): none here
@@ -295,7 +304,8 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
     model = build_classifier(cfg, train_set.channels, task.class_names, monitor, kind=task.kind).to(device)
     # NHWC weights make oneDNN pick its faster kernels: 1.4x per EfficientNet-Lite0 step at 128 px on
     # 2 cores (0.41 vs 0.59 s per batch of 32); the checkpoint is written back in the default layout
-    model.network.to(memory_format=torch.channels_last)
+    if arch_dims == 2:  # channels_last is a 4D layout; 3D convolutions keep the default one
+        model.network.to(memory_format=torch.channels_last)
     optimizer = recipe.make_optimizer(model.parameters())
     key = config_hash({**_hashed_config(cfg), "recipe": recipe.to_json(), "data": [train_set.checksum, val_set.checksum]})
     partial = _partial_dir(out)

