@@ -350,6 +350,9 @@ def run_audit(model_path: Path, out: Path, *, task: str | None, source: str | No
 
     root = resolve_data_root(data_root)
     victim, meta = load_any_model(model_path, overrides, device)
+    from medadv.models.interface import refuse_dense_or_volume
+
+    refuse_dense_or_volume(getattr(victim, "model", victim), "medadv audit (the attack battery)")
     task = task or meta.get("task")
     if task is None:
         raise MedadvError("the model does not say which task it was trained for.", "pass --task.")

@@ -241,3 +241,28 @@ def test_masking_checks_judge_a_segmenter_by_its_masks(lung_unet, lung_test):
     assert set(checks) == {"gradients", "unbounded", "eps_monotone", "iterations", "randomness"}
     assert checks["gradients"].status == "pass" and "images still segmented" in checks["unbounded"].detail
     assert checks["unbounded"].values["accuracy"] <= 0.05  # eps 1 destroys every mask of a model that is attacked
+
+
+@pytest.mark.parametrize("command", [
+    ["wrap", "--defense", "median"], ["export"], ["certify", "--sigma", "0.25", "--n", "10", "--limit", "2"],
+    ["audit", "--task", "lung-seg", "--limit", "2"]])
+def test_commands_built_for_classifiers_refuse_a_segmenter_in_one_line(lung_unet, data_root, tmp_path, command,
+                                                                        capsys):
+    from medadv.cli import main
+
+    path, _, _ = lung_unet
+    out = tmp_path / ("model.onnx" if command[0] == "export" else "out")
+    extra = ["--data-root", str(data_root)] if command[0] in ("certify", "audit") else []
+    with pytest.raises(SystemExit) as e:
+        main([command[0], "--model", str(path), *command[1:], "--out", str(out), *extra])
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and not out.exists() and "is not built for a segmentation model" in err, err
+    assert len([ln for ln in err.splitlines() if ln.strip()]) == 1 and "Traceback" not in err
+
+
+def test_serving_refuses_a_segmenter(lung_unet):
+    from medadv.serve.model import load_model
+
+    with pytest.raises(MedadvError) as e:
+        load_model(lung_unet[0])
+    assert "medadv serve is not built for a segmentation model" in str(e.value) and "\n" not in str(e.value)

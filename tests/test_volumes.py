@@ -218,3 +218,20 @@ def test_nifti_refusals_are_one_line(tmp_path, data_root):
         assert what in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(MedadvError, match="different shapes"):
         to_pixels([read_volume(tmp_path / "a.nii.gz"), read_volume(tmp_path / "b.nii.gz")], "here")
+
+
+@pytest.mark.parametrize("command", [["wrap", "--defense", "median"], ["export"],
+                                     ["certify", "--sigma", "0.25", "--n", "10", "--limit", "2"]])
+def test_commands_built_for_2d_refuse_a_3d_model_in_one_line(adrenal, data_root, tmp_path, command, capsys):
+    from medadv.cli import main
+    from medadv.serve.model import load_model
+
+    out = tmp_path / ("model.onnx" if command[0] == "export" else "out")
+    extra = ["--data-root", str(data_root)] if command[0] == "certify" else []
+    with pytest.raises(SystemExit) as e:
+        main([command[0], "--model", str(adrenal[0]), *command[1:], "--out", str(out), *extra])
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and not out.exists() and "is not built for a 3D model (volumes)" in err, err
+    assert len([ln for ln in err.splitlines() if ln.strip()]) == 1
+    with pytest.raises(MedadvError, match="medadv serve is not built for a 3D model"):
+        load_model(adrenal[0])

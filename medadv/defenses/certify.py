@@ -133,6 +133,10 @@ def certify_model(model_path: str | Path, out: str | Path, *, sigma: float, n: i
     if not shard.is_main:
         monitor = SILENT  # one log, not one per process
     model, meta = load_checkpoint(model_path, device)
+    from medadv.models.interface import refuse_dense_or_volume
+
+    # smoothing for segmentation needs per-pixel certification with abstention, not built: refused
+    refuse_dense_or_volume(model, "medadv certify (randomized smoothing)")
     data = _split_of(meta, split, data_root)
     if data.channels != model.spec.data_channels:
         raise MedadvError(f"the model takes {model.spec.data_channels}-channel images but {data.source} has "

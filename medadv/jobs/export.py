@@ -35,6 +35,9 @@ def export(job: ExportJob) -> ExportResult:
 
     fmt = export_format(job.out, job.format)  # before loading: a TorchScript or unknown suffix fails fast
     net, meta = load_checkpoint(job.model)
+    from medadv.models.interface import refuse_dense_or_volume
+
+    refuse_dense_or_volume(net, "medadv export")
     if (meta.get("defense") or {}).get("kind") == "preprocessing":  # the export would silently drop it
         raise MedadvError(f"{job.model} is a network behind preprocessing defenses, which an export cannot carry.",
                           "export the undefended checkpoint and apply the defenses in your pipeline.")

@@ -32,6 +32,9 @@ def wrap(job: WrapJob) -> WrapResult:
     from medadv.models import load_checkpoint
 
     net, meta = load_checkpoint(job.model)
+    from medadv.models.interface import refuse_dense_or_volume
+
+    refuse_dense_or_volume(net, "medadv wrap (preprocessing defenses)")
     recorded = meta.get("defense") or {}
     if recorded.get("kind") == "preprocessing":
         raise MedadvError(f"{job.model} is already behind preprocessing defenses.",

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from medadv.errors import MedadvError
+
 
 @runtime_checkable
 class Model(Protocol):
@@ -63,6 +65,19 @@ def memory_batch(model: object, batch_size: int, *, gradients: bool = True) -> i
     per_image = max(1, int(spec.net_channels) * int(spec.input_size) ** spatial_dims_of(str(getattr(spec, "arch", ""))))
     budget = GRADIENT_BATCH_VALUES * (1 if gradients else 2)
     return max(1, min(batch_size, budget // per_image))
+
+
+def refuse_dense_or_volume(model: object, what: str) -> None:
+    """Refuse, in one line, a command built for 2D classifiers and readers (``what``: wrap, export, certify,
+    audit, serve) on a segmentation model or a 3D model, rather than run it on assumptions that do not hold
+    (per-image classes, 2D squeezers and patches, 4D tensors)."""
+    spec = getattr(model, "spec", None)
+    dense = getattr(spec, "kind", "binary") == "segmentation"
+    volume = getattr(model, "spatial_dims", 2) == 3
+    if dense or volume:
+        words = "a segmentation model" if dense else "a 3D model (volumes)"
+        raise MedadvError(f"{what} is not built for {words} yet.",
+                          "train, evaluate and attack it with medadv train, evaluate and attack.")
 
 
 @contextlib.contextmanager

@@ -133,6 +133,9 @@ def load_model(path: str | Path, screen: ScreenConfig | None = None) -> LoadedMo
     if not isinstance(classifier, MedicalClassifier):
         raise MedadvError(f"{path} does not hold a medadv classifier behind its defense.",
                           "serve a checkpoint written by `medadv train` or `medadv wrap`.")
+    from medadv.models.interface import refuse_dense_or_volume
+
+    refuse_dense_or_volume(classifier, "medadv serve")
     spec = classifier.spec
     kind = getattr(spec, "kind", "binary")
     _check_screen_threshold(screen.threshold, kind, len(spec.class_names))
