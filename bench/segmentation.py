@@ -89,7 +89,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-adversarial", action="store_true", help="the plain model only")
     ap.add_argument("--markdown", default=None)
+    ap.add_argument("--render", default=None, help="only re-render the tables of a bench.json this script wrote")
     args = ap.parse_args()
+    if args.render:
+        text = markdown(json.loads(Path(args.render).read_text()))
+        if args.markdown:
+            Path(args.markdown).write_text(text)
+        print(text)
+        return
 
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -215,8 +222,10 @@ def markdown(o: dict) -> str:
     L.append(f"```\nOMP_NUM_THREADS={a['threads']} .venv/bin/python bench/segmentation.py --data-root ../shared/data "
              f"--size {a['size']} --epochs {a['epochs']} --markdown /tmp/seg_bench.md\n```\n")
     L.append(f"UNet at {a['size']} px, {a['epochs']} epochs, batch {a['batch_size']}, seed {a['seed']}; PGD L-inf "
-             f"{a['steps']} steps, random start, step eps/4, on the 8-bit storage grid (saved PNGs re-read), on the "
-             f"first {a['limit']} test images of the stratified `--limit` subset.\n")
+             f"{a['steps']} steps, random start, step eps/4, on the {a['limit']} test images of `--limit "
+             f"{a['limit']}` (a seeded subset), crafted on the stored 256 px files (the network resizes them to "
+             f"{a['size']} px inside the gradient path) on the 8-bit storage grid, saved PNGs re-read and judged. "
+             "Clean figures beside attacked ones are on the same images.\n")
     L.append("| model | validation Dice (images) | test Dice clean (images) | IoU | HD95 px | attack | eps | images | Dice clean -> attacked | area change | success | command |")
     L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for tag, rec in o["models"].items():
@@ -243,8 +252,11 @@ def markdown(o: dict) -> str:
     else:
         L.append(f"torchattacks {p['torchattacks']} `PGD` through a wrapper returning `[0, L]` (L = per-image Dice + BCE "
                  f"against the true mask, every label 0) and medadv's `PGD` (Python API, `--target none`, no storage "
-                 f"grid), same plain UNet, the first {p['n']} test images (clean Dice {p['clean_dice']:.3f}), same eps, "
-                 f"{a['steps']} steps, step eps/4, each tool's own random start under the seed.\n")
+                 f"grid), same plain UNet, the first {p['n']} test images loaded at the network's {a['size']} px "
+                 f"(clean Dice {p['clean_dice']:.3f}), same eps, {a['steps']} steps, step eps/4, each tool's own "
+                 "random start under the seed. These are other images, at another resolution, than the table "
+                 "above's: a perturbation crafted on the 256 px files is averaged by the downsampling to the "
+                 "network's input, so the same eps does less there.\n")
         L.append("| eps | seed | Dice medadv | Dice torchattacks | diff (points) | seconds medadv / torchattacks |")
         L.append("|---|---|---|---|---|---|")
         for r in p["rows"]:
