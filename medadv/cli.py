@@ -340,9 +340,9 @@ def attack(
 
 def _unit(task: str) -> str:
     """What a task's counts count: volumes for a 3D task, else images."""
-    from medadv.data.tasks import TASKS
+    from medadv.jobs.common import count_unit
 
-    return "volumes" if task in TASKS and TASKS[task].volumes else "images"
+    return count_unit(task)
 
 
 def attack_summary(results: dict) -> None:

@@ -83,3 +83,10 @@ class StudyResult:
     @property
     def report(self) -> Path:
         return self.out / "report.html"
+
+
+def count_unit(task: str) -> str:
+    """What a task's counts count: volumes for a 3D task, else images (unknown names: images)."""
+    from medadv.data import TASKS
+
+    return "volumes" if task in TASKS and TASKS[task].volumes else "images"
