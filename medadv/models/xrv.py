@@ -71,9 +71,11 @@ XRV_CONVERT = ("python -c \"import json, torchxrayvision as xrv; from safetensor
                "m = xrv.models.DenseNet(weights='densenet121-res224-all'); "
                "save_file({k: v.contiguous() for k, v in m.state_dict().items()}, 'xrv-all.safetensors', "
                "metadata={'pathologies': json.dumps(list(m.pathologies))})\"")
-CHEXNET_CONVERT = ("python -c \"import torch; from safetensors.torch import save_file; "
-                   "m = torch.load('MODEL.pth', map_location='cpu', weights_only=False); "
-                   "save_file({k: v.contiguous() for k, v in m.state_dict().items()}, 'chexnet.safetensors')\"")
+# medadv never unpickles, nor tells anyone to: a whole pickled model is re-saved as tensors in the code that
+# built it (its own trusted environment), where the model object already exists
+CHEXNET_CONVERT = ("in the code that built the model, save its tensors: from safetensors.torch import save_file; "
+                   "save_file({k: v.contiguous() for k, v in model.state_dict().items()}, 'chexnet.safetensors') "
+                   "(a state dict saved with torch.save(model.state_dict(), ...) loads as it is)")
 
 
 # ---------------------------------------------------------------------------------------------- network
