@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from medadv.errors import MedadvError
+from medadv.jobs.common import count_unit
 from medadv.jobs.gate import provenance_gate  # noqa: F401 (built by the jobs; importable here, as callers expect)
 from medadv.progress import Monitor
 
@@ -199,7 +200,7 @@ def train(
     if not result.is_main:
         return
     val = result.validation
-    out_table(f"Validation, {val.get('n', '?')} {_unit(task)} (model selected on {result.selection}; {result.threshold_rule})", val)
+    out_table(f"Validation, {val.get('n', '?')} {count_unit(task)} (model selected on {result.selection}; {result.threshold_rule})", val)
     err.print(f"checkpoint written to {out}", highlight=False)
 
 
@@ -236,7 +237,7 @@ def evaluate(
     metrics = result.metrics
     counts = f", {metrics['n_disease']} disease" if "n_disease" in metrics else "" if "dice" in metrics else \
         ": " + ", ".join(f"{v} {k}" for k, v in metrics.get("counts", {}).items())
-    out_table(f"{result.task} / {split} ({metrics['n']} {_unit(result.task)}{counts})", metrics)
+    out_table(f"{result.task} / {split} ({metrics['n']} {count_unit(result.task)}{counts})", metrics)
 
 
 AllowOverlap = Annotated[bool, typer.Option(
@@ -336,13 +337,6 @@ def attack(
         return
     attack_summary(result.results)
     err.print(f"results written to {result.results_file}", highlight=False)
-
-
-def _unit(task: str) -> str:
-    """What a task's counts count: volumes for a 3D task, else images."""
-    from medadv.jobs.common import count_unit
-
-    return count_unit(task)
 
 
 def attack_summary(results: dict) -> None:

@@ -25,7 +25,7 @@ from medadv.evaluate.adaptive import adaptive_victim, defense_record
 from medadv.evaluate.battery import BatteryConfig, BatteryOutput, needs_fit, run_battery
 from medadv.evaluate.clean import evaluate_model, model_split
 from medadv.models import load_checkpoint
-from medadv.models.train import TrainConfig, train
+from medadv.models.train import TrainConfig, stage_config, train
 from medadv.progress import SILENT, Monitor
 from medadv.report.paper import PAPER_SETUP, PAPER_TABLE2
 from medadv.runinfo import config_hash, environment, seed_everything
@@ -98,7 +98,7 @@ def trained_model(cfg: TrainConfig, cache: StageCache, data_root: Path, monitor:
     """The checkpoint for ``cfg``, trained once and cached (a killed training resumes by epoch)."""
     task = get_task(cfg.task)
     cfg = replace(cfg, source=resolve_source(task, cfg.source, data_root, cfg.size))
-    key = {"train": asdict(cfg), "data_root": str(data_root)}
+    key = {"train": stage_config(cfg), "data_root": str(data_root)}
     folder = cache.path(f"model-{cfg.task}-{cfg.arch}-s{cfg.seed}", key)
     if folder is None:
         raise ValueError("a study needs a cache folder for its models")
@@ -234,7 +234,7 @@ def _budgeted(plans: list[TaskPlan], seconds: float, cache: StageCache, root: Pa
     keeps the plan (and the cached models and rows) instead of re-measuring a noisy machine."""
     from medadv.budget import fit_study
 
-    key = {"plans": [asdict(p.train) for p in plans], "batteries": [p.battery.to_json() for p in plans],
+    key = {"plans": [stage_config(p.train) for p in plans], "batteries": [p.battery.to_json() for p in plans],
            "seconds": seconds, "device": device, "data_root": str(root)}
     folder = cache.path("budget", key)
     if folder is not None and (folder / "budget.json").is_file():

@@ -5,7 +5,7 @@ what runs, and a bad plan file is refused with one line before any training."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,7 @@ from medadv.cli import main
 from medadv.defense_study import DefendPlan, check_plan, chest_plan, defend_plan, training_configs
 from medadv.errors import MedadvError
 from medadv.evaluate.battery import BatteryConfig
-from medadv.models.train import TrainConfig
+from medadv.models.train import TrainConfig, stage_config
 from medadv.runinfo import config_hash
 from medadv.study import DEMO_PLAN, REPRODUCE_PLANS, TaskPlan, check_task_plan, reproduce_plan
 
@@ -71,16 +71,6 @@ DEFEND_HASHES = {"chest-xray": {"undefended": "4ace1c45208d782f", "PGD-AT": "dd0
 DEMO_BATTERY_HASH = "1ebec2236ea8fcd7"  # the demo battery stage's key part (its rows are fixed, not the registry's)
 
 
-def _as_before(cfg) -> dict:
-    """The config as the hashes above saw it: the multi-label reader's fields (issue 20) are absent at their
-    defaults, as in the checkpoint's own hash (models.train._hashed_config)."""
-    d = asdict(cfg)
-    for k, default in (("findings", None), ("uncertain", None), ("class_weights", False), ("threshold_rule", "youden")):
-        if d.get(k) == default:
-            d.pop(k)
-    return d
-
-
 def _same_fields(a, b, where: str) -> None:
     """Field by field, so a failure names the field (dataclass == alone would not)."""
     for f in fields(a):
@@ -101,8 +91,8 @@ def test_shipped_reproduce_plans_load_into_the_old_constants(name):
     _same_fields(got.train, want.train, f"{name}.train")
     _same_fields(got.battery, want.battery, f"{name}.battery")
     assert got == want
-    # the stage keys: the model's (asdict of the config) and the battery's (its to_json) are unchanged
-    assert config_hash(_as_before(got.train)) == TRAIN_HASHES[name]
+    # the stage keys: the model's (stage_config: later fields at their defaults left out) and the battery's are unchanged
+    assert config_hash(stage_config(got.train)) == TRAIN_HASHES[name]
     assert config_hash(got.battery.to_json()) == config_hash(want.battery.to_json())
     # the module constants the rest of medadv (and the other tests' caches) use are these plans
     module = DEMO_PLAN if name == "demo" else REPRODUCE_PLANS[name]
@@ -120,7 +110,7 @@ def test_shipped_defend_plans_load_into_the_old_constants(task):
     _same_fields(got, want, task)
     assert got == want and got.to_json() == want.to_json()
     assert config_hash(got.to_json()) == config_hash(want.to_json())
-    configs = {name: config_hash(_as_before(cfg)) for name, cfg in training_configs(got).items()}
+    configs = {name: config_hash(stage_config(cfg)) for name, cfg in training_configs(got).items()}
     for name, h in DEFEND_HASHES[task].items():
         assert configs[name] == h, name
     assert defend_plan(task, epochs=2) == golden_defend(task, epochs=2)

@@ -101,16 +101,27 @@ class TrainConfig:
 _DEFENSE_FIELDS = ("adversarial", "adv_eps", "adv_steps", "trades_beta", "noise_sigma", "robust_val_images")
 
 
-def _hashed_config(cfg: TrainConfig) -> dict[str, Any]:
+# Fields added with a default after stage keys and checkpoints existed (the multi-label reader's, issue 20):
+# absent from a key while at their default, so caches and checkpoints from before them keep their keys.
+_ADDED_WITH_DEFAULTS = (("findings", None), ("uncertain", None), ("class_weights", False), ("threshold_rule", "youden"))
+
+
+def stage_config(cfg: TrainConfig) -> dict[str, Any]:
+    """``cfg`` as a study's stage key sees it: every field, less the later-added ones at their defaults."""
     d = asdict(cfg)
+    for k, default in _ADDED_WITH_DEFAULTS:
+        if d[k] == default:
+            d.pop(k)
+    return d
+
+
+def _hashed_config(cfg: TrainConfig) -> dict[str, Any]:
+    d = stage_config(cfg)
     if not cfg.defended:
         for k in _DEFENSE_FIELDS:
             d.pop(k)
     if not cfg.sync_batchnorm:  # likewise: runs from before the field keep their hash
         d.pop("sync_batchnorm")
-    for k, default in (("findings", None), ("uncertain", None), ("class_weights", False), ("threshold_rule", "youden")):
-        if d[k] == default:  # likewise for the multi-label fields
-            d.pop(k)
     if d.get("findings") is not None and tuple(d["findings"]) == get_task(cfg.task).class_names:
         d.pop("findings")  # the task's own findings, named: the same run
     return d
