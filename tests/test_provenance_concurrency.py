@@ -1,6 +1,8 @@
 """Concurrent writers and killed writers, on SQLite and PostgreSQL, through the real command line.
 
-8 processes register 200 images each into one ledger at the same time, 10 images per transaction:
+8 processes register 200 images each into one ledger at the same time, 2 images per transaction (small
+transactions, so that on a quiet machine one writer cannot commit all of its batches while the others sleep in
+SQLite's busy handler):
 1,600 records, none lost or duplicated, one unbroken chain. A writer killed with SIGKILL mid-run leaves a
 ledger that checks, holding whole transactions only, and running the registration again completes it.
 """
@@ -45,7 +47,7 @@ def test_concurrent_writers_never_fork_the_chain(ledger_where: str, tmp_path: Pa
     assert len(expected) == WRITERS * PER_WRITER
     procs = medadv_cli_together(WRITERS, lambda w: ("provenance", "register", tmp_path / f"w{w}", "--device",
                                                     f"scanner-{w}", "--keys", keys, "--ledger", ledger_where,
-                                                    "--batch-size", "10", "--json", "-q"), tmp_path / "start")
+                                                    "--batch-size", "2", "--json", "-q"), tmp_path / "start")
     results = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err
