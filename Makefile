@@ -25,12 +25,15 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/medadv demo
 
+# Two worker processes of one torch thread each (pytest-xdist), a file whole in one worker (its module
+# fixtures built once); the model a dozen files share is trained first, on every core (tests/conftest.py).
+PARALLEL := -n 2 --dist loadfile
 test: install lint
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra $(PARALLEL)
 
-# The inner loop: no training, no studies (tests marked slow, see tests/conftest.py).
+# The inner loop: no training, no studies (tests marked slow).
 test-fast: install lint
-	$(BIN)/python -m pytest -q -ra -m "not slow"
+	$(BIN)/python -m pytest -q -ra -m "not slow" $(PARALLEL)
 
 # Lint and type checks (configured in pyproject.toml): ruff on the code and tests, mypy on medadv/.
 lint: install

@@ -23,7 +23,7 @@ from medadv.errors import MedadvError
 from medadv.data import get_task, resolve_data_root, resolve_source
 from medadv.evaluate.adaptive import adaptive_victim, defense_record
 from medadv.evaluate.battery import BatteryConfig, BatteryOutput, needs_fit, run_battery
-from medadv.evaluate.clean import evaluate_model, model_split
+from medadv.evaluate.clean import evaluate_model, model_split, predict
 from medadv.models import load_checkpoint
 from medadv.models.train import TrainConfig, stage_config, train
 from medadv.progress import SILENT, Monitor
@@ -41,6 +41,9 @@ class TaskPlan:
     train: TrainConfig
     battery: BatteryConfig = field(default_factory=BatteryConfig)
     surrogate_arch: str | None = None  # default: the victim's architecture (as in the paper)
+    # TrainConfig fields changed for the surrogate only: an attacker with less data or compute than the
+    # victim's trainer (e.g. {"epochs": 1, "max_train": 1000}); the seed still differs from the victim's
+    surrogate_overrides: dict[str, Any] = field(default_factory=dict)
     caveats: tuple[str, ...] = ()
     # preprocessing defenses in front of the victim ({"name": ..., **settings}); attacked with BPDA
     defense: tuple[dict[str, Any], ...] = ()
@@ -72,7 +75,7 @@ def check_task_plan(plan: TaskPlan) -> None:
     plans.build(TaskPlan, plans.to_data(plan), f"the {plan.train.task} plan")
     get_task(plan.train.task)
     get_arch(plan.train.arch)
-    get_arch(plan.surrogate_arch or plan.train.arch)
+    get_arch(surrogate_config(plan).arch)
     pick_recipe(plan.train.recipe, plan.train.pretrained is not None)
     unknown = [r for r in plan.battery.rows if r not in known_rows()]
     if unknown:
@@ -143,8 +146,10 @@ def fit_to_data(plan: TaskPlan, data_root: Path, monitor: Monitor = SILENT) -> T
 
 
 def surrogate_config(plan: TaskPlan) -> TrainConfig:
-    """The black-box attacker's own model: another seed (so another initialization and data order)."""
-    return replace(plan.train, seed=plan.train.seed + 1, arch=plan.surrogate_arch or plan.train.arch)
+    """The black-box attacker's own model: another seed (so another initialization and data order), with
+    the plan's surrogate overrides (its own epochs or training images)."""
+    return replace(plan.train, **{"seed": plan.train.seed + 1, "arch": plan.surrogate_arch or plan.train.arch,
+                                  **plan.surrogate_overrides})
 
 
 # ----------------------------------------------------------------------------------------- battery
@@ -184,7 +189,8 @@ def run_task(plan: TaskPlan, cache: StageCache, data_root: Path, seed: int, moni
     test = model_split(meta, "test", data_root=data_root)
     # the registry says which rows' attacks are fitted on training images (patch, universal perturbation)
     train_set = model_split(meta, "train", data_root=data_root) if needs_fit(plan.battery.rows) else None
-    table1 = evaluate_model(victim, test)
+    p_test = predict(victim, test)  # once: Table 1 and the battery's clean figures share it
+    table1 = evaluate_model(victim, test, scores=p_test)
     key = {"battery": plan.battery.to_json(), "victim": model_fingerprint(victim_dir),
            "surrogate": model_fingerprint(surrogate_dir), "test": test.checksum, "seed": seed,
            **({"defense": victim.to_json()} if plan.defense else {})}
@@ -192,7 +198,7 @@ def run_task(plan: TaskPlan, cache: StageCache, data_root: Path, seed: int, moni
     seed_everything(seed)
     battery = cache.run(f"battery-{cfg.task}", key,
                         lambda: run_battery(victim, test, surrogate=surrogate, train=train_set, config=plan.battery,
-                                            seed=seed, monitor=monitor),
+                                            seed=seed, monitor=monitor, clean_scores=p_test),
                         _save_battery, _load_battery)
     rows = battery.results["rows"]
     # like for like: Table 2's clean column is measured on the images the PGD rows attacked (reproduce
@@ -290,7 +296,8 @@ def run_study(kind: str, plans: list[TaskPlan], out: Path, *, data_root: str | P
         "kind": kind,
         "seed": seed,
         "config": {"plans": [{"train": asdict(p.train), "battery": p.battery.to_json(),
-                              "surrogate_arch": p.surrogate_arch or p.train.arch} for p in plans],
+                              "surrogate_arch": p.surrogate_arch or p.train.arch,
+                              "surrogate_overrides": dict(p.surrogate_overrides)} for p in plans],
                    "data_root": str(root), "cache": str(cache.root)},
         "config_hash": config_hash({"plans": [asdict(p.train) for p in plans], "seed": seed}),
         "environment": {**environment(), "device": device},
@@ -400,10 +407,11 @@ def run_audit(model_path: Path, out: Path, *, task: str | None, source: str | No
     if meta.get("defense"):  # randomness detected -> every attack follows the EOT gradient
         victim, randomized = adaptive_victim(victim, test.stored(np.arange(min(len(test), 16))).to(device))
 
-    table1 = clean_metrics(victim, test)
+    p_test = predict(victim, test)  # once: Table 1 and the battery's clean figures share it
+    table1 = clean_metrics(victim, test, scores=p_test)
     seed_everything(seed)
     result = run_battery(victim, test, surrogate=surrogate, train=train_set, config=cfg, seed=seed,
-                         differentiable=victim.differentiable, monitor=monitor)
+                         differentiable=victim.differentiable, monitor=monitor, clean_scores=p_test)
     rows = result.results["rows"]
     # like for like: the clean column is measured on the images the attack rows ran on (a --limit subset),
     # the whole split's clean figure stays in table1

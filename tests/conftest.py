@@ -6,6 +6,7 @@ visible reason, except under CI (``MEDADV_REQUIRE_DATA=1``), where a missing dat
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -14,6 +15,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MEDADV_OFFLINE", "1")  # tests never download
+
+# Under pytest-xdist (`make test`: two worker processes on two cores) each worker computes on one thread:
+# two threads per worker oversubscribe the cores (measured: the fast tests took 383 s so, 274 s with one).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 # torch's intra-op thread count is process-wide: a test module that sets it at import (or a test that
 # does not restore it) silently runs the rest of the suite on fewer cores. Both are caught below.
@@ -29,13 +35,43 @@ def pytest_collection_finish(session):
 
 # Tests that use these fixtures train a model or run a study (minutes on 2 cores): they are marked
 # ``slow`` here, so `make test-fast` (-m "not slow") is the inner loop and `make test` runs everything.
-SLOW_FIXTURES = {"chest_model", "study_cache", "grader", "reader"}
+SLOW_FIXTURES = {"chest_model", "study_cache", "grader", "reader", "own_reader"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+# `make test` runs two pytest-xdist workers of one torch thread each. The demo victim (`chest_model`) that a
+# dozen files share is trained first, in the controlling process on every core, into a stage cache the
+# workers inherit (MEDADV_TEST_CACHE): otherwise each worker would train it again, on one core. A run that
+# selects no slow tests (`make test-fast`) skips it.
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    config = session.config
+    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
+        return
+    if "not slow" in (config.option.markexpr or "") or _data_root() is None:
+        return
+    if not os.environ.get("MEDADV_TEST_CACHE"):
+        cache = Path(config._tmp_path_factory.getbasetemp()) / "study-cache"  # noqa: SLF001  (pytest's own)
+        cache.mkdir(parents=True, exist_ok=True)
+        os.environ["MEDADV_TEST_CACHE"] = str(cache)
+    _train_chest_model(_data_root(), Path(os.environ["MEDADV_TEST_CACHE"]))
+
+
+def _train_chest_model(data_root: Path, cache: Path) -> Path:
+    """The demo victim's checkpoint in ``cache``, trained once: a file lock keeps two processes that
+    share the cache from training it side by side."""
+    from filelock import FileLock
+
+    from medadv.cache import StageCache
+    from medadv.study import DEMO_PLAN, trained_model
+
+    with FileLock(str(cache / ".chest_model.lock")), all_cores():
+        return trained_model(DEMO_PLAN.train, StageCache(cache), data_root)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,6 +91,17 @@ def _threads_restored(request):
         torch.set_num_threads(before)
         pytest.fail(f"{request.node.nodeid} changed torch's thread count from {before} to {after} and "
                     "did not restore it", pytrace=False)
+
+
+@contextlib.contextmanager
+def all_cores():
+    """Torch's thread count as the session started, restored after: for the shared models' training."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(INITIAL_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _data_root() -> Path | None:
@@ -90,11 +137,9 @@ def study_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def chest_model(data_root, study_cache):
     """The demo's victim: ResNet-18 (small stem) trained from scratch at 28 px on PneumoniaMNIST, 3 epochs."""
-    from medadv.cache import StageCache
     from medadv.models import load_checkpoint
-    from medadv.study import DEMO_PLAN, trained_model
 
-    path = trained_model(DEMO_PLAN.train, StageCache(study_cache), data_root)
+    path = _train_chest_model(data_root, study_cache)  # on every core, also when a one-thread module asks
     model, meta = load_checkpoint(path)
     return path, model, meta
 

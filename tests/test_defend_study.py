@@ -19,7 +19,7 @@ from medadv.evaluate.adaptive import AdaptiveConfig
 from medadv.study import DEMO_PLAN
 
 EPS = (2 / 255, 8 / 255)
-N = 32  # test images: small, so the study fits a test budget; the full plan judges 128
+N = 24  # test images: small, so the study fits a test budget; the full plan judges 128
 
 
 def _plan() -> DefendPlan:
@@ -27,9 +27,9 @@ def _plan() -> DefendPlan:
                       detectors=("feature-squeezing", "mahalanobis"), adv_steps=2, n_images=N,
                       robust=AdaptiveConfig(eps=EPS, steps=5, adaptive_steps=10, autoattack="fast", autoattack_steps=5,
                                             square_queries=20, eot_samples=2),
-                      detect_eps=(8 / 255,), detect_calibration=96, masking_images=16,
+                      detect_eps=(8 / 255,), detect_calibration=96, masking_images=8,
                       certify={"n0": 16, "n": 64, "alpha": 0.01},
-                      trained_overrides={"epochs": 1, "max_train": 1200})
+                      trained_overrides={"epochs": 1, "max_train": 600})
 
 
 @pytest.fixture(scope="module")

@@ -50,13 +50,13 @@ def test_attack_is_adaptive_by_default_and_the_masking_checks_flag_the_naive_vie
     monkeypatch.setenv("MEDADV_DATA", str(data_root))
     _, defended = wrapped
     common = ["attack", "--model", defended, "--attack", "pgd", "--eps", "8/255", "--steps", "10", "--target", "none",
-              "--limit", "48", "--no-save-images"]
+              "--limit", "32", "--no-save-images"]
     assert run([*common, "--out", tmp_path / "adaptive"], capsys)[0] in (0, None)
     assert run([*common, "--non-adaptive", "--out", tmp_path / "naive"], capsys)[0] in (0, None)
     ad, naive = (json.loads((tmp_path / f / "results.json").read_text()) for f in ("adaptive", "naive"))
     assert ad["defense"]["attacked_with"]["gradient"].startswith("BPDA")
     assert naive["defense"]["attacked_with"]["gradient"].startswith("masked")
-    assert ad["clean"] == naive["clean"] and ad["n_images"] == naive["n_images"] == 48
+    assert ad["clean"] == naive["clean"] and ad["n_images"] == naive["n_images"] == 32
     # the false security: the masked gradient leaves the model looking far more robust than BPDA does
     assert naive["adversarial"]["accuracy"] >= ad["adversarial"]["accuracy"] + 0.2
     assert ad["defense"]["masking"]["flagged"] is True
@@ -69,7 +69,7 @@ def test_a_randomized_defense_is_attacked_with_eot(chest_model, data_root, tmp_p
     assert run(["wrap", "--model", path, "--defense", "gaussian-noise:sigma=0.05", "--out", tmp_path / "noisy"],
                capsys)[0] in (0, None)
     assert run(["attack", "--model", tmp_path / "noisy", "--attack", "fgsm", "--eps", "4/255", "--target", "none",
-                "--limit", "16", "--no-save-images", "--out", tmp_path / "a"], capsys)[0] in (0, None)
+                "--limit", "8", "--no-save-images", "--out", tmp_path / "a"], capsys)[0] in (0, None)
     record = json.loads((tmp_path / "a" / "results.json").read_text())
     assert record["defense"]["attacked_with"]["eot"] is True
 

@@ -153,6 +153,7 @@ def setting(data_root, tmp_path_factory):
     return dict(model=model, det=det, cal=cal, held=held, x=x, y=y, x_pgd=x_pgd, x_adaptive=x_adaptive, threat=threat)
 
 
+@pytest.mark.slow  # the module's setting trains a ResNet-18 and attacks 100 images (~35 s)
 def test_calibrated_threshold_gives_about_5_percent_false_positives_on_held_out_clean_images(setting):
     det, cal, held = setting["det"], setting["cal"], setting["held"]
     assert float(det.flags(cal).float().mean()) <= 0.05 + 1 / len(cal)  # by construction
@@ -162,6 +163,7 @@ def test_calibrated_threshold_gives_about_5_percent_false_positives_on_held_out_
     assert 0.01 <= fpr <= 0.10
 
 
+@pytest.mark.slow  # the module's setting trains a ResNet-18 and attacks 100 images (~35 s)
 def test_pgd_is_detected_above_chance_and_the_adaptive_attack_gets_more_past(setting):
     model, det, x, y = setting["model"], setting["det"], setting["x"], setting["y"]
 

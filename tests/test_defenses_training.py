@@ -89,9 +89,9 @@ def test_noise_training_selects_on_clean_auc_and_plain_hash_is_unchanged(data_ro
     plain = TrainConfig(task="chest-xray")
     assert set(_hashed_config(plain)) == set(asdict(plain)) - {"adversarial", "adv_eps", "adv_steps", "trades_beta",
                                                                "noise_sigma", "robust_val_images", "sync_batchnorm",
-                                                               # the reader's options: absent at their defaults
+                                                               # later options: absent at their defaults
                                                                "findings", "uncertain", "class_weights",
-                                                               "threshold_rule"}
+                                                               "threshold_rule", "max_val"}
     cfg = TrainConfig(task="chest-xray", arch="resnet18", size=28, epochs=1, batch_size=16, max_train=32,
                       augment=False, noise_sigma=0.25)
     _, meta = train(cfg, tmp_path / "ck", data_root=data_root, robust=robust_training(cfg))
@@ -110,6 +110,7 @@ def test_cli_train_rejects_a_bad_adversarial_flag(tmp_path, capsys):
     assert len([ln for ln in err.splitlines() if ln.strip()]) == 1
 
 
+@pytest.mark.slow  # two PGD trainings (~15 s)
 def test_pgd_training_records_its_defense_and_resumes_to_the_same_weights(data_root, tmp_path):
     from medadv.models import read_metadata
     from medadv.models.train import TrainConfig, train

@@ -120,6 +120,18 @@ def test_training_resumes_to_the_same_weights(data_root, tmp_path):
     assert saved["data"]["train"]["checksum"] and 0 < saved["spec"]["threshold"] < 1
 
 
+@pytest.mark.slow  # a one-epoch training
+def test_max_val_validates_on_a_seeded_subset_and_keys_without_it_are_unchanged(data_root, tmp_path):
+    from dataclasses import replace
+
+    from medadv.models.train import stage_config
+
+    cfg = TrainConfig(task="chest-xray", arch="resnet18", size=28, epochs=1, max_train=64, max_val=40, batch_size=32)
+    _, meta = train(cfg, tmp_path / "m", data_root=data_root)
+    assert meta["validation"]["n"] == 40 and meta["training"]["max_val"] == 40
+    assert stage_config(cfg)["max_val"] == 40 and "max_val" not in stage_config(replace(cfg, max_val=None))
+
+
 @pytest.mark.slow
 def test_surrogate_differs_from_victim(data_root, tmp_path):
     cfg = dict(task="chest-xray", arch="resnet18", size=28, epochs=1, max_train=128, batch_size=64)

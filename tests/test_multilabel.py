@@ -397,7 +397,9 @@ def test_the_masking_checks_judge_a_reader_by_its_finding_decisions(reader, data
     _, model, _ = reader
     test = load_split("chest-findings", "test", data_root=data_root, size=64)
     x, y = test.tensor()[:24], torch.from_numpy(test.labels[:24])
-    report = {c.name: c for c in check_gradient_masking(model, x, y, steps=5, black_box_queries=20).checks}
+    # 20 steps: the reader trained on one thread (pytest-xdist) kept 2 of 24 images' decisions at eps 1
+    # after 5 or 10 (8.3%, a warning), none after 20; the reader trained on two threads, none after 5
+    report = {c.name: c for c in check_gradient_masking(model, x, y, steps=20, black_box_queries=20).checks}
     assert report["gradients"].status == "pass" and report["unbounded"].status == "pass"
     assert "images with every finding right" in report["unbounded"].detail
     # a finding no image crosses even at eps 1 (Hernia: no validation positive, so its threshold stays at

@@ -193,6 +193,9 @@ def _edit(**changes):
     ({"train": 5}, ["train is a number, not an object"]),
     ({"caveats": ["x" * 5000]}, ["caveats[0] is 5000 characters long"]),
     ({"defense": [{"bits": 4}]}, ['defense[0] has no "name"']),
+    ({"surrogate_overrides": {"epoch": 1}}, ["unknown key 'surrogate_overrides.epoch'", "TrainConfig fields"]),
+    ({"surrogate_overrides": {"epochs": 0}}, ["surrogate_overrides.epochs is 0, not in [1, 10000]"]),
+    ({"surrogate_overrides": {"task": "derm-melanoma"}}, ["unknown key 'surrogate_overrides.task'"]),
     ({"schema": "medadv-plan/2"}, ["schema is 'medadv-plan/2', not 'medadv-plan/1'"]),
     ({"kind": "defend"}, ["is a 'defend' plan, not a reproduce plan", "medadv defend"]),
     ({"name": 5}, ["name is a number, not a string"]),
@@ -262,6 +265,18 @@ def test_registry_names_are_checked_by_the_study_before_training(tmp_path):
         plan = reproduce_plan(_write(tmp_path, _edit(**changes)))
         with pytest.raises(MedadvError, match=needle):
             check_task_plan(plan)
+
+
+def test_the_surrogate_is_another_seed_with_the_plans_overrides(tmp_path):
+    from medadv.study import surrogate_config
+
+    assert surrogate_config(DEMO_PLAN) == replace(DEMO_PLAN.train, seed=DEMO_PLAN.train.seed + 1)
+    plan = reproduce_plan(_write(tmp_path, _edit(surrogate_overrides={"epochs": 1, "max_train": 1000})))
+    assert plan.train == DEMO_PLAN.train  # the victim is untouched
+    assert surrogate_config(plan) == replace(DEMO_PLAN.train, seed=1, epochs=1, max_train=1000)
+    bad = reproduce_plan(_write(tmp_path, _edit(surrogate_overrides={"arch": "resnet9000"})))
+    with pytest.raises(MedadvError, match="unknown architecture"):
+        check_task_plan(bad)
 
 
 def test_a_plan_built_in_code_gets_the_same_bounds():

@@ -56,7 +56,12 @@ def test_a_defended_checkpoint_is_served_behind_its_defense(world, defended, tmp
     model, _ = load_defended(defended)
     bare, _ = load_checkpoint(world.model)
     odd = tmp_path / "odd-size.png"  # unregistered, so served under policy flag only
-    odd.write_bytes(png_bytes((np.random.default_rng(3).random((40, 52)) * 255).astype(np.uint8)))
+    # a noise image the defense changes (the tiny model's answer on some noise saturates; which ones depends
+    # on its training's float rounding, so a few seeds are tried and the first that moves is kept)
+    for seed in range(3, 13):
+        odd.write_bytes(png_bytes((np.random.default_rng(seed).random((40, 52)) * 255).astype(np.uint8)))
+        if abs(float(model.probabilities(_x(odd))[0]) - float(bare.probabilities(_x(odd))[0])) > 1e-4:
+            break
     cases = {"xray-0.png": (world.images["xray-0.png"], "require-provenance"), "odd-size.png": (odd, "flag")}
     for name, (path, policy) in cases.items():
         x = _x(path)

@@ -216,3 +216,29 @@ def test_curves_under_a_limit_use_the_table2_images_and_say_which():
     fewer = run_battery(model, test, config=BatteryConfig(rows=("fgsm",), n_images=24, curve_images=12,
                                                             curve_eps=(0.0,), curve_steps=2, break_search=()))
     assert fewer.results["curve_subset"].startswith("a separate seeded") and "24" in fewer.results["curve_subset"]
+
+
+def test_the_battery_takes_table1s_scores_instead_of_predicting_the_split_again(monkeypatch):
+    """A study predicts the test split once (at 224 px: 11 s of a 2-core run) for Table 1 and the battery."""
+    from medadv.data import load_split
+    from medadv.evaluate import clean
+    from medadv.evaluate.battery import BatteryConfig, run_battery
+    from medadv.models.train import TrainConfig, build_classifier
+
+    torch.manual_seed(0)
+    model = build_classifier(TrainConfig(task="chest-xray"), 1, ("normal", "pneumonia")).eval()
+    test = load_split("chest-xray", "test", data_root=DATA)
+    cfg = BatteryConfig(rows=("fgsm",), n_images=8, curve_eps=(), break_search=())
+    scores = clean.predict(model, test)
+    table1 = clean.evaluate_model(model, test, scores=scores)
+    assert table1 == clean.evaluate_model(model, test)
+    alone = run_battery(model, test, config=cfg).results
+    seen = []
+    monkeypatch.setattr(clean, "predict", lambda m, data, *a, **k: seen.append(len(data)) or scores[: len(data)])
+    shared = run_battery(model, test, config=cfg, clean_scores=scores).results
+    assert len(test) not in seen  # the whole split was not predicted again
+    assert shared["clean"] == alone["clean"]
+    for part in ("clean", "adversarial", "perturbation"):  # the row's figures (its timings differ run to run)
+        assert shared["rows"]["fgsm"][part] == alone["rows"]["fgsm"][part], part
+    with pytest.raises(ValueError, match="623 scores given for 624 images"):
+        run_battery(model, test, config=cfg, clean_scores=scores[:-1])

@@ -277,13 +277,15 @@ def _for_kind(threat: ThreatModel, victim: MedicalClassifier) -> ThreatModel:
 
 def run_battery(victim: MedicalClassifier, test: ImageSet, *, surrogate: MedicalClassifier | None = None,
                 train: ImageSet | None = None, config: BatteryConfig | None = None, seed: int = 0,
-                differentiable: bool = True, monitor: Monitor = SILENT) -> BatteryOutput:
-    """Run the battery on ``test`` and return the ``rows``, ``curves`` and ``breaking_eps`` records."""
+                differentiable: bool = True, monitor: Monitor = SILENT,
+                clean_scores: np.ndarray | None = None) -> BatteryOutput:
+    """Run the battery on ``test`` and return the ``rows``, ``curves`` and ``breaking_eps`` records.
+    ``clean_scores``: the victim's scores on all of ``test`` when the caller has them (Table 1's)."""
     cfg = config or BatteryConfig()
     levels = test.levels
-    from medadv.evaluate.clean import predict
+    from medadv.evaluate.clean import checked_scores, predict
 
-    p_test = predict(victim, test)
+    p_test = predict(victim, test) if clean_scores is None else checked_scores(clean_scores, test)
     results: dict[str, Any] = {"battery": cfg.to_json(), "clean": kind_metrics(victim, test.labels, p_test),
                                "rows": {}, "skipped": {}}
     main = stratified_subset(test, cfg.n_images, seed)

@@ -35,14 +35,24 @@ def predict(model: MedicalClassifier, data: ImageSet, batch_size: int = 256) -> 
     return torch.cat(out).double().numpy()
 
 
-def evaluate_model(model: MedicalClassifier, data: ImageSet, batch_size: int = 256) -> dict[str, Any]:
-    """Clinical metrics at the model's saved operating point (the task kind's), with what was evaluated."""
-    p = predict(model, data, batch_size)
+def evaluate_model(model: MedicalClassifier, data: ImageSet, batch_size: int = 256,
+                   scores: np.ndarray | None = None) -> dict[str, Any]:
+    """Clinical metrics at the model's saved operating point (the task kind's), with what was evaluated.
+    ``scores``: :func:`predict`'s output for ``model`` on ``data`` when the caller already has it (a study
+    hands the same scores to the battery, so the test split is predicted once)."""
+    p = predict(model, data, batch_size) if scores is None else checked_scores(scores, data)
     return {
         **kind_metrics(model, data.labels, p),
         "task": data.task, "split": data.split, "source": data.source, "data_checksum": data.checksum,
         "image_size": list(data.size), "leakage": data.meta.get("leakage"),
     }
+
+
+def checked_scores(scores: np.ndarray, data: ImageSet) -> np.ndarray:
+    """``scores`` given for ``data``, refused when they cannot be (a count that differs is a caller's bug)."""
+    if len(scores) != len(data):
+        raise ValueError(f"{len(scores)} scores given for {len(data)} images of {data.source}")
+    return scores
 
 
 def kind_metrics(model, labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:

@@ -62,6 +62,9 @@ class TrainConfig:
     split_seed: int = 0  # folder sources without a split column: the split, independent of `seed`
     augment: bool = True
     max_train: int | None = None  # use only the first N training images (seeded subset), for quick runs
+    # validate (select the epoch, set the threshold) on a seeded subset of N validation images, for quick
+    # runs at large sizes, where predicting the whole validation split every epoch costs more than a step
+    max_val: int | None = None
     data_size: int | None = None  # MedMNIST file resolution to read (default: the smallest >= size); the
     # images are upsampled to `size`, so attacks later perturb the data_size pixels the file stores
     # robust training (medadv.defenses.training); eps and step sizes in stored-pixel [0, 1] units
@@ -103,7 +106,8 @@ _DEFENSE_FIELDS = ("adversarial", "adv_eps", "adv_steps", "trades_beta", "noise_
 
 # Fields added with a default after stage keys and checkpoints existed (the multi-label reader's, issue 20):
 # absent from a key while at their default, so caches and checkpoints from before them keep their keys.
-_ADDED_WITH_DEFAULTS = (("findings", None), ("uncertain", None), ("class_weights", False), ("threshold_rule", "youden"))
+_ADDED_WITH_DEFAULTS = (("findings", None), ("uncertain", None), ("class_weights", False), ("threshold_rule", "youden"),
+                        ("max_val", None))
 
 
 def stage_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -298,6 +302,9 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
     if cfg.max_train and cfg.max_train < len(train_set):
         pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(train_set))[: cfg.max_train])
         train_set = train_set.subset(pick)
+    if cfg.max_val and cfg.max_val < len(val_set):
+        pick = np.sort(np.random.default_rng(cfg.seed + 2).permutation(len(val_set))[: cfg.max_val])
+        val_set = val_set.subset(pick)
     for s in (train_set, val_set):
         if len(np.unique(s.labels)) < 2:
             raise MedadvError(f"the {s.split} split of {s.source} holds only one class.", "use a source with both classes.")

@@ -51,7 +51,7 @@ UNBOUNDED = None
 # (low, high, "open") for an open interval. A field not listed: ints >= 0, floats finite and >= 0.
 BOUNDS: dict[str, tuple] = {
     "TrainConfig.size": (1, 4096), "TrainConfig.epochs": (1, 10_000), "TrainConfig.batch_size": (1, 1 << 16),
-    "TrainConfig.max_train": (1, None), "TrainConfig.data_size": (1, 4096), "TrainConfig.adv_eps": PIXEL,
+    "TrainConfig.max_train": (1, None), "TrainConfig.max_val": (2, None), "TrainConfig.data_size": (1, 4096), "TrainConfig.adv_eps": PIXEL,
     "TrainConfig.adv_steps": (1, 10_000), "TrainConfig.trades_beta": (0.0, 1000.0), "TrainConfig.noise_sigma": PIXEL,
     "BatteryConfig.n_images": (1, None), "BatteryConfig.query_eps": PIXEL, "BatteryConfig.max_queries": (1, None),
     "BatteryConfig.patch_fraction": (0.0, 1.0, "open"), "BatteryConfig.fit_steps": (1, None),
@@ -220,7 +220,8 @@ def _value(tp: Any, v: Any, label: str, where: str, rule: str) -> Any:
 
 
 def _dict(v: Any, label: str, where: str, rule: str) -> dict[str, Any]:
-    """A dict-typed field: ``certify`` has its own keys; ``trained_overrides`` takes TrainConfig fields;
+    """A dict-typed field: ``certify`` has its own keys; ``trained_overrides`` and ``surrogate_overrides``
+    take TrainConfig fields;
     a preprocessing defense ({"name": ..., settings}) takes scalar settings its registry checks."""
     if not isinstance(v, dict):
         raise _bad(label, where, f"is a {_json_type(v)}, not an object", "write an object {...}.")
@@ -234,7 +235,7 @@ def _dict(v: Any, label: str, where: str, rule: str) -> dict[str, Any]:
             raise _bad(label, f"{where}.{missing[0]}", "is missing",
                        f"give all of {', '.join(schema)}, or leave {where} out for the defaults.")
         return {k: _value(schema[k], x, label, f"{where}.{k}", f"{rule.split('.')[-1]}.{k}") for k, x in v.items()}
-    if rule == "DefendPlan.trained_overrides":
+    if rule in ("DefendPlan.trained_overrides", "TaskPlan.surrogate_overrides"):
         from medadv.models.train import TrainConfig  # models sit below the studies: no circle
 
         fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"task"}
