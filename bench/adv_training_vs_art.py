@@ -192,6 +192,7 @@ def run_medadv(args, out: Path) -> dict[str, Any]:
     import shutil
 
     import medadv.models.train as T
+    from medadv.defenses.training import robust_training
 
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
@@ -208,7 +209,7 @@ def run_medadv(args, out: Path) -> dict[str, Any]:
     try:
         with Timed(T, "_train_epoch") as loop, Timed(T, "_robust_validation") as rval:
             t, c = time.perf_counter(), time.process_time()
-            _, meta = T.train(cfg, out, data_root=args.data_root)
+            _, meta = T.train(cfg, out, data_root=args.data_root, robust=robust_training(cfg))
             wall, cpu = time.perf_counter() - t, time.process_time() - c
     finally:
         T.build_classifier = build

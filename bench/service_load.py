@@ -2,7 +2,7 @@
 
     python bench/service_load.py [--requests 300] [--max-seconds 60] [--clients 1,8,32] [--model DIR]
                                  [--max-batch 32] [--max-wait-ms 5] [--fault] [--json]
-                                 [--postgres URL --workers N]
+                                 [--postgres URL --workers N] [--stacks auto,asyncio] [--rounds N]
 
 Everything runs on loopback (127.0.0.1). The server is a real `medadv serve` subprocess (uvicorn, one
 worker) on a fresh SQLite ledger with a trust root, an enrolled device and the uploads registered, so
@@ -15,6 +15,10 @@ clients, one connection each; each level sends ``--requests`` uploads after a wa
 
 ``--postgres URL``: the ledger in a fresh database on that server (dropped afterwards), which lets
 ``--workers N`` run N server processes.
+
+``--stacks auto,asyncio --rounds N``: the server as shipped (uvicorn on uvloop and httptools) beside the
+pure-Python stack it ran on before (asyncio's loop, h11), in N interleaved rounds; per level, the round
+with the median throughput.
 
 ``--fault``: under 8 clients, SIGKILL the server after ``--kill-after`` seconds, restart it, and count
 the analyses that were answered 201 but are missing from the analyses table (goal 0), and whether the
@@ -96,6 +100,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _pure_python_stack() -> str:
+    """A folder whose ``uvloop`` and ``httptools`` refuse to import: uvicorn's "auto" then picks asyncio's
+    event loop and h11 (pure Python), the server as it ran before those two were dependencies."""
+    folder = Path(tempfile.gettempdir()) / "medadv-bench-pure-stack"
+    folder.mkdir(exist_ok=True)
+    for name in ("uvloop", "httptools"):
+        (folder / f"{name}.py").write_text(f"raise ImportError('{name} left out by bench/service_load.py')\n")
+    return str(folder)
+
+
 def start_server(w: dict, port: int, args: argparse.Namespace) -> subprocess.Popen:
     import httpx
 
@@ -103,7 +117,10 @@ def start_server(w: dict, port: int, args: argparse.Namespace) -> subprocess.Pop
            "--trust-root", w["trust_root"], "--service-key", w["key"], "--port", str(port), "--host", "127.0.0.1",
            "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--rate", "100000",
            "--burst", "100000", "--threads", str(args.threads), "--workers", str(args.workers)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    path = [str(REPO)]
+    if getattr(args, "stack", "auto") == "asyncio":
+        path.insert(0, _pure_python_stack())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     # its own process group, so a kill reaches uvicorn's worker processes too (a whole-service crash)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -183,6 +200,15 @@ def batch_stats(base_url: str, w: dict) -> dict:
 
     return httpx.get(f"{base_url}/v1/stats", headers={"Authorization": f"Bearer {w['tokens']['admin']}"},
                      timeout=10).json()["batching"]
+
+
+def _median_levels(rounds: list[list[dict]]) -> list[dict]:
+    """Per client count, the round with the median throughput (so its latencies belong to one run)."""
+    out = []
+    for k in range(len(rounds[0])):
+        rows = sorted((r[k] for r in rounds), key=lambda row: row["per_second"])
+        out.append(rows[(len(rows) - 1) // 2])
+    return out
 
 
 def run_levels(w: dict, args: argparse.Namespace) -> list[dict]:
@@ -327,10 +353,16 @@ def main() -> None:
     ap.add_argument("--fault-only", action="store_true", help="only the fault run")
     ap.add_argument("--kill-after", type=float, default=4.0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--stacks", default="auto",
+                    help="comma list of server stacks: auto (uvloop and httptools, the dependencies) and asyncio "
+                         "(asyncio's loop and h11, pure Python); several run side by side")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every stack")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     if not 1 <= args.requests <= 100_000 or not 1 <= args.max_seconds <= 600 or max(args.clients) > 256:
         raise SystemExit("keep --requests in 1..100000, --max-seconds in 1..600 and clients <= 256")
+    if not set(args.stacks.split(",")) <= {"auto", "asyncio"} or not 1 <= args.rounds <= 20:
+        raise SystemExit("--stacks takes auto and/or asyncio; --rounds 1..20")
     with tempfile.TemporaryDirectory(prefix="medadv-service-bench-") as tmp, fresh_database(args.postgres) as url:
         w = setup(Path(tmp), args.model, args.images, url)
         if args.fault_only:
@@ -338,7 +370,16 @@ def main() -> None:
             return
         result = {"images": w["images"], "ledger": "postgresql" if url else "sqlite", "workers": args.workers,
                   "threads": args.threads, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
-                  "cpus": os.cpu_count(), "levels": run_levels(w, args)}
+                  "cpus": os.cpu_count()}
+        stacks = args.stacks.split(",")
+        runs: dict[str, list[list[dict]]] = {s: [] for s in stacks}
+        for r in range(args.rounds):  # interleaved, the order rotated each round
+            for stack in stacks[r % len(stacks):] + stacks[:r % len(stacks)]:
+                print(f"round {r + 1}, server stack {stack}:", file=sys.stderr, flush=True)
+                runs[stack].append(run_levels(w, argparse.Namespace(**{**vars(args), "stack": stack})))
+        result["levels"] = _median_levels(runs[stacks[0]])
+        if len(stacks) > 1 or args.rounds > 1:
+            result["stacks"] = {s: {"median": _median_levels(v), "rounds": v} for s, v in runs.items()}
         result["model_ceiling"] = model_ceiling(w, args.threads, args.max_batch)
         if args.fault:
             result["fault"] = fault_run(w, args)

@@ -42,6 +42,7 @@ class Plan(Protocol):
     train: TrainConfig
     battery: BatteryConfig
     caveats: tuple[str, ...]
+    surrogate_overrides: dict[str, Any]  # the surrogate's own TrainConfig fields (its epochs, its images)
 
 
 TaskPlan = TypeVar("TaskPlan", bound=Plan)
@@ -142,10 +143,13 @@ def estimate_seconds(plan: TaskPlan, costs: UnitCosts, n_train: int, n_test: int
     n_main = min(b.n_images, n_test)
     n_query = min(b.n_query_images, n_test)
     n_curve = min(b.curve_images, n_test)
-    if plan.train.max_train:
-        n_train = min(n_train, plan.train.max_train)
     g = costs.grad_image_s
-    stages = {"training": 2 * plan.train.epochs * n_train * costs.train_image_s}  # victim and surrogate
+    # victim and surrogate, each at its own epochs and images (a plan may give the attacker less), both
+    # at the victim's measured cost per training image
+    surrogate = replace(plan.train, **plan.surrogate_overrides)
+    images = sum(cfg.epochs * (min(n_train, cfg.max_train) if cfg.max_train else n_train)
+                 for cfg in (plan.train, surrogate))
+    stages = {"training": images * costs.train_image_s}
     stages["attacks"] = sum(row_passes(b, n_main, n_query).values()) * g
     nonzero = [e for e in b.curve_eps if e > 0]
     kinds = 2 if "pgd_black" in b.rows else 1

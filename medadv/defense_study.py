@@ -7,7 +7,7 @@ for each defense measures on the same test images:
 
 * clinical metrics at the operating threshold (accuracy, AUC, sensitivity, specificity);
 * robust accuracy at each eps, non-adaptive beside adaptive (:mod:`medadv.evaluate.adaptive`: the
-  per-image worst case of transfer, PGD with BPDA/EOT and AutoAttack);
+  per-image worst case of the non-adaptive PGD itself, transfer, PGD with BPDA/EOT and AutoAttack);
 * the gradient-masking checks (:mod:`medadv.defenses.masking`) on the model as a naive evaluator sees it;
 
 plus the detectors on the undefended model (detection rate at 5% false positives against the
@@ -38,7 +38,7 @@ from medadv.defenses import defend
 from medadv.defenses.detect import build_detector, detector_names
 from medadv.defenses.training import TRAINING_DEFENSES, training_defense
 from medadv.errors import MedadvError
-from medadv.evaluate.adaptive import AdaptiveConfig, evaluate_robustness
+from medadv.evaluate.adaptive import EVALUATION_VERSION, AdaptiveConfig, evaluate_robustness
 from medadv.evaluate.battery import stratified_subset
 from medadv.evaluate.clean import evaluate_model, model_split
 from medadv.metrics import clinical_metrics
@@ -96,11 +96,15 @@ def defend_plan(ref: str | Path, epochs: int | None = None) -> DefendPlan:
     from medadv import plans
 
     plan = plans.load(ref, "defend", DefendPlan)
-    return plan if epochs is None else replace(plan, base=replace(plan.base, epochs=epochs))
+    if epochs is None:
+        return plan
+    # every model: the training defenses' own epochs (trained_overrides) give way too
+    overrides = {k: v for k, v in plan.trained_overrides.items() if k != "epochs"}
+    return replace(plan, base=replace(plan.base, epochs=epochs), trained_overrides=overrides)
 
 
-def chest_plan(epochs: int = 6) -> DefendPlan:
-    """The default: PneumoniaMNIST at 28 px, ResNet-18 from scratch (BENCHMARKS.md: under 30 min on 2 cores)."""
+def chest_plan(epochs: int | None = None) -> DefendPlan:
+    """The default: PneumoniaMNIST at 28 px, ResNet-18 from scratch (its wall time: BENCHMARKS.md)."""
     return defend_plan("chest-xray", epochs)
 
 
@@ -268,7 +272,8 @@ def run_defend_task(plan: DefendPlan, cache: StageCache, data_root: Path, seed: 
     test = stratified_subset(test_all, plan.n_images, seed)
     x, y = test.stored(), torch.from_numpy(test.labels)
     levels = test.levels
-    common = {"test": test.checksum, "seed": seed, "robust": plan.robust.to_json(), "masking": plan.masking_images}
+    common = {"test": test.checksum, "seed": seed, "robust": plan.robust.to_json(), "masking": plan.masking_images,
+              "evaluation": EVALUATION_VERSION}
     rows = []
     for name, (model, _) in models.items():
         model.eval()
@@ -330,8 +335,8 @@ def run_defend_task(plan: DefendPlan, cache: StageCache, data_root: Path, seed: 
             "Preprocessing defenses keep the undefended model's operating threshold (not re-tuned through the "
             "defense), so part of their clean loss is calibration.",
             "Non-adaptive: PGD on the model as a naive evaluator sees it (masked gradients through "
-            "non-differentiable steps, one draw of randomness). Adaptive: per-image worst case of transfer from "
-            "the undefended model, PGD with BPDA and EOT, and AutoAttack (" + str(plan.robust.autoattack) + ")."],
+            "non-differentiable steps, one draw of randomness). Adaptive: per-image worst case of the non-adaptive "
+            "PGD itself, transfer from the undefended model, PGD with BPDA and EOT, and AutoAttack (" + str(plan.robust.autoattack) + ")."],
     }
 
 

@@ -242,6 +242,8 @@ def _budgeted(plans: list[TaskPlan], seconds: float, cache: StageCache, root: Pa
 
     key = {"plans": [stage_config(p.train) for p in plans], "batteries": [p.battery.to_json() for p in plans],
            "seconds": seconds, "device": device, "data_root": str(root)}
+    if any(p.surrogate_overrides for p in plans):  # absent otherwise, so earlier sizings keep their key
+        key["surrogates"] = [dict(p.surrogate_overrides) for p in plans]
     folder = cache.path("budget", key)
     if folder is not None and (folder / "budget.json").is_file():
         saved = json.loads((folder / "budget.json").read_text())

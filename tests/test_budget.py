@@ -40,6 +40,17 @@ def test_estimate_counts_every_stage():
     assert est["total"] == pytest.approx(counted + est["overhead"])
 
 
+def test_a_cheaper_surrogate_is_priced_at_its_own_epochs_and_images():
+    cheap = replace(DEMO_PLAN, surrogate_overrides={"epochs": 1, "max_train": 1200})
+    est = estimate_seconds(cheap, COSTS, N_TRAIN, N_TEST)
+    assert est["training"] == pytest.approx((3 * N_TRAIN + 1 * 1200) * 1e-3)  # the victim's 3 epochs, then 1 on 1,200
+    plain = estimate_seconds(DEMO_PLAN, COSTS, N_TRAIN, N_TEST)
+    assert est["attacks"] == plain["attacks"] and est["total"] < plain["total"]
+    # a victim capped by max_train caps the surrogate too unless the surrogate sets its own
+    capped = replace(DEMO_PLAN, train=replace(DEMO_PLAN.train, max_train=1000))
+    assert estimate_seconds(capped, COSTS, N_TRAIN, N_TEST)["training"] == pytest.approx(2 * 3 * 1000 * 1e-3)
+
+
 def test_a_generous_budget_keeps_the_documented_plan():
     plan, record = fit_plan(DEMO_PLAN, 3600, COSTS, N_TRAIN, N_TEST)
     assert plan == DEMO_PLAN and record["changes"] == [] and record["fits"]

@@ -222,6 +222,14 @@ def _load_partial(path: Path, model, optimizer) -> tuple[dict[str, torch.Tensor]
     return best, record
 
 
+def _seeded_subset(data: ImageSet, n: int | None, seed: int) -> ImageSet:
+    """``n`` images of ``data`` picked by ``seed`` (in file order), or ``data`` itself when ``n`` is None
+    or not smaller."""
+    if not n or n >= len(data):
+        return data
+    return data.subset(np.sort(np.random.default_rng(seed).permutation(len(data))[:n]))
+
+
 def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = None,
           monitor: Monitor = SILENT, device: str = "cpu", robust: Any = None) -> tuple[MedicalClassifier, dict[str, Any]]:
     """Train ``cfg`` and write the checkpoint folder ``out``. Returns the best model (on the CPU) and its
@@ -299,12 +307,9 @@ def train(cfg: TrainConfig, out: str | Path, *, data_root: str | Path | None = N
     read = dict(data_root=root, source=cfg.source, size=cfg.size, split_seed=cfg.split_seed, file_size=cfg.data_size)
     train_set = load_split(task, "train", **read)
     val_set = load_split(task, "val", **read)
-    if cfg.max_train and cfg.max_train < len(train_set):
-        pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(train_set))[: cfg.max_train])
-        train_set = train_set.subset(pick)
-    if cfg.max_val and cfg.max_val < len(val_set):
-        pick = np.sort(np.random.default_rng(cfg.seed + 2).permutation(len(val_set))[: cfg.max_val])
-        val_set = val_set.subset(pick)
+    # seeded subsets for quick runs; the validation's seed differs so the two picks are independent
+    train_set = _seeded_subset(train_set, cfg.max_train, cfg.seed)
+    val_set = _seeded_subset(val_set, cfg.max_val, cfg.seed + 2)
     for s in (train_set, val_set):
         if len(np.unique(s.labels)) < 2:
             raise MedadvError(f"the {s.split} split of {s.source} holds only one class.", "use a source with both classes.")
