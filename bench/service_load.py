@@ -16,9 +16,9 @@ clients, one connection each; each level sends ``--requests`` uploads after a wa
 ``--postgres URL``: the ledger in a fresh database on that server (dropped afterwards), which lets
 ``--workers N`` run N server processes.
 
-``--stacks auto,asyncio --rounds N``: the server as shipped (uvicorn on uvloop and httptools) beside the
-pure-Python stack it ran on before (asyncio's loop, h11), in N interleaved rounds; per level, the round
-with the median throughput.
+``--stacks auto,asyncio --rounds N``: the server on what uvicorn picks (uvloop and httptools when they are
+installed, as ``uvicorn[standard]`` brings them) beside the pure-Python stack (asyncio's loop, h11), in N
+interleaved rounds; per level, the round with the median throughput.
 
 ``--fault``: under 8 clients, SIGKILL the server after ``--kill-after`` seconds, restart it, and count
 the analyses that were answered 201 but are missing from the analyses table (goal 0), and whether the
@@ -354,8 +354,8 @@ def main() -> None:
     ap.add_argument("--kill-after", type=float, default=4.0)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--stacks", default="auto",
-                    help="comma list of server stacks: auto (uvloop and httptools, the dependencies) and asyncio "
-                         "(asyncio's loop and h11, pure Python); several run side by side")
+                    help="comma list of server stacks: auto (what uvicorn picks: uvloop and httptools when "
+                         "installed) and asyncio (asyncio's loop and h11, pure Python); several run side by side")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every stack")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]

@@ -108,6 +108,10 @@ def test_fit_study_shares_the_budget_and_a_resumed_run_reuses_the_sizing(data_ro
     again, saved = _budgeted([DEMO_PLAN], 60.0, cache, data_root, "cpu", SILENT)
     assert len(calls) == n_calls  # not measured again
     assert again == first and saved[0]["changes"]
+    # a plan whose surrogate differs is priced anew: its sizing has its own key
+    cheap = replace(DEMO_PLAN, surrogate_overrides={"epochs": 1, "max_train": 1200})
+    _budgeted([cheap], 60.0, cache, data_root, "cpu", SILENT)
+    assert len(calls) > n_calls
 
 
 def test_a_224_px_plan_shrinks_the_attacks_budgets_and_training_images_before_epochs():
