@@ -51,7 +51,8 @@ SCHEMA = "medadv-study/1"
 
 # the dataset-specific preprocessing of each modality (the paper: standardized capture is the defender's
 # opportunity); registered defenses by name, used when present in the registry
-MODALITY_DEFENSES = {"xray": ("histeq",), "fundus": ("fundus-fov",), "dermoscopy": ("derm-color-constancy",)}
+# keyed by the tasks' modality names (medadv.data.tasks); a test checks every key is one
+MODALITY_DEFENSES = {"chest-xray": ("histeq",), "fundus": ("fundus-fov",), "dermoscopy": ("derm-color-constancy",)}
 GENERIC_DEFENSES = ("bit-depth", "jpeg", "median", "gaussian")
 # training defenses and detectors come from their registries (medadv.defenses.training, .detect): a plan
 # runs every registered one unless it names its own
@@ -127,10 +128,10 @@ def preprocessing_names(plan: DefendPlan, modality: str) -> list[str]:
 
     names = plan.preprocessing if plan.preprocessing is not None else GENERIC_DEFENSES + MODALITY_DEFENSES.get(modality, ())
     unknown = [n for n in names if n not in PREPROCESSORS]
-    if plan.preprocessing is not None and unknown:
+    if unknown:  # never dropped quietly: a study that leaves a defense out must not look complete
         raise MedadvError(f"unknown preprocessing defense(s) {', '.join(unknown)}.",
                           f"choose from {', '.join(sorted(PREPROCESSORS))}.")
-    return [n for n in names if n in PREPROCESSORS]
+    return list(names)
 
 
 def check_plan(plan: DefendPlan) -> None:

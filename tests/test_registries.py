@@ -209,6 +209,19 @@ def test_training_defenses_come_from_their_registry():
         check_settings("toy-at", 4 / 255, 5, 6.0, 0.0)
 
 
+def test_every_modality_gets_its_own_preprocessing_defense():
+    from medadv.data.tasks import TASKS
+    from medadv.defense_study import MODALITY_DEFENSES, PLANS, preprocessing_names
+
+    modalities = {t.modality for t in TASKS.values()}
+    assert set(MODALITY_DEFENSES) <= modalities  # a key no task has would never apply (histeq once did not)
+    for name, make in PLANS.items():
+        plan = make()
+        modality = TASKS[plan.base.task].modality
+        assert preprocessing_names(plan, modality)[-len(MODALITY_DEFENSES[modality]):] == list(MODALITY_DEFENSES[modality])
+    assert "histeq" in preprocessing_names(PLANS["chest-xray"](), "chest-xray")
+
+
 def test_results_schema_doc_lists_every_registered_attack():
     from medadv.attacks import REGISTRY
     from medadv.attacks.registry import schema_doc
