@@ -50,8 +50,8 @@ from medadv.runinfo import config_hash, environment, seed_everything
 SCHEMA = "medadv-study/1"
 
 # the dataset-specific preprocessing of each modality (the paper: standardized capture is the defender's
-# opportunity); registered defenses by name, used when present in the registry
-# keyed by the tasks' modality names (medadv.data.tasks); a test checks every key is one
+# opportunity); registered defenses by name, keyed by the tasks' modality names (medadv.data.tasks): a
+# test checks every key is one, and an unregistered name is an error, never skipped
 MODALITY_DEFENSES = {"chest-xray": ("histeq",), "fundus": ("fundus-fov",), "dermoscopy": ("derm-color-constancy",)}
 GENERIC_DEFENSES = ("bit-depth", "jpeg", "median", "gaussian")
 # training defenses and detectors come from their registries (medadv.defenses.training, .detect): a plan
