@@ -46,6 +46,7 @@ class Plan(Protocol):
 
 
 TaskPlan = TypeVar("TaskPlan", bound=Plan)
+P = TypeVar("P")  # any plan dataclass the knobs read and write
 
 SAFETY = 0.8  # plan to this fraction of the budget: headroom for a machine that gets busier mid-run
 # What the gradient count leaves out (data loading and augmentation, validation passes, metrics, figures,
@@ -81,13 +82,17 @@ class UnitCosts:
 def calibrate(plan: TaskPlan, data_root, device: str = "cpu", repeats: int = 3) -> UnitCosts:
     """Time ``repeats`` training steps and attack gradient passes of ``plan``'s network on its first
     training batch (median, after one warm-up each), as the study will run them."""
+    return calibrate_config(plan.train, data_root, device, repeats)
+
+
+def calibrate_config(cfg: TrainConfig, data_root, device: str = "cpu", repeats: int = 3) -> UnitCosts:
+    """:func:`calibrate` for one training configuration (the defenses study's base model)."""
     import torch
 
     from medadv.data import get_task, load_split
     from medadv.models.recipes import pick_recipe
     from medadv.models.train import build_classifier
 
-    cfg = plan.train
     task = get_task(cfg.task)
     data = load_split(task, "train", data_root=data_root, source=cfg.source, size=cfg.size, file_size=cfg.data_size)
     n = min(cfg.batch_size, len(data))
@@ -207,35 +212,42 @@ SHRINK_ORDER: tuple[tuple[str, int], ...] = (
 )
 
 
-def apply_sizing(plan: TaskPlan, sizes: dict[str, int]) -> TaskPlan:
+def apply_sizing(plan: P, sizes: dict[str, int], knobs: dict[str, Knob] = KNOBS) -> P:
     """``plan`` with the sizes a budget record chose (:func:`fit_plan`'s ``record["plan"]``)."""
     for name, value in sizes.items():
-        plan = KNOBS[name].write(plan, value)
+        plan = knobs[name].write(plan, value)
     return plan
 
 
-def fit_plan(plan: TaskPlan, seconds: float, costs: UnitCosts, n_train: int, n_test: int
-             ) -> tuple[TaskPlan, dict[str, Any]]:
+# (plan, unit costs, n_train, n_test) -> seconds per stage, with "total"
+Estimate = Callable[[Any, UnitCosts, int, int], dict[str, float]]
+
+
+def fit_plan(plan: P, seconds: float, costs: UnitCosts, n_train: int, n_test: int, *,
+             estimate: Estimate = estimate_seconds, knobs: dict[str, Knob] = KNOBS,
+             order: tuple[tuple[str, int], ...] = SHRINK_ORDER) -> tuple[P, dict[str, Any]]:
     """``plan`` shrunk until its estimate fits ``SAFETY * seconds``, and the record of what was chosen;
-    ``n_train``: the training split's size."""
+    ``n_train``: the training split's size. ``estimate``, ``knobs`` and ``order`` default to the attack
+    studies' (:func:`estimate_seconds`, :data:`KNOBS`, :data:`SHRINK_ORDER`); the defenses study passes
+    its own (:mod:`medadv.defense_budget`)."""
     target = SAFETY * seconds
-    original = estimate_seconds(plan, costs, n_train, n_test)
+    original = estimate(plan, costs, n_train, n_test)
     steps_taken: list[str] = []
 
-    def fits(p: TaskPlan) -> bool:
-        return estimate_seconds(p, costs, n_train, n_test)["total"] <= target
+    def fits(p: P) -> bool:
+        return estimate(p, costs, n_train, n_test)["total"] <= target
 
     current = plan
     changed: dict[str, int] = {}
-    for name, floor in SHRINK_ORDER:
-        knob = KNOBS[name]
+    for name, floor in order:
+        knob = knobs[name]
         while not fits(current) and knob.read(current, n_train, n_test) > floor:
             value = knob.read(current, n_train, n_test)
             smaller = knob.shrink(value, floor)
             current = knob.write(current, smaller)
             changed[name] = smaller
             steps_taken.append(f"{name} {value} -> {smaller}")
-    final = estimate_seconds(current, costs, n_train, n_test)
+    final = estimate(current, costs, n_train, n_test)
     record = {
         "seconds": seconds,
         "safety": SAFETY,
@@ -244,7 +256,7 @@ def fit_plan(plan: TaskPlan, seconds: float, costs: UnitCosts, n_train: int, n_t
                        "stages": {k: round(v, 1) for k, v in final.items() if k != "total"}},
         "changes": steps_taken,
         # what the run will use (capped at the splits) ...
-        "chosen": {name: KNOBS[name].read(current, n_train, n_test) for name in KNOBS},
+        "chosen": {name: knob.read(current, n_train, n_test) for name, knob in knobs.items()},
         # ... and the plan's fields that changed, so a resumed run rebuilds exactly this plan (and its cache keys)
         "plan": changed,
         "fits": final["total"] <= target,

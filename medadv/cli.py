@@ -488,6 +488,7 @@ def defend(
     trained: Annotated[str | None, typer.Option(help="Training defenses, comma-separated (default: every registered one: pgd, trades, fast, noise).")] = None,
     detectors: Annotated[str | None, typer.Option(help="Detectors, comma-separated, '' for none (default: every registered one: feature-squeezing, mahalanobis).")] = None,
     cache: Annotated[Path | None, typer.Option(help="Stage cache (default: .<out>.cache beside --out); a killed run resumes from it.")] = None,
+    budget: Annotated[str, typer.Option(help="Time budget for the whole study, e.g. 30m or 2h: measure this machine, then size the judged images, the certificates' samples, training images and epochs to fit (--epochs and --n-images, when given, are kept). 'none' runs the plan as written (the chest-xray plan: about 71 minutes on 2 cores).")] = "30m",
     data_root: DataRoot = None,
     seed: Seed = 0,
     device: Device = "cpu",
@@ -495,12 +496,15 @@ def defend(
 ) -> None:
     """The defenses study: adversarial training, preprocessing, detectors and smoothing, each judged by adaptive attacks."""
     _door(out, "folder")
+    from medadv.budget import parse_budget
     from medadv.jobs.defend import DefendJob, defend as run_defend
+
+    seconds = None if budget == "none" else parse_budget(budget)
 
     split = lambda v: None if v is None else tuple(x.strip() for x in v.split(",") if x.strip())  # noqa: E731
     job = DefendJob(out=out, task=task, plan=plan, epochs=epochs, n_images=n_images,
                     adv_eps=parse_fraction(adv_eps, "--adv-eps"), preprocessing=split(defenses), trained=split(trained),
-                    detectors=split(detectors), cache=cache, data_root=data_root, seed=seed)
+                    detectors=split(detectors), cache=cache, data_root=data_root, seed=seed, budget=seconds)
     job.device, monitor = _join(device, quiet)
     study = run_defend(job, monitor=monitor).record
     _main_prints(defend_summary, study, out)

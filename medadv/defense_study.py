@@ -341,10 +341,75 @@ def run_defend_task(plan: DefendPlan, cache: StageCache, data_root: Path, seed: 
     }
 
 
+def size_plans(plans: list[DefendPlan], seconds: float, data_root: Path, device: str = "cpu",
+               monitor: Monitor = SILENT, fixed: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """One budget record per plan (:func:`medadv.budget.fit_plan`'s): each plan's share of ``seconds`` in
+    proportion to its estimate on this machine, measured on its own network and data
+    (:mod:`medadv.defense_budget`). ``fixed``: sizes the user set (knob names) that the budget keeps."""
+    from medadv.budget import calibrate_config, fit_plan
+    from medadv.data import load_split, resolve_source
+    from medadv.defense_budget import DEFEND_KNOBS, DEFEND_SHRINK_ORDER, estimate_defend_seconds
+
+    measured = []
+    for plan in plans:
+        task = get_task(plan.base.task)
+        cfg = replace(plan.base, source=resolve_source(task, plan.base.source, data_root, plan.base.size))
+        read = dict(data_root=data_root, source=cfg.source, size=cfg.size, file_size=cfg.data_size)
+        n_train, n_test = len(load_split(task, "train", **read)), len(load_split(task, "test", **read))
+        costs = calibrate_config(cfg, data_root, device)
+        monitor.log(f"budget: {task.name} measured {costs.train_image_s * 1e3:.2f} ms per training image, "
+                    f"{costs.grad_image_s * 1e3:.2f} ms per attack gradient per image")
+        measured.append((costs, n_train, n_test, estimate_defend_seconds(plan, costs, n_train, n_test)["total"]))
+    whole = sum(m[3] for m in measured) or 1.0
+    records = []
+    for plan, (costs, n_train, n_test, planned) in zip(plans, measured):
+        share = seconds * planned / whole
+        order = tuple((name, floor) for name, floor in DEFEND_SHRINK_ORDER if name not in fixed)
+        _, record = fit_plan(plan, share, costs, n_train, n_test, estimate=estimate_defend_seconds,
+                             knobs=DEFEND_KNOBS, order=order)
+        record["study_seconds"] = seconds
+        monitor.log(f"budget: {plan.base.task} gets {share / 60:.1f} min; estimated "
+                    f"{record['estimate_s']['chosen'] / 60:.1f} min (as planned {record['estimate_s']['as_planned'] / 60:.1f})"
+                    + (f" after {'; '.join(record['changes'])}" if record["changes"] else ""))
+        records.append(record)
+    return records
+
+
+def _budgeted(plans: list[DefendPlan], seconds: float, cache: StageCache, root: Path, device: str,
+              monitor: Monitor, fixed: tuple[str, ...]) -> tuple[list[DefendPlan], list[dict[str, Any]]]:
+    """The plans sized to ``seconds``; the sizing is cached like a stage, so a resumed or repeated run keeps
+    its plan (and so its cached models and rows) instead of re-measuring a noisy machine."""
+    from medadv.budget import apply_sizing, caveat
+    from medadv.defense_budget import DEFEND_KNOBS
+
+    key = {"plans": [p.to_json() for p in plans], "seconds": seconds, "device": device, "data_root": str(root),
+           "fixed": sorted(fixed)}
+    folder = cache.path("defend-budget", key)
+    if folder is not None and (folder / "budget.json").is_file():
+        records = json.loads((folder / "budget.json").read_text())
+        monitor.log(f"budget: reusing the sizing in {folder}")
+    else:
+        shard = current_shard()
+        # under torchrun rank 0 alone measures (the others would disturb it) and every rank takes its sizing
+        records = shard.gather([size_plans(plans, seconds, root, device, monitor, fixed) if shard.is_main else None])[0]
+        if folder is not None and shard.is_main:
+            from medadv.io import write_json
+
+            write_json(folder / "budget.json", records)
+    sized = []
+    for plan, record in zip(plans, records):
+        note = caveat(record)
+        plan = apply_sizing(plan, record["plan"], DEFEND_KNOBS)
+        sized.append(replace(plan, caveats=(*plan.caveats, note)) if note else plan)
+    return sized, records
+
+
 def run_defend(plans: list[DefendPlan], out: Path, *, data_root: str | Path | None = None,
                cache_dir: str | Path | None = None, seed: int = 0, monitor: Monitor = SILENT,
-               device: str = "cpu") -> dict[str, Any]:
-    """Run ``plans`` and write ``out/results.json``, ``out/report.html`` (section "Defenses") and figures."""
+               device: str = "cpu", budget: float | None = None, fixed: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run ``plans`` and write ``out/results.json``, ``out/report.html`` (section "Defenses") and figures;
+    ``budget`` (seconds) sizes the plans to this machine's measured throughput (:mod:`medadv.defense_budget`),
+    leaving the sizes named in ``fixed`` (``n_images``, ``epochs``, ...) as given."""
     from medadv.report.html import write_report
 
     for plan in plans:  # every name is checked before any training starts
@@ -353,15 +418,21 @@ def run_defend(plans: list[DefendPlan], out: Path, *, data_root: str | Path | No
     cache = StageCache(Path(cache_dir) if cache_dir else out.parent / f".{out.name}.cache", shard=current_shard)
     t0 = time.perf_counter()
     seed_everything(seed)
+    budgets: list[dict[str, Any] | None] = [None] * len(plans)
+    if budget is not None:
+        plans, budgets = _budgeted(plans, budget, cache, root, device, monitor, fixed)
+        for plan in plans:
+            check_plan(plan)
     tasks = []
-    for plan in plans:
+    for plan, plan_budget in zip(plans, budgets):
         monitor.log(f"== defenses: {plan.base.task} ==")
-        tasks.append(run_defend_task(plan, cache, root, seed, monitor, device))
+        tasks.append({**run_defend_task(plan, cache, root, seed, monitor, device), "budget": plan_budget})
     study = {
         "schema": SCHEMA, "kind": "defend", "seed": seed,
         "config": {"plans": [p.to_json() for p in plans], "data_root": str(root), "cache": str(cache.root)},
         "config_hash": config_hash({"plans": [p.to_json() for p in plans], "seed": seed}),
         "environment": {**environment(), "device": device},
+        "budget_seconds": budget,
         "seconds": round(time.perf_counter() - t0, 1),
         "tasks": tasks,
     }

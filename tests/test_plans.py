@@ -375,10 +375,15 @@ def test_demo_runs_its_plan_or_the_file_it_is_given(tmp_path, capsys, captured):
 def test_defend_runs_its_plan_with_the_flags_given_on_top(tmp_path, capsys, captured):
     run(["defend", "--out", str(tmp_path / "d"), "-q"], capsys)
     assert captured["run_defend"] == [golden_defend("chest-xray")]
+    # sized to 30 minutes by default (medadv.defense_budget), the plan itself handed over unchanged
+    assert captured["kwargs"]["budget"] == 1800 and captured["kwargs"]["fixed"] == ()
     run(["defend", "--task", "fundus-dr", "--epochs", "2", "--n-images", "64", "--adv-eps", "2/255",
-         "--trained", "fast", "--detectors", "", "--out", str(tmp_path / "d"), "-q"], capsys)
+         "--trained", "fast", "--detectors", "", "--budget", "1h", "--out", str(tmp_path / "d"), "-q"], capsys)
     assert captured["run_defend"] == [replace(golden_defend("fundus-dr", 2), n_images=64, adv_eps=2 / 255,
                                               trained=("fast",), detectors=())]
+    assert captured["kwargs"]["budget"] == 3600 and captured["kwargs"]["fixed"] == ("epochs", "n_images")
+    run(["defend", "--budget", "none", "--out", str(tmp_path / "d"), "-q"], capsys)
+    assert captured["kwargs"]["budget"] is None
     base = json.loads((plans.HERE / "defend" / "chest-xray.json").read_text())
     path = _write(tmp_path, {**base, "trained": ["noise"], "noise_sigma": "64/255", "n_images": 32})
     run(["defend", "--plan", str(path), "--out", str(tmp_path / "d"), "-q"], capsys)

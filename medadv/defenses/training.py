@@ -60,12 +60,15 @@ class TrainingDefense:
     (``"noise σ={noise_sigma:g}"``); ``loss``: an adversarial method's step loss (None for an
     augmentation, such as noise, that :func:`make_step_loss` applies from the configuration);
     ``fields(plan)``: the :class:`~medadv.models.train.TrainConfig` fields it sets, read from a plan with
-    ``adv_eps``, ``adv_steps``, ``trades_beta`` and ``noise_sigma``."""
+    ``adv_eps``, ``adv_steps``, ``trades_beta`` and ``noise_sigma``; ``cost(cfg)``: what one training
+    image costs under the configuration it trains, as (gradient passes crafting its example, training
+    steps), which time budgets price (:mod:`medadv.defense_budget`)."""
 
     name: str
     title: str
     loss: MethodLoss | None
     fields: Callable[[Any], dict[str, Any]]
+    cost: Callable[[Any], tuple[float, float]] = lambda cfg: (0.0, 1.0)  # noqa: E731
 
     def row_name(self, plan: Any) -> str:
         return self.title.format(**{k: getattr(plan, k) for k in ("adv_eps", "adv_steps", "trades_beta", "noise_sigma")})
@@ -75,9 +78,12 @@ TRAINING_DEFENSES: dict[str, TrainingDefense] = {}
 
 
 def register_training(name: str, *, title: str, loss: MethodLoss | None = None,
-                      fields: Callable[[Any], dict[str, Any]] | None = None, replace: bool = False) -> TrainingDefense:
+                      fields: Callable[[Any], dict[str, Any]] | None = None,
+                      cost: Callable[[Any], tuple[float, float]] | None = None, replace: bool = False) -> TrainingDefense:
     """Register a training defense. An adversarial method (``loss`` given) sets ``adversarial=name`` and
-    the plan's eps, steps and β unless ``fields`` says otherwise; ``replace`` allows re-registering."""
+    the plan's eps, steps and β unless ``fields`` says otherwise; ``cost`` (see :class:`TrainingDefense`)
+    defaults to ``adv_steps`` gradient passes and one step for an adversarial method, one plain step for an
+    augmentation; ``replace`` allows re-registering."""
     if name in TRAINING_DEFENSES and not replace:
         raise MedadvError(f"a training defense named '{name}' is already registered.", "pick another name, or pass replace=True.")
     if fields is None:
@@ -85,7 +91,9 @@ def register_training(name: str, *, title: str, loss: MethodLoss | None = None,
             raise MedadvError(f"training defense '{name}' sets nothing.", "pass loss= or fields=.")
         fields = lambda plan: {"adversarial": name, "adv_eps": plan.adv_eps, "adv_steps": plan.adv_steps,  # noqa: E731
                                "trades_beta": plan.trades_beta}
-    TRAINING_DEFENSES[name] = spec = TrainingDefense(name, title, loss, fields)
+    if cost is None:
+        cost = (lambda cfg: (float(cfg.adv_steps), 1.0)) if loss is not None else (lambda cfg: (0.0, 1.0))
+    TRAINING_DEFENSES[name] = spec = TrainingDefense(name, title, loss, fields, cost)
     return spec
 
 
@@ -274,8 +282,9 @@ def _fast_loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor, y: torch
 
 # registration order is the defenses study's row order
 register_training("pgd", title="PGD-AT", loss=_pgd_loss)
-register_training("trades", title="TRADES", loss=_trades_loss)
-register_training("fast", title="fast AT", loss=_fast_loss)
+# TRADES: the clean forward before crafting (a third of a pass), and its step trains on clean and adversarial
+register_training("trades", title="TRADES", loss=_trades_loss, cost=lambda cfg: (cfg.adv_steps + 1 / 3, 2.0))
+register_training("fast", title="fast AT", loss=_fast_loss, cost=lambda cfg: (1.0, 1.0))
 register_training("noise", title="noise σ={noise_sigma:g}", fields=lambda plan: {"noise_sigma": plan.noise_sigma})
 METHODS = methods()  # the built-in adversarial methods (the live list is methods())
 

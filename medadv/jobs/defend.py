@@ -15,7 +15,9 @@ class DefendJob:
     """The defenses study into ``out``: ``task`` a shipped plan (default chest-xray) or ``plan`` a plan
     file or shipped name (not both). The other fields override the plan when given: ``epochs`` of every
     model, ``n_images`` judged, ``adv_eps`` (adversarial-training L-inf budget, [0, 1] units), and the
-    ``preprocessing`` defenses, ``trained`` defenses and ``detectors`` by registered name."""
+    ``preprocessing`` defenses, ``trained`` defenses and ``detectors`` by registered name. ``budget``
+    (seconds) sizes the plan to this machine (:mod:`medadv.defense_budget`; None: as planned); the epochs
+    and image count given here are kept as given."""
 
     out: Path = Path("runs/defend")
     task: str | None = None
@@ -30,6 +32,7 @@ class DefendJob:
     data_root: Path | None = None
     seed: int = 0
     device: str = "cpu"
+    budget: float | None = None
 
 
 def defend_plan(job: DefendJob):
@@ -53,6 +56,7 @@ def defend(job: DefendJob, *, monitor: Monitor = SILENT) -> StudyResult:
     from medadv.defense_study import run_defend
     from medadv.dist import current
 
+    fixed = tuple(name for name, value in (("epochs", job.epochs), ("n_images", job.n_images)) if value is not None)
     study = run_defend([defend_plan(job)], job.out, data_root=job.data_root, cache_dir=job.cache, seed=job.seed,
-                       monitor=monitor, device=job.device)
+                       monitor=monitor, device=job.device, budget=job.budget, fixed=fixed)
     return StudyResult(study, job.out, is_main=current().is_main)

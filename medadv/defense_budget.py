@@ -1,0 +1,135 @@
+"""Time budget for the defenses study (``medadv defend --budget 30m``): :mod:`medadv.budget`'s
+measure-then-shrink, priced for what ``defend`` runs.
+
+The study trains five models and judges a dozen defenses with an adaptive cascade; on 2 cores the
+shipped chest X-ray plan took 71 minutes (BENCHMARKS.md). A budget measures this machine's training
+step and attack gradient pass (:func:`medadv.budget.calibrate_config`), prices the plan in those units
+(:func:`estimate_defend_seconds`) and shrinks it in :data:`DEFEND_SHRINK_ORDER` until it fits.
+
+The price is an upper bound: every image the non-adaptive PGD leaves standing meets the whole cascade
+(transfer, PGD with BPDA/EOT, AutoAttack), and the estimate assumes every image survives it. Training is
+priced from what each training defense declares at registration (``cost`` in
+:mod:`medadv.defenses.training`), an attack row from the attacks' registered costs, so a new defense or
+attack is priced without an edit here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from medadv.attacks.registry import FORWARD_FRACTION, REGISTRY
+from medadv.attacks.steps import pgd_step
+from medadv.attacks.threat_model import ThreatModel
+from medadv.budget import MIN_TRAIN, Knob, UnitCosts
+
+# the gradient-masking checks' passes per image at their defaults (medadv.defenses.masking): the input
+# gradient, PGD-10 unbounded and on a 3-eps grid, a doubled-steps check, and 100 Square queries
+MASKING_PASSES = 1 + 10 + 3 * 10 + 20 + 100 * FORWARD_FRACTION
+# an adaptive attack on a detector differentiates the network and the detector's own passes (feature
+# squeezing runs the network on each squeezed copy): priced as this many network passes per step
+DETECTOR_PASS_FACTOR = 3.0
+DETECTOR_FIT_IMAGES = 2000  # the detectors' fitting images (defense_study: stratified_subset(train, 2000))
+MIN_DEFEND_IMAGES, MIN_CERTIFY_N, MIN_DEFEND_EPOCHS = 32, 100, 1
+# What the counted passes leave out (data loading, decisions, metrics, the report). Smaller than the attack
+# studies' 0.4 because the rows are priced as if every image survived to the end of the cascade: on the
+# chest-xray plan (2-core EPYC, BENCHMARKS.md) the counted stages came to 80 minutes at the machine's
+# measured unit costs against 71 minutes of the whole run.
+DEFEND_OVERHEAD_FRACTION = 0.1
+
+
+def _training(plan: Any, costs: UnitCosts, n_train: int) -> float:
+    from medadv.defense_study import training_configs
+    from medadv.defenses.training import training_defense
+
+    total = 0.0
+    for cfg in training_configs(plan).values():
+        crafting, steps = training_defense(cfg.adversarial).cost(cfg) if cfg.adversarial else (0.0, 1.0)
+        images = min(n_train, cfg.max_train) if cfg.max_train else n_train
+        per_epoch = images * (steps * costs.train_image_s + crafting * costs.grad_image_s)
+        if cfg.adversarial:  # robust model selection: PGD at the training eps on validation images each epoch
+            per_epoch += cfg.robust_val_images * cfg.adv_steps * costs.grad_image_s
+        total += cfg.epochs * per_epoch
+    return total
+
+
+def _row_passes(plan: Any, n: int, *, transfer: bool, draws: int) -> float:
+    """Gradient passes of one Defenses row on ``n`` images (every image assumed to survive to the end of
+    the cascade); ``draws``: EOT samples per pass for a randomized defense, else 1."""
+    r = plan.robust
+    passes = 0.0
+    for eps in r.eps:
+        passes += r.steps * n  # the non-adaptive PGD, on every image
+        if transfer:
+            passes += r.steps * n  # on the undefended surrogate
+        passes += r.adaptive_steps * n * draws
+        if r.autoattack:
+            threat = ThreatModel(norm="linf", eps=eps, steps=r.adaptive_steps, step_size=pgd_step(eps, r.adaptive_steps),
+                                 random_start=True, target="none", levels=255)
+            params: dict[str, Any] = {"version": r.autoattack, "max_queries": r.square_queries}
+            if r.autoattack_steps:
+                params["steps"] = r.autoattack_steps
+            passes += REGISTRY["autoattack"].passes(threat, params, n) * draws
+    return passes + min(plan.masking_images, n) * MASKING_PASSES * draws
+
+
+def estimate_defend_seconds(plan: Any, costs: UnitCosts, n_train: int, n_test: int) -> dict[str, float]:
+    """Seconds per stage of a :class:`~medadv.defense_study.DefendPlan` on this machine: training (every
+    model), the Defenses rows, the detectors and the smoothing certificates, plus
+    :data:`DEFEND_OVERHEAD_FRACTION`; ``n_train``/``n_test``: the splits' sizes."""
+    from medadv.data import get_task
+    from medadv.defense_study import preprocessing_names, training_configs
+
+    g = costs.grad_image_s
+    n = min(plan.n_images, n_test)
+    trained = list(training_configs(plan))
+    noise = any(name.startswith("noise") for name in trained)
+    rows = sum(_row_passes(plan, n, transfer=name != "undefended", draws=1) for name in trained)
+    rows += len(preprocessing_names(plan, get_task(plan.base.task).modality)) * _row_passes(plan, n, transfer=True, draws=1)
+    if noise:  # the noise-trained model with noise at inference, attacked with EOT
+        rows += _row_passes(plan, n, transfer=True, draws=plan.robust.eot_samples)
+    detect = len(plan.detectors) * (
+        len(plan.detect_eps) * n * (plan.robust.steps + DETECTOR_PASS_FACTOR * plan.robust.adaptive_steps)
+        + (DETECTOR_FIT_IMAGES + plan.detect_calibration) * FORWARD_FRACTION)
+    certify = n * (plan.certify["n0"] + plan.certify["n"]) * FORWARD_FRACTION if noise else 0.0
+    stages = {"training": _training(plan, costs, n_train), "defenses": rows * g, "detectors": detect * g,
+              "certify": certify * g}
+    stages["overhead"] = DEFEND_OVERHEAD_FRACTION * sum(stages.values())
+    stages["total"] = sum(stages.values())
+    return stages
+
+
+def _epochs(plan: Any) -> int:
+    return max(plan.base.epochs, plan.trained_overrides.get("epochs", 0))
+
+
+def _set_epochs(plan: Any, value: int) -> Any:
+    """Every model at most ``value`` epochs (the training defenses' own epochs, when set, are capped too)."""
+    overrides = dict(plan.trained_overrides)
+    if "epochs" in overrides:
+        overrides["epochs"] = min(overrides["epochs"], value)
+    return replace(plan, base=replace(plan.base, epochs=min(plan.base.epochs, value)), trained_overrides=overrides)
+
+
+def _set_max_train(plan: Any, value: int) -> Any:
+    overrides = dict(plan.trained_overrides)
+    if overrides.get("max_train"):
+        overrides["max_train"] = min(overrides["max_train"], value)
+    return replace(plan, base=replace(plan.base, max_train=value), trained_overrides=overrides)
+
+
+DEFEND_KNOBS = {k.name: k for k in (
+    Knob("n_images", lambda p, n_train, n_test: min(p.n_images, n_test), lambda p, v: replace(p, n_images=v)),
+    Knob("certify_n", lambda p, n_train, n_test: p.certify["n"],
+         lambda p, v: replace(p, certify={**p.certify, "n": v})),
+    Knob("max_train", lambda p, n_train, n_test: min(p.base.max_train or n_train, n_train), _set_max_train),
+    Knob("epochs", lambda p, n_train, n_test: _epochs(p), _set_epochs),
+)}
+
+# What is worth most: the judged images down to 64, the certificates' samples, half the training images,
+# then the judged images down to 32 (paired on the same images, the defenses still compare), then the
+# epochs (an undertrained defense says least), then the rest of the training images, then one epoch.
+DEFEND_SHRINK_ORDER: tuple[tuple[str, int], ...] = (
+    ("n_images", 64), ("certify_n", MIN_CERTIFY_N), ("max_train", 2 * MIN_TRAIN), ("n_images", MIN_DEFEND_IMAGES),
+    ("epochs", 2), ("max_train", MIN_TRAIN), ("epochs", MIN_DEFEND_EPOCHS),
+)
