@@ -493,7 +493,7 @@ class StudyResults(Record):
     config: dict[str, Any] = doc("the settings: plans or model, data root, stage cache, battery, overrides")
     config_hash: str = doc("hash of the settings that decide the results")
     environment: dict[str, Any] = doc("package versions, platform, device, threads, time")
-    budget_seconds: float | None = doc("reproduce/demo with `--budget`: the time the plans were sized to (else null)", default=None)
+    budget_seconds: float | None = doc("reproduce/demo/defend with `--budget`: the time the plans were sized to (else null)", default=None)
     seconds: float | None = doc("wall time (null in an audit)")
     tasks: list[dict[str, Any]] = doc("one record per task, see [Study tasks](#study-tasks)")
 
@@ -535,7 +535,7 @@ STUDY_TASK: dict[str, str] = {
     "curve_images": "images the curves and `breaking_eps` were measured on",
     "curve_subset": "which images those are: the paper rows' own (Table 2) when the curves may use as many, else a "
                     "separate stratified subset (stated in the report beside the curves)",
-    "battery_seconds": "reproduce: wall time of the battery", "budget": "reproduce with `--budget`: how the plan was sized",
+    "battery_seconds": "reproduce: wall time of the battery", "budget": "reproduce or defend with `--budget`: how the plan was sized (defend: medadv.defense_budget)",
     "provenance": "audit with `--require-provenance`: verification counts per status and the failing image ids",
     "defense": "audit of a defended checkpoint: the defense and how it was attacked",
     "leakage": "audit: patient overlap between splits (as `data.leakage` of an attack record)",

@@ -132,6 +132,17 @@ def test_a_second_run_reuses_every_stage(defend_study, data_root, study_cache, t
     monkeypatch.setattr(ds, "certify_smoothed", boom)
     again = run_defend([_plan()], tmp_path / "again", data_root=data_root, cache_dir=study_cache, seed=0)
     assert again["tasks"][0]["defenses"]["rows"] == defend_study[1]["tasks"][0]["defenses"]["rows"]
+    # a budget the plan fits keeps it as it is, so every stage is still reused; the sizing is recorded
+    import medadv.budget
+    from medadv.budget import UnitCosts
+    from medadv.results import StudyResults
+
+    monkeypatch.setattr(medadv.budget, "calibrate_config", lambda *a, **k: UnitCosts(1e-6, 1e-6))
+    sized = run_defend([_plan()], tmp_path / "sized", data_root=data_root, cache_dir=study_cache, seed=0, budget=600)
+    record = sized["tasks"][0]["budget"]
+    assert sized["budget_seconds"] == 600 and record["changes"] == [] and record["fits"]
+    assert record["chosen"]["n_images"] == N and sized["tasks"][0]["defenses"]["rows"] == again["tasks"][0]["defenses"]["rows"]
+    StudyResults.from_json(json.loads((tmp_path / "sized" / "results.json").read_text()))  # the schema reads it
 
 
 @pytest.mark.parametrize("flags, needle", [

@@ -381,3 +381,33 @@ def test_serve_and_serve_batch_build_their_config_in_one_place(world, tmp_path, 
         assert code == 2 and "stop here" in err
     assert len(built) == 2 and built[0][0] == built[1][0] == str(world.model)
     assert {k: built[0][1][k] for k in built[1][1]} == built[1][1]  # the batch's flags, as serve passes them
+
+
+# ---------------------------------------------------------------------------------------- scratch files
+
+
+def test_uploads_leave_nothing_behind_in_the_scratch_folders(world, client):  # noqa: F811
+    """Each worker thread reuses one private folder; after every request, good or refused half-way (a bomb
+    is written, then refused from its header), the folders are empty, and closing the app removes them."""
+    import stat
+
+    from medadv.serve.analysis import ScratchFolders
+
+    c, app = client
+    good = upload(c, "xray-0.png", world.images["xray-0.png"].read_bytes(), world.tokens["submitter"])
+    bad = upload(c, "bomb.png", png_bomb(), world.tokens["submitter"])
+    assert (good.status_code, bad.status_code) == (201, 413)
+    root = app.state.scratch.root
+    folders = list(root.iterdir())
+    assert folders and all(p.is_dir() and not any(p.iterdir()) for p in folders)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    scratch = ScratchFolders()
+    with pytest.raises(RuntimeError):
+        with scratch.folder() as tmp:
+            (tmp / "upload.dcm").write_bytes(b"x")
+            raise RuntimeError("a decoder failed")
+    assert not any(tmp.iterdir())
+    with scratch.folder() as again:
+        assert again == tmp  # the same thread reuses its folder
+    scratch.close()
+    assert not scratch.root.exists()

@@ -31,11 +31,11 @@ from medadv.provenance.ledger import utc_now
 from medadv.serve.analysis import (
     Limits,
     ScreenConfig,
+    ScratchFolders,
     ServiceError,
     decode_pixels,
     digest_upload,
     save_upload,
-    temp_folder,
     verify_items,
 )
 from medadv.serve.batching import MicroBatcher
@@ -183,6 +183,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     appender = MicroBatcher(lambda many: store.append_analyses(many, key), lambda rows: [f for r in rows for f in r],
                             max_batch=256, max_wait_ms=0)
     buckets = TokenBuckets(config.rate, config.burst)
+    scratch = ScratchFolders()
     bearer = HTTPBearer(auto_error=False, description="A token from `medadv serve token create --role R`.")
 
     @contextlib.asynccontextmanager
@@ -195,7 +196,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                               "signed receipts (Finlayson et al., 2018).",
                   version=API_VERSION)
     app.state.config, app.state.store, app.state.ledger, app.state.batcher = config, store, ledger, batcher
-    app.state.appender, app.state.verifier = appender, verifier
+    app.state.appender, app.state.verifier, app.state.scratch = appender, verifier, scratch
     app.state.model, app.state.service_key, app.state.public_key_path = loaded, key, pub_path
     app.add_middleware(_BodyLimit, limit=config.limits.max_bytes + 64 * 1024)
 
@@ -268,8 +269,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
     def prepare(data: bytes, filename: str | None) -> tuple[dict[str, Any], Any, Any]:
         """Limits, decoding, digest, squeezing and the model's defense and preprocessing (in a worker
         thread): (image info, digest, model rows)."""
-        with temp_folder() as tmp:
-            upload = save_upload(data, filename, Path(tmp), config.limits)
+        with scratch.folder() as tmp:
+            upload = save_upload(data, filename, tmp, config.limits)
             x = decode_pixels(upload)
             item = digest_upload(upload)
         image = {"name": upload.name, "format": upload.kind, "height": upload.height, "width": upload.width}
@@ -389,6 +390,7 @@ def close_app(app: FastAPI) -> None:
     app.state.verifier.close()
     app.state.store.close()
     app.state.ledger.close()
+    app.state.scratch.close()
 
 
 CONFIG_ENV = "MEDADV_SERVE_CONFIG"

@@ -328,7 +328,9 @@ def _stored_receipt(stored: str, which: str) -> dict[str, Any]:
 
 def open_store(where: str | os.PathLike[str], *, create: bool = True) -> ServiceStore:
     """The service tables in the database at ``where`` (the ledger's path or URL); the database must exist."""
-    engine, display = open_engine(where, pool_size=4, max_overflow=8, missing_fix=(
+    # connections kept open (no overflow): under 32 clients an overflow connection was opened and closed
+    # per token check; the cap (12) is what pool 4 + overflow 8 allowed before
+    engine, display = open_engine(where, pool_size=12, max_overflow=0, missing_fix=(
         "create it with `medadv provenance init`, or pass --ledger to an existing ledger."))
     store = ServiceStore(engine, display)
     try:
