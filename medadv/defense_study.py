@@ -380,10 +380,11 @@ def _budgeted(plans: list[DefendPlan], seconds: float, cache: StageCache, root: 
     """The plans sized to ``seconds``; the sizing is cached like a stage, so a resumed or repeated run keeps
     its plan (and so its cached models and rows) instead of re-measuring a noisy machine."""
     from medadv.budget import apply_sizing, caveat
-    from medadv.defense_budget import DEFEND_KNOBS
+    from medadv.defense_budget import DEFEND_KNOBS, DEFEND_OVERHEAD_FRACTION, DEFEND_SHRINK_ORDER
 
+    # the sizing policy is part of the key: a cached sizing made under other floors is not reused
     key = {"plans": [p.to_json() for p in plans], "seconds": seconds, "device": device, "data_root": str(root),
-           "fixed": sorted(fixed)}
+           "fixed": sorted(fixed), "policy": [DEFEND_SHRINK_ORDER, DEFEND_OVERHEAD_FRACTION]}
     folder = cache.path("defend-budget", key)
     if folder is not None and (folder / "budget.json").is_file():
         records = json.loads((folder / "budget.json").read_text())

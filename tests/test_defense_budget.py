@@ -91,21 +91,29 @@ def test_the_shipped_plan_shrinks_in_the_documented_order_and_a_resumed_run_rebu
         while DEFEND_SHRINK_ORDER[stage][0] != name:
             stage += 1  # an IndexError here: a change out of the documented order
     assert names[0] == "n_images" and sized.n_images < plan.n_images
-    assert record["chosen"]["n_images"] == sized.n_images and record["chosen"]["epochs"] == sized.base.epochs
-    # fewer epochs cap the training defenses' own epochs too, never raise them
-    for cfg in training_configs(sized).values():
-        assert cfg.epochs <= record["chosen"]["epochs"] and cfg.max_train == record["chosen"]["max_train"]
+    assert record["chosen"]["n_images"] == sized.n_images
+    # the training defenses train what was chosen; the undefended model (the surrogate) keeps its plan
+    configs, planned = training_configs(sized), training_configs(plan)
+    assert configs["undefended"] == planned["undefended"]
+    for name, cfg in configs.items():
+        if name != "undefended":
+            assert cfg.epochs == record["chosen"]["epochs"] <= planned[name].epochs
+            assert (cfg.max_train or N_TRAIN) == record["chosen"]["max_train"]
     assert apply_sizing(plan, record["plan"], DEFEND_KNOBS) == sized
     assert "budget" in caveat(record)
 
 
 def test_an_impossible_budget_stops_at_the_floors_and_says_so():
-    """The floors keep models worth judging (2 epochs, 2,000 images) and the whole adaptive cascade."""
+    """The floors keep models worth judging (the training defenses: 2 epochs on 2,000 images; the undefended
+    model as planned) and the whole adaptive cascade."""
     sized, record = fit_plan(defend_plan("chest-xray"), 1.0, COSTS, N_TRAIN, N_TEST, estimate=estimate_defend_seconds,
                              knobs=DEFEND_KNOBS, order=DEFEND_SHRINK_ORDER)
     assert not record["fits"] and "may exceed its budget" in caveat(record)
-    assert (sized.n_images, sized.base.epochs, sized.base.max_train, sized.certify["n"]) == (32, 2, 2000, 100)
-    assert sized.robust == defend_plan("chest-xray").robust and all(c.epochs == 2 for c in training_configs(sized).values())
+    plan = defend_plan("chest-xray")
+    assert (sized.n_images, sized.certify["n"]) == (32, 100) and sized.robust == plan.robust
+    configs = training_configs(sized)
+    assert configs.pop("undefended") == training_configs(plan)["undefended"]  # 6 epochs on every image
+    assert {(c.epochs, c.max_train) for c in configs.values()} == {(2, 2000)}
 
 
 def test_the_sizing_keeps_the_users_sizes_and_is_cached(data_root, tmp_path, monkeypatch):
@@ -127,5 +135,5 @@ def test_the_sizing_keeps_the_users_sizes_and_is_cached(data_root, tmp_path, mon
     assert json.loads(next(tmp_path.glob("defend-budget-*/budget.json")).read_text()) == [record]
     # --n-images and --epochs given: the budget shrinks the rest and keeps those (its own cache key)
     [kept], [rec] = _budgeted([plan], tight, cache, data_root, "cpu", SILENT, ("n_images", "epochs"))
-    assert len(calls) == 2 and (kept.n_images, kept.base.epochs) == (plan.n_images, plan.base.epochs)
+    assert len(calls) == 2 and (kept.n_images, kept.trained_overrides["epochs"]) == (plan.n_images, 3)
     assert not any(c.startswith(("n_images", "epochs")) for c in rec["changes"]) and rec["changes"]
