@@ -120,20 +120,24 @@ def test_the_sizing_keeps_the_users_sizes_and_is_cached(data_root, tmp_path, mon
     calls = []
 
     def fake_calibrate(cfg, root, device="cpu", repeats=3):
-        calls.append(cfg.task)
-        return COSTS
+        calls.append((cfg.task, cfg.batch_size))
+        # per image, a pass costs more at the cascade's small batches than at training's 128
+        return COSTS if cfg.batch_size > 32 else UnitCosts(train_image_s=1.0, grad_image_s=2 * G)
 
     monkeypatch.setattr(medadv.budget, "calibrate_config", fake_calibrate)
     plan = defend_plan("chest-xray")
     cache = StageCache(tmp_path)
     tight = 0.2 * estimate_defend_seconds(plan, COSTS, N_TRAIN, N_TEST)["total"]
     [sized], [record] = _budgeted([plan], tight, cache, data_root, "cpu", SILENT, ())
-    assert calls == ["chest-xray"] and sized.n_images < plan.n_images and record["study_seconds"] == tight
+    # training priced at its batch, the attacks at 32 images a batch (the smaller batches they run at)
+    assert sorted(calls) == [("chest-xray", 32), ("chest-xray", plan.base.batch_size)]
+    assert record["unit_costs"] == {"train_image_s": T, "grad_image_s": 2 * G}
+    assert sized.n_images < plan.n_images and record["study_seconds"] == tight
     assert any("budget" in c for c in sized.caveats)
     again, saved = _budgeted([plan], tight, cache, data_root, "cpu", SILENT, ())
-    assert len(calls) == 1 and again == [sized] and saved == [record]  # reused, not measured again
+    assert len(calls) == 2 and again == [sized] and saved == [record]  # reused, not measured again
     assert json.loads(next(tmp_path.glob("defend-budget-*/budget.json")).read_text()) == [record]
     # --n-images and --epochs given: the budget shrinks the rest and keeps those (its own cache key)
     [kept], [rec] = _budgeted([plan], tight, cache, data_root, "cpu", SILENT, ("n_images", "epochs"))
-    assert len(calls) == 2 and (kept.n_images, kept.trained_overrides["epochs"]) == (plan.n_images, 3)
+    assert len(calls) == 4 and (kept.n_images, kept.trained_overrides["epochs"]) == (plan.n_images, 3)
     assert not any(c.startswith(("n_images", "epochs")) for c in rec["changes"]) and rec["changes"]
