@@ -11,6 +11,10 @@ The price is an upper bound: every image the non-adaptive PGD leaves standing me
 priced from what each training defense declares at registration (``cost`` in
 :mod:`medadv.defenses.training`), an attack row from the attacks' registered costs, so a new defense or
 attack is priced without an edit here.
+
+Layering: this module sits beside :mod:`medadv.budget`, below :mod:`medadv.defense_study`. The study
+hands in what it runs (its models' training configurations and its preprocessing rows), so the two
+never import each other (the study's ``estimate_seconds`` binds them).
 """
 
 from __future__ import annotations
@@ -38,12 +42,11 @@ MIN_DEFEND_IMAGES, MIN_CERTIFY_N, MIN_DEFEND_EPOCHS, MIN_DEFEND_TRAIN = 32, 100,
 DEFEND_OVERHEAD_FRACTION = 0.1
 
 
-def _training(plan: Any, costs: UnitCosts, n_train: int) -> float:
-    from medadv.defense_study import training_configs
+def _training(configs: Any, costs: UnitCosts, n_train: int) -> float:
     from medadv.defenses.training import training_defense
 
     total = 0.0
-    for cfg in training_configs(plan).values():
+    for cfg in configs:
         crafting, steps = training_defense(cfg.adversarial).cost(cfg) if cfg.adversarial else (0.0, 1.0)
         images = min(n_train, cfg.max_train) if cfg.max_train else n_train
         per_epoch = images * (steps * costs.train_image_s + crafting * costs.grad_image_s)
@@ -73,26 +76,25 @@ def _row_passes(plan: Any, n: int, *, transfer: bool, draws: int) -> float:
     return passes + min(plan.masking_images, n) * MASKING_PASSES * draws
 
 
-def estimate_defend_seconds(plan: Any, costs: UnitCosts, n_train: int, n_test: int) -> dict[str, float]:
+def estimate_defend_seconds(plan: Any, costs: UnitCosts, n_train: int, n_test: int, *,
+                            models: dict[str, Any], preprocessing: list[str]) -> dict[str, float]:
     """Seconds per stage of a :class:`~medadv.defense_study.DefendPlan` on this machine: training (every
     model), the Defenses rows, the detectors and the smoothing certificates, plus
-    :data:`DEFEND_OVERHEAD_FRACTION`; ``n_train``/``n_test``: the splits' sizes."""
-    from medadv.data import get_task
-    from medadv.defense_study import preprocessing_names, training_configs
-
+    :data:`DEFEND_OVERHEAD_FRACTION`; ``n_train``/``n_test``: the splits' sizes. ``models``: the study's
+    models by row name (name -> TrainConfig, the undefended one named ``undefended``); ``preprocessing``:
+    its preprocessing defenses' names."""
     g = costs.grad_image_s
     n = min(plan.n_images, n_test)
-    trained = list(training_configs(plan))
-    noise = any(name.startswith("noise") for name in trained)
-    rows = sum(_row_passes(plan, n, transfer=name != "undefended", draws=1) for name in trained)
-    rows += len(preprocessing_names(plan, get_task(plan.base.task).modality)) * _row_passes(plan, n, transfer=True, draws=1)
+    noise = any(cfg.noise_sigma > 0 for cfg in models.values())
+    rows = sum(_row_passes(plan, n, transfer=name != "undefended", draws=1) for name in models)
+    rows += len(preprocessing) * _row_passes(plan, n, transfer=True, draws=1)
     if noise:  # the noise-trained model with noise at inference, attacked with EOT
         rows += _row_passes(plan, n, transfer=True, draws=plan.robust.eot_samples)
     detect = len(plan.detectors) * (
         len(plan.detect_eps) * n * (plan.robust.steps + DETECTOR_PASS_FACTOR * plan.robust.adaptive_steps)
         + (DETECTOR_FIT_IMAGES + plan.detect_calibration) * FORWARD_FRACTION)
     certify = n * (plan.certify["n0"] + plan.certify["n"]) * FORWARD_FRACTION if noise else 0.0
-    stages = {"training": _training(plan, costs, n_train), "defenses": rows * g, "detectors": detect * g,
+    stages = {"training": _training(models.values(), costs, n_train), "defenses": rows * g, "detectors": detect * g,
               "certify": certify * g}
     stages["overhead"] = DEFEND_OVERHEAD_FRACTION * sum(stages.values())
     stages["total"] = sum(stages.values())

@@ -341,6 +341,15 @@ def run_defend_task(plan: DefendPlan, cache: StageCache, data_root: Path, seed: 
     }
 
 
+def estimate_seconds(plan: DefendPlan, costs: Any, n_train: int, n_test: int) -> dict[str, float]:
+    """Seconds per stage of ``plan`` on this machine (:func:`medadv.defense_budget.estimate_defend_seconds`
+    over this study's models and preprocessing rows); ``costs``: :class:`medadv.budget.UnitCosts`."""
+    from medadv.defense_budget import estimate_defend_seconds
+
+    return estimate_defend_seconds(plan, costs, n_train, n_test, models=training_configs(plan),
+                                   preprocessing=preprocessing_names(plan, get_task(plan.base.task).modality))
+
+
 def size_plans(plans: list[DefendPlan], seconds: float, data_root: Path, device: str = "cpu",
                monitor: Monitor = SILENT, fixed: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """One budget record per plan (:func:`medadv.budget.fit_plan`'s): each plan's share of ``seconds`` in
@@ -348,7 +357,7 @@ def size_plans(plans: list[DefendPlan], seconds: float, data_root: Path, device:
     (:mod:`medadv.defense_budget`). ``fixed``: sizes the user set (knob names) that the budget keeps."""
     from medadv.budget import calibrate_config, fit_plan
     from medadv.data import load_split, resolve_source
-    from medadv.defense_budget import DEFEND_KNOBS, DEFEND_SHRINK_ORDER, MIN_DEFEND_IMAGES, estimate_defend_seconds
+    from medadv.defense_budget import DEFEND_KNOBS, DEFEND_SHRINK_ORDER, MIN_DEFEND_IMAGES
 
     measured = []
     for plan in plans:
@@ -362,13 +371,13 @@ def size_plans(plans: list[DefendPlan], seconds: float, data_root: Path, device:
         costs = replace(calibrate_config(cfg, data_root, device), grad_image_s=small.grad_image_s)
         monitor.log(f"budget: {task.name} measured {costs.train_image_s * 1e3:.2f} ms per training image, "
                     f"{costs.grad_image_s * 1e3:.2f} ms per attack gradient per image")
-        measured.append((costs, n_train, n_test, estimate_defend_seconds(plan, costs, n_train, n_test)["total"]))
+        measured.append((costs, n_train, n_test, estimate_seconds(plan, costs, n_train, n_test)["total"]))
     whole = sum(m[3] for m in measured) or 1.0
     records = []
     for plan, (costs, n_train, n_test, planned) in zip(plans, measured):
         share = seconds * planned / whole
         order = tuple((name, floor) for name, floor in DEFEND_SHRINK_ORDER if name not in fixed)
-        _, record = fit_plan(plan, share, costs, n_train, n_test, estimate=estimate_defend_seconds,
+        _, record = fit_plan(plan, share, costs, n_train, n_test, estimate=estimate_seconds,
                              knobs=DEFEND_KNOBS, order=order)
         record["study_seconds"] = seconds
         monitor.log(f"budget: {plan.base.task} gets {share / 60:.1f} min; estimated "

@@ -13,9 +13,9 @@ import medadv.budget
 from medadv.attacks.registry import FORWARD_FRACTION
 from medadv.budget import SAFETY, UnitCosts, apply_sizing, caveat, fit_plan
 from medadv.cache import StageCache
-from medadv.defense_budget import (DEFEND_KNOBS, DEFEND_OVERHEAD_FRACTION, DEFEND_SHRINK_ORDER, MASKING_PASSES,
-                                   estimate_defend_seconds)
+from medadv.defense_budget import DEFEND_KNOBS, DEFEND_OVERHEAD_FRACTION, DEFEND_SHRINK_ORDER, MASKING_PASSES
 from medadv.defense_study import DefendPlan, _budgeted, defend_plan, training_configs
+from medadv.defense_study import estimate_seconds as estimate_defend_seconds
 from medadv.defenses.training import register_training, unregister_training
 from medadv.evaluate.adaptive import AdaptiveConfig
 from medadv.progress import SILENT

@@ -31,7 +31,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("defenses",),
     ("evaluate",),
     ("report",),
-    ("budget",),
+    ("budget", "defense_budget"),  # time budgets: the attack studies' and the defenses study's pricing
     ("study", "defense_study", "plans"),  # plans: the studies' plan files and their loader
     ("jobs",),  # one function per command, over the studies; the service and the CLI call them
     ("serve",),
